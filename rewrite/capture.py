@@ -1,0 +1,207 @@
+"""Capture: nn.Module + example inputs -> torch.fx.GraphModule with dynamic batch/sequence dims.
+
+``torch.export`` (non-strict) first; ``torch.fx.symbolic_trace`` as a fallback for plain modules.
+Hugging Face models are exported without their KV cache (``use_cache=False``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import fx
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+__all__ = ["Captured", "capture", "normalize_inputs", "resize_inputs", "flat_inputs"]
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Captured:
+    """A captured model: the graph, how to call it, and which input dims are dynamic."""
+
+    gm: fx.GraphModule
+    kwargs: dict  # example inputs, all by name
+    fixed: dict  # non-tensor kwargs added or kept at capture time (use_cache=False, ...)
+    method: str  # "export" | "symbolic_trace"
+    symbol_sizes: dict  # str(symbol) -> size in the example
+    symbol_ranges: dict  # str(symbol) -> (lo, hi)
+    dim_symbols: dict  # input name -> {dim: symbol name}
+
+    def call(self, kwargs: dict):
+        return self.gm(**{**kwargs, **self.fixed})
+
+
+def normalize_inputs(model: torch.nn.Module, example_inputs) -> dict:
+    """Bind a tuple of args or a dict of kwargs to the forward signature's names."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    sig = inspect.signature(model.forward)
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        args, kwargs = tuple(example_inputs), {}
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward{sig}: {e}") from None
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise CaptureError(f"{type(model).__name__}.forward takes *{name}; pass example inputs by name")
+        else:
+            out[name] = value
+    if "use_cache" in sig.parameters and "use_cache" not in out:
+        out["use_cache"] = False
+    return out
+
+
+def _dynamic_spec(t: Any):
+    """Batch and sequence dims are dynamic; image and feature dims stay static."""
+    if not isinstance(t, torch.Tensor) or t.ndim == 0:
+        return None
+    if t.ndim == 1:
+        return {0: Dim.AUTO}
+    if t.dtype.is_floating_point and t.ndim == 4:  # images (B, C, H, W) or masks (B, 1, S, S)
+        if t.shape[1] == 1:
+            return {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}
+        return {0: Dim.AUTO}
+    return {0: Dim.AUTO, 1: Dim.AUTO}
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Trace in eval mode and put the caller's flags back afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _find_failing_module(model, kwargs) -> str:
+    """Run the model with hooks to name the deepest module whose forward raised."""
+    stack: list[str] = []
+    failing = [""]
+    names = {m: n for n, m in model.named_modules()}
+
+    def pre(mod, _):
+        stack.append(names.get(mod, "?"))
+
+    def post(mod, _, __):
+        stack.pop()
+
+    hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    hooks += [m.register_forward_hook(post) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    except Exception:
+        failing[0] = stack[-1] if stack else ""
+    finally:
+        for h in hooks:
+            h.remove()
+    return failing[0]
+
+
+def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Captured:
+    """Export ``model`` on ``example_inputs`` (tuple of args or dict of kwargs)."""
+    kwargs = normalize_inputs(model, example_inputs)
+    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    if dynamic_shapes is None:
+        dynamic_shapes = {k: _dynamic_spec(v) for k, v in kwargs.items()}
+    errors = []
+    with _eval_mode(model):
+        try:
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            gm = ep.module()
+            sizes, ranges = {}, {}
+            for sym, vr in ep.range_constraints.items():
+                ranges[str(sym)] = (_as_int(vr.lower, 0), _as_int(vr.upper, 1 << 30))
+            dim_symbols = {}
+            for node in gm.graph.nodes:
+                if node.op == "placeholder" and node.name in tensors:
+                    val = node.meta.get("val")
+                    for d, s in enumerate(getattr(val, "shape", ())):
+                        if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                            dim_symbols.setdefault(node.name, {})[d] = str(s.node.expr)
+                            sizes[str(s.node.expr)] = tensors[node.name].shape[d]
+            return Captured(gm, tensors, fixed, "export", sizes, ranges, dim_symbols)
+        except Exception as e:  # noqa: BLE001 - we retry and report both
+            errors.append(f"torch.export: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            log.debug("torch.export failed", exc_info=True)
+        try:
+            gm = fx.symbolic_trace(model)
+            ShapeProp(gm).propagate(*[kwargs[p.target] for p in gm.graph.nodes if p.op == "placeholder"
+                                       if p.target in kwargs])
+            return Captured(gm, tensors, fixed, "symbolic_trace", {}, {}, {})
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        where = _find_failing_module(model, kwargs)
+    raise CaptureError(
+        f"could not capture {type(model).__name__}"
+        + (f" (tracing broke in module '{where}')" if where else "")
+        + ":\n  " + "\n  ".join(errors)
+        + "\nFix: make the forward traceable (no data-dependent Python control flow), or pass "
+          "example_inputs that the model accepts.")
+
+
+def _as_int(v, default: int) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return default
+
+
+class ShapeProp(fx.Interpreter):
+    """Record ``meta['val']`` (fake-free, real tensors) for symbolic_trace graphs."""
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        n.meta["val"] = out
+        return out
+
+
+def flat_inputs(cap: Captured, kwargs: dict) -> list:
+    """Positional values for the graph's placeholders."""
+    full = {**kwargs, **cap.fixed}
+    out = []
+    for node in cap.gm.graph.nodes:
+        if node.op == "placeholder":
+            out.append(full.get(node.target, full.get(node.name)))
+    return out
+
+
+def resize_inputs(cap: Captured, kwargs: dict, grow: int = 1) -> dict:
+    """Example inputs with every dynamic dim changed to another valid size (cyclic repeat).
+
+    Used to check results at batch sizes and sequence lengths other than the traced ones.
+    """
+    # symbols with the same example size move together (export may not have unified them)
+    by_size = {}
+    for i, size in enumerate(sorted(set(cap.symbol_sizes.values()))):
+        by_size[size] = size + grow + 2 * i
+    new_size = {}
+    for sym, size in cap.symbol_sizes.items():
+        lo, hi = cap.symbol_ranges.get(sym, (2, 1 << 30))
+        new_size[sym] = by_size[size] if by_size[size] <= hi else max(lo, size - 1)
+    out = dict(kwargs)
+    for name, dims in cap.dim_symbols.items():
+        t = kwargs[name]
+        for d, sym in dims.items():
+            idx = torch.arange(new_size[sym]) % t.shape[d]
+            t = t.index_select(d, idx.to(t.device))
+        out[name] = t
+    return out

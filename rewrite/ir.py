@@ -1,0 +1,207 @@
+"""The canonical Attention op: one graph node per attention site, with explicit per-head state.
+
+    out = Σ_i g_i · W_o^i · core(T_q(W_q^i x + b_q^i), T_k(W_k^{k_map[i]} kv + b_k), W_v^{v_map[i]} kv + b_v) + b_o
+
+- ``wq [Hq, dh, D]``, ``wk [Hk, dh, Dkv]``, ``wv [Hv, dv, Dkv]``, ``wo [Do, Hq, dv]`` and their biases
+  (``bo`` is never sliced);
+- ``k_map``/``v_map [Hq]``: the key/value head each query head reads (identity for MHA,
+  contiguous blocks for GQA, arbitrary for DHA);
+- ``q_transform``/``k_transform``: the position-dependent part between the head split and the
+  core (RoPE, q/k norms), an extracted fx graph acting on ``[B, H, S, dh]`` for any H;
+- ``score_fn``: ``None`` (softmax, run by SDPA) or a module replacing the core
+  (clipped softmax, linear attention);
+- ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
+  (gated attention, MoH).
+
+The eager path uses ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Attention", "HeadTransform", "SiteInfo"]
+
+
+@dataclasses.dataclass
+class SiteInfo:
+    """What recognition learned about a site, kept for passes and reports."""
+
+    name: str  # module path, e.g. "model.layers.0.self_attn"
+    layout: str = "BSD"  # token layout of x and of the output: "BSD" or "SBD"
+    rope: Optional[str] = None  # "rotate_half" | "interleaved" | None
+    rotary_dims: int = 0
+    qk_norm: bool = False
+    cross: bool = False
+    mask_kind: Optional[str] = None  # "bool" (True = keep) | "additive" | None
+
+
+class HeadTransform(nn.Module):
+    """A per-head map ``[B, H, S, d] -> [B, H, S, d]`` taken from the original graph (RoPE, q/k norm).
+
+    Wraps an fx GraphModule ``f(x, *side)``; the side inputs (cos, sin, ...) are graph inputs of the
+    site. It holds no head count, so it works for any H.
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, n_side: int, description: str = ""):
+        super().__init__()
+        self.fn = graph_module
+        self.n_side = n_side
+        self.description = description
+
+    def forward(self, x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, *side)
+
+
+def _contiguous_groups(kv_map: torch.Tensor, n_kv: int) -> Optional[int]:
+    """Group size g if ``kv_map[i] == i // g`` (HF repeat_kv order), else None."""
+    hq = kv_map.numel()
+    if n_kv == 0 or hq % n_kv:
+        return None
+    g = hq // n_kv
+    expected = torch.arange(hq, device=kv_map.device) // g
+    return g if torch.equal(kv_map, expected) else None
+
+
+class Attention(nn.Module):
+    """The canonical attention op (see the module docstring for the equation)."""
+
+    def __init__(
+        self,
+        wq: torch.Tensor,
+        wk: torch.Tensor,
+        wv: torch.Tensor,
+        wo: torch.Tensor,
+        bq: Optional[torch.Tensor] = None,
+        bk: Optional[torch.Tensor] = None,
+        bv: Optional[torch.Tensor] = None,
+        bo: Optional[torch.Tensor] = None,
+        k_map: Optional[torch.Tensor] = None,
+        v_map: Optional[torch.Tensor] = None,
+        *,
+        scale: float,
+        causal: bool = False,
+        info: Optional[SiteInfo] = None,
+        q_transform: Optional[HeadTransform] = None,
+        k_transform: Optional[HeadTransform] = None,
+    ):
+        super().__init__()
+        hq = wq.shape[0]
+        self.wq, self.wk, self.wv, self.wo = (nn.Parameter(w.detach().clone()) for w in (wq, wk, wv, wo))
+        for name, b in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)):
+            setattr(self, name, None if b is None else nn.Parameter(b.detach().clone()))
+        k_map = torch.arange(hq) if k_map is None else k_map
+        v_map = k_map if v_map is None else v_map
+        self.register_buffer("k_map", k_map.clone().long())
+        self.register_buffer("v_map", v_map.clone().long())
+        self.scale = float(scale)
+        self.causal = bool(causal)
+        self.info = info or SiteInfo(name="attention")
+        self.q_transform = q_transform
+        self.k_transform = k_transform
+        self.score_fn: Optional[nn.Module] = None
+        self.head_gate: Optional[nn.Module] = None
+        self.replan()
+
+    # ---- shape facts -------------------------------------------------------------------------
+    @property
+    def q_heads(self) -> int:
+        return self.wq.shape[0]
+
+    @property
+    def k_heads(self) -> int:
+        return self.wk.shape[0]
+
+    @property
+    def v_heads(self) -> int:
+        return self.wv.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads cached per token (max of K and V heads; DHA may differ)."""
+        return max(self.k_heads, self.v_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return self.wq.shape[1]
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.wv.shape[1]
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return (self.k_heads * self.head_dim + self.v_heads * self.v_head_dim) * dtype_bytes
+
+    def attn_flops(self, seq_len: int) -> int:
+        """Score and value matmuls for one sequence: 2·S²·Hq·(dh + dv)."""
+        return 2 * seq_len * seq_len * self.q_heads * (self.head_dim + self.v_head_dim)
+
+    def replan(self) -> None:
+        """Choose the cheapest way to expand K/V heads to query heads after the maps change."""
+        self._k_group = _contiguous_groups(self.k_map, self.k_heads)
+        self._v_group = _contiguous_groups(self.v_map, self.v_heads)
+
+    # ---- the computation ----------------------------------------------------------------------
+    def _split(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        h, d, dim = w.shape
+        y = F.linear(x, w.reshape(h * d, dim), None if b is None else b.reshape(h * d))
+        if self.info.layout == "SBD":  # (S, B, H*d) -> (B, H, S, d)
+            return y.unflatten(-1, (h, d)).permute(1, 2, 0, 3)
+        return y.unflatten(-1, (h, d)).transpose(1, 2)  # (B, S, H*d) -> (B, H, S, d)
+
+    @staticmethod
+    def _expand(t: torch.Tensor, kv_map: torch.Tensor, group: Optional[int]) -> torch.Tensor:
+        if group == 1:
+            return t
+        if group is not None:  # (B, Hk, S, d) -> (B, Hk*g, S, d), HF repeat_kv order
+            b, h, s, d = t.shape
+            return t[:, :, None].expand(b, h, group, s, d).reshape(b, h * group, s, d)
+        return t.index_select(1, kv_map)
+
+    def project_qkv(self, x, kv=None, *side):
+        """Per-head q, k, v (k and v still with their own head counts) after the head transforms."""
+        kv = x if kv is None else kv
+        q = self._split(x, self.wq, self.bq)  # (B, Hq, Sq, dh)
+        k = self._split(kv, self.wk, self.bk)  # (B, Hk, Sk, dh)
+        v = self._split(kv, self.wv, self.bv)  # (B, Hv, Sk, dv)
+        nq = self.q_transform.n_side if self.q_transform is not None else 0
+        if self.q_transform is not None:
+            q = self.q_transform(q, *side[:nq])
+        if self.k_transform is not None:
+            k = self.k_transform(k, *side[nq:nq + self.k_transform.n_side])
+        return q, k, v
+
+    def core(self, q, k, v, mask=None):
+        """softmax(q kᵀ·scale + mask) v over expanded heads, (B, Hq, Sq, dv)."""
+        if self.score_fn is not None:
+            return self.score_fn(self, q, k, v, mask)
+        k = self._expand(k, self.k_map, self._k_group)
+        v = self._expand(v, self.v_map, self._v_group)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None, scale=self.scale)
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, Sq, dv) -> output projection in the site's token layout."""
+        if self.info.layout == "SBD":
+            o = o.permute(2, 0, 1, 3)  # (S, B, H, dv)
+        else:
+            o = o.transpose(1, 2)  # (B, S, H, dv)
+        o = o.flatten(-2)
+        d_out = self.wo.shape[0]
+        return F.linear(o, self.wo.reshape(d_out, -1), self.bo)
+
+    def forward(self, x, kv=None, mask=None, *side):
+        q, k, v = self.project_qkv(x, kv, *side)
+        o = self.core(q, k, v, mask)
+        if self.head_gate is not None:
+            o = o * self.head_gate(self, x, q).unsqueeze(-1)
+        return self.merge(o)
+
+    def extra_repr(self) -> str:
+        return (f"{self.info.name}: q_heads={self.q_heads}, k_heads={self.k_heads}, "
+                f"v_heads={self.v_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}, "
+                f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}")
