@@ -38,6 +38,8 @@ class SiteInfo:
     qk_norm: bool = False
     cross: bool = False
     mask_kind: Optional[str] = None  # "bool" (True = keep) | "additive" | None
+    q_len: int = 0  # sequence lengths seen in the example inputs (for FLOP counts)
+    kv_len: int = 0
 
 
 class HeadTransform(nn.Module):
@@ -136,9 +138,11 @@ class Attention(nn.Module):
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return (self.k_heads * self.head_dim + self.v_heads * self.v_head_dim) * dtype_bytes
 
-    def attn_flops(self, seq_len: int) -> int:
-        """Score and value matmuls for one sequence: 2·S²·Hq·(dh + dv)."""
-        return 2 * seq_len * seq_len * self.q_heads * (self.head_dim + self.v_head_dim)
+    def attn_flops(self, q_len: Optional[int] = None, kv_len: Optional[int] = None) -> int:
+        """Score and value matmuls for one sequence: 2·Sq·Sk·Hq·(dh + dv)."""
+        q_len = q_len or self.info.q_len
+        kv_len = kv_len or self.info.kv_len or q_len
+        return 2 * q_len * kv_len * self.q_heads * (self.head_dim + self.v_head_dim)
 
     def replan(self) -> None:
         """Choose the cheapest way to expand K/V heads to query heads after the maps change."""

@@ -654,7 +654,7 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
     scale = core.scale if core.scale is not None else 1.0 / math.sqrt(dh)
     paths = [_module_path(core.node), _module_path(o_proj)]
     name = _common_prefix(paths)
-    info = SiteInfo(name=name, layout=q.lay.L, rope=q.rope, rotary_dims=q.rotary_dims,
+    info = SiteInfo(name=name, layout=q.lay.L, q_len=q.lay.S, kv_len=k.lay.S, rope=q.rope, rotary_dims=q.rotary_dims,
                     qk_norm=q.norm or k.norm, cross=k.x is not q.x,
                     mask_kind=None if not core.masks else ("additive" if any(m[0] == "additive"
                                                                              for m in core.masks) else "bool"))

@@ -198,11 +198,14 @@ def _check_inputs(q, k, v, k_map, v_map, scale, causal, key_padding_mask, clip, 
     return k_map, v_map, clip
 
 
-def _blocks(block_d: int, block_dv: int, interpreted: bool):
-    """(BLOCK_M, BLOCK_N, num_warps). Untuned GPU defaults; tiny tiles for the interpreter."""
+def _blocks(block_d: int, block_dv: int, itemsize: int, interpreted: bool):
+    """(BLOCK_M, BLOCK_N, num_warps). Untuned GPU defaults sized to stay under ~100 KB of shared
+    memory (sm_80/86/90); tiny tiles for the interpreter."""
     if interpreted:
         return 16, 16, 4
     widest = max(block_d, block_dv)
+    if itemsize > 2:  # fp32 operands
+        return (64, 32, 4) if widest <= 64 else (32, 32, 4) if widest <= 128 else (16, 32, 4)
     if widest <= 64:
         return 64, 64, 4
     if widest <= 128:
@@ -232,7 +235,7 @@ def attention_forward(q, k, v, *, k_map, v_map, scale, causal=False, key_padding
 
     interpreted = is_interpreted(kernel)
     block_d, block_dv = head_block(dh), head_block(dv)
-    block_m, block_n, num_warps = _blocks(block_d, block_dv, interpreted)
+    block_m, block_n, num_warps = _blocks(block_d, block_dv, q.element_size(), interpreted)
     if key_padding_mask is not None:
         kpm = key_padding_mask.view(torch.uint8)
         s_pb, s_pn = kpm.stride()

@@ -127,6 +127,17 @@ def _check_inputs(q, k, v, k_map, v_map, causal, eps, feature_map, kernel):
     return k_map, v_map
 
 
+def _blocks(block_d: int, block_dv: int, itemsize: int, interpreted: bool):
+    """(BLOCK_M, BLOCK_DV). Untuned GPU defaults sized to stay under ~100 KB of shared memory."""
+    if interpreted:
+        return 16, block_dv
+    if itemsize > 2:  # fp32 operands
+        return (64, min(block_dv, 32)) if block_d <= 64 else (32, min(block_dv, 32)) if block_d <= 128 else (16, min(block_dv, 16))
+    if block_d <= 128:
+        return 64, min(block_dv, 64)
+    return 32, min(block_dv, 32)
+
+
 def linear_attention_forward(q, k, v, *, k_map, v_map, causal, eps=1e-6,
                              feature_map="relu") -> torch.Tensor:
     """Linear attention ``O_t = phi(q_t) KV / (phi(q_t) . z + eps)`` with phi = ReLU.
@@ -147,8 +158,7 @@ def linear_attention_forward(q, k, v, *, k_map, v_map, causal, eps=1e-6,
 
     interpreted = is_interpreted(kernel)
     block_d = head_block(dh)
-    block_dv = min(head_block(dv), 32 if block_d > 128 else 64)
-    block_m = 16 if interpreted else (32 if block_d > 128 else 64)
+    block_m, block_dv = _blocks(block_d, head_block(dv), q.element_size(), interpreted)
     grid = (triton.cdiv(dv, block_dv), B * Hq)
     kernel[grid](
         q, k, v, out, k_map, v_map,

@@ -1,0 +1,113 @@
+"""Pass, PassResult, Diagnostic and the registry.
+
+A pass is a frozen dataclass with a ``name`` and typed options. ``run(gm, ctx)`` is functional: it
+returns a new GraphModule (``rewrite.graph.with_sites`` shares everything unchanged) and never
+mutates its input, prints or writes files.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+from torch import fx
+
+__all__ = ["Diagnostic", "PassResult", "PassContext", "Pass", "SitePass", "register", "REGISTRY"]
+
+REGISTRY: dict = {}
+
+
+@dataclasses.dataclass
+class Diagnostic:
+    """Something a pass wants the user to know: a skipped site and why, a warning, a note."""
+
+    level: str  # "skip" | "warning" | "info"
+    message: str
+    site: str = ""
+
+    def __str__(self):
+        return f"{self.level}: {self.site + ': ' if self.site else ''}{self.message}"
+
+
+@dataclasses.dataclass
+class PassResult:
+    graph: fx.GraphModule
+    changed: bool
+    stats: dict = dataclasses.field(default_factory=dict)  # per-site or global numbers for the report
+    diagnostics: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may read besides the graph: calibration batches and the captured model."""
+
+    calibration: Optional[list] = None  # list of kwargs dicts for the graph
+    captured: Any = None  # rewrite.capture.Captured
+    progress: Any = None  # callable(iterable, description) -> iterable
+    original_outputs: Any = None  # cached original outputs on calibration batches
+
+    def track(self, iterable, description: str):
+        return self.progress(iterable, description) if self.progress else iterable
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """Base of every pass. Subclasses set ``name``, ``exact`` and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    @property
+    def exact(self) -> bool:
+        return False
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """This pass as a pipeline string, e.g. ``gqa{kv_heads=2,method=mean}``."""
+        opts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None or v == f.default:
+                continue
+            if isinstance(v, dict):
+                v = ";".join(f"{k}:{'/'.join(map(str, x))}" for k, x in v.items())
+            opts.append(f"{f.name}={v}")
+        return self.name + ("{" + ",".join(opts) + "}" if opts else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePass(Pass):
+    """A pass that rewrites each canonical Attention op on its own.
+
+    Subclasses implement ``rewrite_site(index, op, ctx) -> (new_op | None, stats, diagnostics)``;
+    returning None leaves the site unchanged.
+    """
+
+    def run(self, gm, ctx):
+        from .graph import sites, with_sites
+
+        self.check_options()
+        replace, stats, diags = {}, {}, []
+        for i, op in enumerate(sites(gm)):
+            new, st, dg = self.rewrite_site(i, op, ctx)
+            diags.extend(dg)
+            if st:
+                stats[op.info.name] = st
+            if new is not None:
+                replace[i] = new
+        return PassResult(with_sites(gm, replace), bool(replace), stats, diags)
+
+    def check_options(self) -> None:
+        """Raise SpecError for bad options before any work."""
+
+    def rewrite_site(self, index, op, ctx):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def register(cls):
+    """Class decorator: make a pass reachable by its spec name."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    REGISTRY[cls.name] = cls
+    return cls
