@@ -45,6 +45,11 @@ class PassContext:
     progress: Any = None  # callable(iterable, description) -> iterable
     original_outputs: Any = None  # cached original outputs on calibration batches
 
+    def call(self, gm):
+        """A function running ``gm`` on one calibration batch (a kwargs dict)."""
+        fixed = self.captured.fixed if self.captured is not None else {}
+        return lambda kw: gm(**kw, **fixed)
+
     def track(self, iterable, description: str):
         return self.progress(iterable, description) if self.progress else iterable
 

@@ -133,18 +133,21 @@ def _projection(gm, node: fx.Node):
     return None
 
 
-def _walk_back_to_projection(gm, start: fx.Node, limit: int = 64) -> fx.Node:
-    node = start
+def _walk_back_to_projection(gm, start: fx.Node, limit: int = 48) -> fx.Node:
+    """The nearest projection upstream of ``start`` (breadth-first, stored weights are not followed)."""
+    frontier, seen = [start], {start}
     for _ in range(limit):
-        if _projection(gm, node) is not None:
-            return node
-        tensors = [a for a in node.all_input_nodes if a.op not in ("get_attr",)]
-        if node.op != "call_function" or not tensors:
+        nxt = []
+        for node in frontier:
+            if _projection(gm, node) is not None:
+                return node
+            for a in node.all_input_nodes:
+                if a not in seen and a.op not in ("get_attr", "placeholder"):
+                    seen.add(a)
+                    nxt.append(a)
+        if not nxt:
             break
-        first = node.args[0]
-        if isinstance(first, (list, tuple)):
-            first = first[0]
-        node = first if isinstance(first, fx.Node) else tensors[0]
+        frontier = nxt
     raise _Skip(f"no projection with a stored weight feeds '{start.name}'")
 
 
@@ -379,8 +382,9 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
         name = op_name(n)
         chain = [a for a in n.all_input_nodes if a in cv]
         c = cls.get(n)
-        if name in INDEX_OPS and len(chain) == 1 and (c is None or c[2]):
-            # a pure rearrangement of the canonical value (or an intermediate of one, e.g. repeat_kv)
+        if name in INDEX_OPS and len(chain) == 1 and (c is None or c[2] or bool((c[1] < 0).any())):
+            # a pure rearrangement of the canonical value, an intermediate of one (repeat_kv), or a
+            # part of a fused projection that still holds other heads
             cv[n], kinds[n] = cv[chain[0]], (c[0] if c is not None else None)
             continue
         if not chain:
@@ -479,7 +483,12 @@ def _manual_core(sm: fx.Node, env) -> _Core:
         raise _Skip("softmax is not over the last dim")
     scale, masks = 1.0, []
     node = sm.args[0]
-    seen_mask = False
+    seen_scale = False
+
+    def mask_seen():
+        if seen_scale:
+            raise _Skip("scores are scaled after the mask was applied")
+
     while True:
         name = op_name(node)
         if name in MATMULS:
@@ -491,24 +500,23 @@ def _manual_core(sm: fx.Node, env) -> _Core:
             if isinstance(other, fx.Node) and env[other].numel() != 1:
                 raise _Skip(f"scores are multiplied by a tensor '{other.name}'")
             s = _scalar(other, env)
-            if seen_mask:
-                raise _Skip("scores are scaled after the mask was applied")
+            seen_scale = True
             scale *= s if name == "mul" else 1.0 / s
             node = node.args[0]
         elif name == "add":
             a, b = node.args[0], node.args[1]
             if not isinstance(b, fx.Node):
                 raise _Skip("a constant is added to the scores")
+            mask_seen()
             masks.append(("additive", b))
-            seen_mask = True
             node = a
         elif name == "masked_fill":
+            mask_seen()
             masks.append(("drop", node.args[1]))
-            seen_mask = True
             node = node.args[0]
         elif name == "where" and isinstance(node.args[1], fx.Node):
+            mask_seen()
             masks.append(("keep", node.args[0]))
-            seen_mask = True
             node = node.args[1]
         else:
             raise _Skip(f"unsupported op '{name}' between the score matmul and softmax")

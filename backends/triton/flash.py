@@ -205,7 +205,9 @@ def _blocks(block_d: int, block_dv: int, itemsize: int, interpreted: bool):
         return 16, 16, 4
     widest = max(block_d, block_dv)
     if itemsize > 2:  # fp32 operands
-        return (64, 32, 4) if widest <= 64 else (32, 32, 4) if widest <= 128 else (16, 32, 4)
+        if widest <= 64:
+            return 64, 32, 4
+        return (32, 32, 4) if widest <= 128 else (16, 16, 4)
     if widest <= 64:
         return 64, 64, 4
     if widest <= 128:

@@ -132,7 +132,9 @@ def _blocks(block_d: int, block_dv: int, itemsize: int, interpreted: bool):
     if interpreted:
         return 16, block_dv
     if itemsize > 2:  # fp32 operands
-        return (64, min(block_dv, 32)) if block_d <= 64 else (32, min(block_dv, 32)) if block_d <= 128 else (16, min(block_dv, 16))
+        if block_d <= 64:
+            return 32, min(block_dv, 32)
+        return 16, min(block_dv, 16)
     if block_d <= 128:
         return 64, min(block_dv, 64)
     return 32, min(block_dv, 32)

