@@ -13,7 +13,7 @@ import torch
 
 from .graph import sites
 
-__all__ = ["SiteRecord", "record_site_inputs", "input_grams", "head_grams"]
+__all__ = ["SiteRecord", "InputStats", "record_site_inputs", "input_grams", "head_grams"]
 
 
 @dataclasses.dataclass
@@ -54,20 +54,35 @@ def _tokens(x: torch.Tensor, mask_keep: Optional[torch.Tensor] = None) -> torch.
     return x.reshape(-1, x.shape[-1])
 
 
+@dataclasses.dataclass
+class InputStats:
+    """Running sums over the key/value input tokens of one site (fp64)."""
+
+    gram: torch.Tensor  # Σ x xᵀ  [D, D]
+    total: torch.Tensor  # Σ x     [D]
+    count: int
+
+    def add(self, x: torch.Tensor) -> None:
+        t = _tokens(x).double()
+        self.gram += t.T @ t
+        self.total += t.sum(0)
+        self.count += t.shape[0]
+
+
 def input_grams(gm, call: Callable, batches, track=None) -> list:
-    """Per site: (Xᵀ X of the key/value input [D, D] in fp64, token count)."""
+    """Per site: InputStats of the key/value input (queries read the same input for self-attention)."""
     ops = sites(gm)
-    grams = [None] * len(ops)
-    counts = [0] * len(ops)
+    stats = [None] * len(ops)
 
     def on_site(i, args, _):
         x = args[1] if args[1] is not None else args[0]
-        t = _tokens(x).double()
-        grams[i] = t.T @ t if grams[i] is None else grams[i] + t.T @ t
-        counts[i] += t.shape[0]
+        if stats[i] is None:
+            d = x.shape[-1]
+            stats[i] = InputStats(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0)
+        stats[i].add(x)
 
     _each_batch(gm, call, batches, on_site, track, "calibration statistics")
-    return list(zip(grams, counts))
+    return stats
 
 
 def head_grams(w: torch.Tensor, b: Optional[torch.Tensor], gram: torch.Tensor, mean: Optional[torch.Tensor] = None,
