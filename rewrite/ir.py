@@ -40,6 +40,9 @@ class SiteInfo:
     mask_kind: Optional[str] = None  # "bool" (True = keep) | "additive" | None
     q_len: int = 0  # sequence lengths seen in the example inputs (for FLOP counts)
     kv_len: int = 0
+    # where each weight came from in the original model, for writing checkpoints back:
+    # field -> (parameter name, index tensor over its output rows / input columns, transposed)
+    sources: dict = dataclasses.field(default_factory=dict)
 
 
 class HeadTransform(nn.Module):

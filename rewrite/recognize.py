@@ -103,6 +103,24 @@ def _get_attr(gm: fx.GraphModule, target: str):
 
 
 # ---- projections --------------------------------------------------------------------------------
+def _name_of(node) -> Optional[str]:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _projection_sources(node: fx.Node):
+    """(weight name, bias name, weight stored transposed) of a projection node."""
+    name = op_name(node)
+    if name == "linear":
+        return _name_of(node.args[1]), _name_of(_arg(node, 2, "bias")), False
+    if name == "addmm":
+        return _name_of(node.args[2]), _name_of(node.args[0]), True
+    if name in ("matmul", "mm"):
+        return _name_of(node.args[1]), None, True
+    if node.op == "call_module":
+        return f"{node.target}.weight", f"{node.target}.bias", False
+    return None, None, False
+
+
 def _weight_of(gm, node) -> Optional[torch.Tensor]:
     if isinstance(node, fx.Node) and node.op == "get_attr":
         t = _get_attr(gm, node.target)
@@ -278,6 +296,7 @@ class _Proj:
     rope: Optional[str] = None
     rotary_dims: int = 0
     norm: bool = False
+    sources: dict = dataclasses.field(default_factory=dict)
 
 
 def _x_of(gm, proj_node, env):
@@ -335,7 +354,9 @@ def _read_path(gm, core_in: fx.Node, env: dict, role: str) -> _Proj:
     bh = b[R] if b is not None else None
     transform, sides, info = _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_row,
                                               R.shape[0], dh, core_in, role)
-    return _Proj(x, flattened, wh, bh, torch.tensor(kv_map), kind, lay, transform, sides, **info)
+    wname, bname, transposed = _projection_sources(proj)
+    sources = {"w": (wname, R.reshape(-1), transposed), "b": (bname, R.reshape(-1), False) if bh is not None else None}
+    return _Proj(x, flattened, wh, bh, torch.tensor(kv_map), kind, lay, transform, sides, sources=sources, **info)
 
 
 def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_row, n_heads, dh, core_in, role):
@@ -634,7 +655,9 @@ def _output_projection(gm, core: _Core, q: _Proj, env):
     inv = torch.argsort(colmap)
     wo = w_o[:, inv].reshape(w_o.shape[0], hq, dv)
     out_2d = env[o_proj].ndim == 2
-    return o_proj, wo, b_o, out_2d
+    wname, bname, transposed = _projection_sources(o_proj)
+    sources = {"wo": (wname, inv, transposed), "bo": (bname, None, False) if b_o is not None else None}
+    return o_proj, wo, b_o, out_2d, sources
 
 
 def _match_site(gm, core_node, env, probe_env) -> Match:
@@ -657,13 +680,15 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
         g = hq // k_map.numel()
         k_map = torch.arange(hq) // g
         v_map = torch.arange(hq) // (hq // v.kv_map.numel())
-    o_proj, wo, bo, out_2d = _output_projection(gm, core, q, env)
+    o_proj, wo, bo, out_2d, o_sources = _output_projection(gm, core, q, env)
     dh = q.w.shape[1]
     scale = core.scale if core.scale is not None else 1.0 / math.sqrt(dh)
     paths = [_module_path(core.node), _module_path(o_proj)]
     name = _common_prefix(paths)
     info = SiteInfo(name=name, layout=q.lay.L, q_len=q.lay.S, kv_len=k.lay.S, rope=q.rope, rotary_dims=q.rotary_dims,
                     qk_norm=q.norm or k.norm, cross=k.x is not q.x,
+                    sources={"wq": q.sources["w"], "bq": q.sources["b"], "wk": k.sources["w"], "bk": k.sources["b"],
+                             "wv": v.sources["w"], "bv": v.sources["b"], **o_sources},
                     mask_kind=None if not core.masks else ("additive" if any(m[0] == "additive"
                                                                              for m in core.masks) else "bool"))
     op = Attention(q.w, k.w, v.w, wo, q.b, k.b, v.b, bo, k_map, v_map, scale=scale, causal=core.causal,

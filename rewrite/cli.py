@@ -1,0 +1,245 @@
+"""The ``rewrite`` command line: inspect, convert, analyze, distill, bench, demo.
+
+MODEL is ``demo`` (the bundled all-MiniLM-L6-v2), a local Hugging Face folder, or ``package.module:factory``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.console import Console
+
+from .errors import RewriteError
+
+__all__ = ["main"]
+
+
+def _load(args):
+    from .models import example_inputs_for, load_model
+
+    model, folder = load_model(args.model)
+    example = example_inputs_for(model, folder, batch=args.batch, seq=args.seq)
+    return model, folder, example
+
+
+def _calibration(args, folder, model):
+    """--calibration FILE: one sample per line, tokenized with the model folder's tokenizer."""
+    path = getattr(args, "calibration", None)
+    if not path:
+        return None
+    from .models import tokenizer_for
+
+    tok = tokenizer_for(folder)
+    if tok is None:
+        raise RewriteError(f"--calibration {path}: the model has no tokenizer folder to tokenize the text with")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise RewriteError(f"--calibration {path}: the file holds no text")
+    batches = []
+    for i in range(0, len(lines), args.calibration_batch):
+        enc = tok(lines[i:i + args.calibration_batch], padding=True, truncation=True, max_length=128,
+                  return_tensors="pt")
+        batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    return batches
+
+
+def cmd_inspect(args, console):
+    import rewrite
+
+    model, _, example = _load(args)
+    found = rewrite.inspect(model, example)
+    from rich.table import Table
+
+    t = Table(title=f"attention sites of {args.model}")
+    for c in ("site", "q heads", "kv heads", "head size", "layout", "rope", "causal", "masked", "per-head ops"):
+        t.add_column(c)
+    for s in found.sites:
+        t.add_row(s.name, str(s.q_heads), str(s.kv_heads), str(s.head_dim), s.layout, str(s.rope or "-"),
+                  str(s.causal), str(s.masked), s.transform or "-")
+    console.print(t)
+    for r in found.refusals:
+        console.print(f"[red]not recognized[/] {r}")
+    console.print(f"{len(found.sites)} sites")
+    return 0
+
+
+def cmd_convert(args, console):
+    import rewrite
+
+    if args.out:
+        from .stream import convert_folder
+
+        report = convert_folder(args.model, args.passes, args.out, calibration_file=args.calibration)
+        report.print(console)
+        if args.report:
+            report.to_html(args.report)
+        return 0
+    model, folder, example = _load(args)
+    calib = _calibration(args, folder, model)
+    conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib,
+                           backend=args.backend)
+    if args.onnx:
+        conv.export_onnx(args.onnx)
+    conv.report.print(console)
+    if args.report:
+        conv.report.to_html(args.report)
+        console.print(f"report: {args.report}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(conv.report.to_markdown())
+    if args.save:
+        conv.save(args.save)
+        console.print(f"saved: {args.save}")
+    return 0
+
+
+def cmd_analyze(args, console):
+    import rewrite
+
+    model, folder, example = _load(args)
+    calib = _calibration(args, folder, model) or [example]
+    result = rewrite.analyze(model, example_inputs=example, calibration=calib)
+    result.print(console)
+    if args.report:
+        result.to_html(args.report)
+        console.print(f"report: {args.report}")
+    return 0
+
+
+def cmd_distill(args, console):
+    import rewrite
+
+    model, folder, example = _load(args)
+    calib = _calibration(args, folder, model)
+    if not calib:
+        raise RewriteError("distill needs training text: --calibration FILE (one sample per line)")
+    conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib)
+    rewrite.distill(conv, model, calib, steps=args.steps, lr=args.lr)
+    conv.report.print(console)
+    if args.report:
+        conv.report.to_html(args.report)
+    if args.save:
+        conv.save(args.save)
+    return 0
+
+
+def cmd_bench(args, console):
+    from .bench import bench
+
+    model, folder, example = _load(args)
+    table = bench(model, args.passes, backends=args.backend.split(","),
+                  seq_lens=[int(s) for s in args.seq_lens.split(",")], repeats=args.repeats, example=example)
+    table.print(console)
+    return 0
+
+
+def cmd_demo(args, console):
+    """Convert the bundled MiniLM with GQA + gated attention, verify, export ONNX, write the report."""
+    import rewrite
+    from .models import example_inputs_for, load_model, sentences
+
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    model, folder = load_model("demo")
+    example = example_inputs_for(model, folder, batch=4)
+    texts = sentences()
+    calib = []
+    from .models import tokenizer_for
+
+    tok = tokenizer_for(folder)
+    for i in range(0, 64, 16):
+        enc = tok(texts[i:i + 16], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        calib.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    console.print(f"[bold]rewrite demo[/]: all-MiniLM-L6-v2, passes: {args.passes}")
+    found = rewrite.inspect(model, example)
+    console.print(str(found))
+    conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib)
+    conv.report.print(console)
+    html_path = os.path.join(out, "report.html")
+    conv.report.to_html(html_path)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(conv.report.to_markdown())
+    console.print(f"report: {html_path}")
+    if not args.no_onnx:
+        onnx_path = os.path.join(out, "model.onnx")
+        info = conv.export_onnx(onnx_path)
+        console.print(f"onnx: {onnx_path} {info if info else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rewrite", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("model", help="demo | local Hugging Face folder | package.module:factory")
+        sp.add_argument("--batch", type=int, default=2, help="example batch size")
+        sp.add_argument("--seq", type=int, default=16, help="example sequence length (random ids)")
+
+    def calib_args(sp):
+        sp.add_argument("--calibration", help="text file, one sample per line")
+        sp.add_argument("--calibration-batch", type=int, default=16)
+
+    sp = sub.add_parser("inspect", help="list the attention sites")
+    model_args(sp)
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("convert", help="convert a model with a pipeline of passes")
+    model_args(sp)
+    calib_args(sp)
+    sp.add_argument("--passes", default="", help='pipeline spec, e.g. "gqa{kv_heads=4},gated-attention"')
+    sp.add_argument("--backend", default="eager", choices=["eager", "triton", "onnxruntime"])
+    sp.add_argument("--onnx", help="export the converted model to this ONNX file")
+    sp.add_argument("--report", help="write the HTML report here")
+    sp.add_argument("--markdown", help="write the Markdown report here")
+    sp.add_argument("--save", help="save the converted model (.pt2)")
+    sp.add_argument("--out", help="stream a Hugging Face folder's weights into this output folder")
+    sp.set_defaults(func=cmd_convert)
+
+    sp = sub.add_parser("analyze", help="per-head importance, entropy, sink mass and K/V similarity")
+    model_args(sp)
+    calib_args(sp)
+    sp.add_argument("--report", help="write the HTML report with heatmaps here")
+    sp.set_defaults(func=cmd_analyze)
+
+    sp = sub.add_parser("distill", help="convert, then distill the converted model from the original")
+    model_args(sp)
+    calib_args(sp)
+    sp.add_argument("--passes", required=True)
+    sp.add_argument("--steps", type=int, default=100)
+    sp.add_argument("--lr", type=float, default=1e-4)
+    sp.add_argument("--report")
+    sp.add_argument("--save")
+    sp.set_defaults(func=cmd_distill)
+
+    sp = sub.add_parser("bench", help="time original vs converted per backend and sequence length")
+    model_args(sp)
+    sp.add_argument("--passes", default="")
+    sp.add_argument("--backend", default="eager", help="comma list: eager,onnxruntime,triton")
+    sp.add_argument("--seq-lens", default="128,512,1024")
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("demo", help="convert the bundled MiniLM, verify, export ONNX, write the report")
+    sp.add_argument("--passes", default="gqa{kv_heads=4},gated-attention")
+    sp.add_argument("--out", default="out")
+    sp.add_argument("--no-onnx", action="store_true")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(width=max(120, Console().width))
+    try:
+        return args.func(args, console)
+    except RewriteError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
