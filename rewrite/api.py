@@ -70,8 +70,15 @@ def _progress():
     return wrap
 
 
+def prune_dead_code(gm: fx.GraphModule) -> None:
+    """Drop pure computations nobody reads (e.g. MHA's averaged weights when the caller discards them)."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
+    gm.recompile()
+
+
 def canonicalize(cap: Captured, check_shapes: bool = True):
     """Replace every recognized attention region of the captured graph by a canonical op (in place)."""
+    prune_dead_code(cap.gm)
     env = run_with_env(cap.gm, flat_inputs(cap, cap.kwargs))
     probe_env = run_with_env(cap.gm, flat_inputs(cap, resize_inputs(cap, cap.kwargs))) \
         if check_shapes and cap.symbol_sizes else None
@@ -90,6 +97,7 @@ def canonicalize(cap: Captured, check_shapes: bool = True):
 def inspect(model: nn.Module, example_inputs) -> Inspection:
     """The attention sites found in ``model``, with their shapes, and those that could not be read."""
     cap = capture(model, example_inputs)
+    prune_dead_code(cap.gm)
     env = run_with_env(cap.gm, flat_inputs(cap, cap.kwargs))
     matches, refusals = find_sites(cap.gm, env, None)
     out = []

@@ -104,6 +104,7 @@ def _get_attr(gm: fx.GraphModule, target: str):
 
 # ---- projections --------------------------------------------------------------------------------
 def _name_of(node) -> Optional[str]:
+    """The stored parameter name of a weight node (None when the weight is a slice of a packed one)."""
     return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
@@ -121,11 +122,28 @@ def _projection_sources(node: fx.Node):
     return None, None, False
 
 
-def _weight_of(gm, node) -> Optional[torch.Tensor]:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
+WEIGHT_VIEW_OPS = {"getitem", "split", "split_with_sizes", "chunk", "slice", "narrow", "select", "t", "transpose",
+                   "permute", "view", "reshape", "_unsafe_view", "unflatten", "contiguous", "clone", "detach"}
+
+
+def _weight_of(gm, node, depth: int = 0):
+    """The stored tensor behind ``node``: a get_attr, or a slice/view of one (MHA's packed in_proj)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
         t = _get_attr(gm, node.target)
         return t if isinstance(t, torch.Tensor) else None
-    return None
+    if depth > 4 or node.op != "call_function" or op_name(node) not in WEIGHT_VIEW_OPS:
+        return None
+    values = {}
+    for a in node.all_input_nodes:
+        v = _weight_of(gm, a, depth + 1)
+        if v is None:
+            return None
+        values[a] = v
+    args = fx.map_arg(node.args, values.__getitem__)
+    kwargs = fx.map_arg(node.kwargs, values.__getitem__)
+    return node.target(*args, **kwargs)
 
 
 def _projection(gm, node: fx.Node):
