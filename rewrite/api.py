@@ -13,7 +13,7 @@ from torch import fx, nn
 from . import pipeline as _pipeline
 from .capture import Captured, capture, flat_inputs, normalize_inputs, resize_inputs
 from .errors import NoAttentionError, PassError, RewriteError, VerificationError
-from .graph import count_params, install, sites
+from .graph import count_params, eliminate_dead_code, install, sites
 from .pass_base import PassContext
 from .recognize import find_sites, run_with_env
 from .report import Report, Stage
@@ -72,7 +72,7 @@ def _progress():
 
 def prune_dead_code(gm: fx.GraphModule) -> None:
     """Drop pure computations nobody reads (e.g. MHA's averaged weights when the caller discards them)."""
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
+    eliminate_dead_code(gm)
     gm.recompile()
 
 

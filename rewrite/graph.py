@@ -9,7 +9,7 @@ from torch import fx
 from .ir import Attention
 from .recognize import Match, combine_masks
 
-__all__ = ["SITES", "install", "sites", "with_sites", "count_params", "remove_unused_attrs"]
+__all__ = ["SITES", "install", "eliminate_dead_code", "sites", "with_sites", "count_params", "remove_unused_attrs"]
 
 SITES = "rewrite_sites"  # submodule holding the canonical ops, one per site: rewrite_sites.0, .1, ...
 
@@ -35,11 +35,22 @@ def install(gm: fx.GraphModule, matches: list) -> fx.GraphModule:
     for n in list(g.nodes):  # metadata checks would keep dead region nodes alive
         if n.op == "call_function" and "_assert_tensor_metadata" in str(n.target):
             g.erase_node(n)
-    g.eliminate_dead_code()
+    eliminate_dead_code(gm)
     g.lint()
     remove_unused_attrs(gm)
     gm.recompile()
     return gm
+
+
+def _impure(n: fx.Node) -> bool:
+    """Only real side effects count: SDPA is tagged nondeterministic (dropout) yet is dead code here."""
+    if n.op in ("placeholder", "output", "call_module"):
+        return True
+    return n.op == "call_function" and n.target in fx.node._side_effectful_functions
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code(is_impure_node=_impure)
 
 
 def remove_unused_attrs(gm: fx.GraphModule) -> None:

@@ -11,7 +11,10 @@
 - ``score_fn``: ``None`` (softmax, run by SDPA) or a module replacing the core
   (clipped softmax, linear attention);
 - ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
-  (gated attention, MoH).
+  (gated attention, MoH);
+- ``weights``: ``None`` (the op owns ``wq..wo`` as Parameters) or a provider module whose
+  ``forward()`` returns ``(wq, wk, wv, wo)``, built once per forward (shared matrix atoms, MASA).
+  ``op.wq`` etc. still read as tensors; ``heads.rebuild`` turns them back into owned Parameters.
 
 The eager path uses ``torch.nn.functional.scaled_dot_product_attention``.
 """
@@ -25,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Attention", "HeadTransform", "SiteInfo"]
+
+WEIGHT_NAMES = ("wq", "wk", "wv", "wo")
 
 
 @dataclasses.dataclass
@@ -110,7 +115,21 @@ class Attention(nn.Module):
         self.k_transform = k_transform
         self.score_fn: Optional[nn.Module] = None
         self.head_gate: Optional[nn.Module] = None
+        self.weights: Optional[nn.Module] = None
         self.replan()
+
+    def use_weights(self, provider: nn.Module) -> None:
+        """Take ``(wq, wk, wv, wo)`` from ``provider()`` instead of owned Parameters (which are dropped)."""
+        for name in WEIGHT_NAMES:
+            self._parameters.pop(name, None)
+        self.weights = provider
+
+    def __getattr__(self, name):
+        if name in WEIGHT_NAMES:  # a provided weight, rebuilt on access
+            provider = self.__dict__.get("_modules", {}).get("weights")
+            if provider is not None:
+                return provider()[WEIGHT_NAMES.index(name)]
+        return super().__getattr__(name)
 
     # ---- shape facts -------------------------------------------------------------------------
     @property
@@ -169,12 +188,13 @@ class Attention(nn.Module):
             return t[:, :, None].expand(b, h, group, s, d).reshape(b, h * group, s, d)
         return t.index_select(1, kv_map)
 
-    def project_qkv(self, x, kv=None, *side):
+    def project_qkv(self, x, kv=None, *side, weights=None):
         """Per-head q, k, v (k and v still with their own head counts) after the head transforms."""
         kv = x if kv is None else kv
-        q = self._split(x, self.wq, self.bq)  # (B, Hq, Sq, dh)
-        k = self._split(kv, self.wk, self.bk)  # (B, Hk, Sk, dh)
-        v = self._split(kv, self.wv, self.bv)  # (B, Hv, Sk, dv)
+        wq, wk, wv = (weights or (self.wq, self.wk, self.wv))[:3]
+        q = self._split(x, wq, self.bq)  # (B, Hq, Sq, dh)
+        k = self._split(kv, wk, self.bk)  # (B, Hk, Sk, dh)
+        v = self._split(kv, wv, self.bv)  # (B, Hv, Sk, dv)
         nq = self.q_transform.n_side if self.q_transform is not None else 0
         if self.q_transform is not None:
             q = self.q_transform(q, *side[:nq])
@@ -186,27 +206,31 @@ class Attention(nn.Module):
         """softmax(q kᵀ·scale + mask) v over expanded heads, (B, Hq, Sq, dv)."""
         if self.score_fn is not None:
             return self.score_fn(self, q, k, v, mask)
+        if torch.onnx.is_in_onnx_export():  # one standard ONNX Attention node, same semantics as SDPA
+            from rewrite.backends.onnx import attention_node
+            return attention_node(self, q, k, v, mask)
         k = self._expand(k, self.k_map, self._k_group)
         v = self._expand(v, self.v_map, self._v_group)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None, scale=self.scale)
 
-    def merge(self, o: torch.Tensor) -> torch.Tensor:
+    def merge(self, o: torch.Tensor, wo: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, Hq, Sq, dv) -> output projection in the site's token layout."""
         if self.info.layout == "SBD":
             o = o.permute(2, 0, 1, 3)  # (S, B, H, dv)
         else:
             o = o.transpose(1, 2)  # (B, S, H, dv)
         o = o.flatten(-2)
-        d_out = self.wo.shape[0]
-        return F.linear(o, self.wo.reshape(d_out, -1), self.bo)
+        wo = self.wo if wo is None else wo
+        return F.linear(o, wo.reshape(wo.shape[0], -1), self.bo)
 
     def forward(self, x, kv=None, mask=None, *side):
-        q, k, v = self.project_qkv(x, kv, *side)
+        weights = self.weights() if self.weights is not None else None  # once per forward
+        q, k, v = self.project_qkv(x, kv, *side, weights=weights)
         o = self.core(q, k, v, mask)
         if self.head_gate is not None:
             o = o * self.head_gate(self, x, q).unsqueeze(-1)
-        return self.merge(o)
+        return self.merge(o, None if weights is None else weights[3])
 
     def extra_repr(self) -> str:
         return (f"{self.info.name}: q_heads={self.q_heads}, k_heads={self.k_heads}, "

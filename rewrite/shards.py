@@ -1,0 +1,201 @@
+"""Hugging Face safetensors folders: read headers and single tensors; write shards tensor by tensor.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (name -> dtype, shape and
+data_offsets relative to the data start) and the raw bytes. Writing needs only the shapes up front, so an
+output shard is written from the tensors that changed (in memory) and every other tensor copied from the
+input file in chunks: a whole shard is never held in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections import Counter
+from typing import Callable
+
+import torch
+
+from .errors import RewriteError
+
+__all__ = ["Checkpoint", "write_shard", "write_folder", "DTYPES"]
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+_NAMES = {v: k for k, v in DTYPES.items()}
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+CHUNK = 64 << 20
+
+
+def read_header(path: str):
+    """(header dict, offset of the data) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)), 8 + n
+
+
+class Checkpoint:
+    """A Hugging Face model folder: its config and where each tensor lives (headers only, nothing loaded)."""
+
+    def __init__(self, folder: str):
+        if not os.path.isdir(folder):
+            raise RewriteError(f"{folder} is not a folder; expected a Hugging Face model folder")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise RewriteError(f"{folder} has no config.json; expected a Hugging Face model folder")
+        self.folder = folder
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            self.config = json.load(f)
+        self.index = None
+        if os.path.isfile(os.path.join(folder, INDEX)):
+            with open(os.path.join(folder, INDEX), encoding="utf-8") as f:
+                self.index = json.load(f)
+            listed = self.index.get("weight_map", {})
+            files = sorted(set(listed.values()))
+        elif os.path.isfile(os.path.join(folder, SINGLE)):
+            listed, files = {}, [SINGLE]
+        else:
+            other = sorted(f for f in os.listdir(folder) if f.endswith(WEIGHT_FILES))
+            raise RewriteError(f"{folder} has neither {SINGLE} nor {INDEX}"
+                               + (f" (found {', '.join(other)}; streaming reads safetensors only: load and "
+                                  "save_pretrained it once to convert)" if other else ""))
+        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise RewriteError(f"{folder}: shard {missing[0]} listed in {INDEX} is missing"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        self.files = files
+        self.headers = {f: read_header(os.path.join(folder, f)) for f in files}
+        self.where = {n: f for f in files for n in self.headers[f][0] if n != "__metadata__"}
+        wrong = [n for n, f in listed.items() if self.where.get(n) != f]
+        if wrong:
+            raise RewriteError(f"{folder}: {INDEX} puts {wrong[0]} in {listed[wrong[0]]}, but that shard does "
+                               "not hold it")
+        sizes = Counter()
+        for n, f in self.where.items():
+            e = self.entry(n)
+            sizes[e["dtype"]] += e["data_offsets"][1] - e["data_offsets"][0]
+        floats = [d for d, _ in sizes.most_common() if d in ("BF16", "F16", "F32", "F64")]
+        self.dtype = DTYPES[floats[0]] if floats else torch.float32
+
+    def entry(self, name: str) -> dict:
+        return self.headers[self.where[name]][0][name]
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return DTYPES[self.entry(name)["dtype"]]
+
+    def numel(self) -> int:
+        total = 0
+        for n in self.where:
+            shape = self.entry(n)["shape"]
+            total += int(torch.tensor(shape).prod()) if shape else 1
+        return total
+
+    def resolve(self, name: str) -> str:
+        """The checkpoint's name for a model parameter name (prefixes such as ``model.`` may differ)."""
+        if name in self.where:
+            return name
+        parts = name.split(".")
+        for k in range(1, len(parts) - 1):
+            if ".".join(parts[k:]) in self.where:
+                return ".".join(parts[k:])
+        longer = [n for n in self.where if n.endswith("." + name)]
+        if len(longer) == 1:
+            return longer[0]
+        raise RewriteError(f"{self.folder}: the checkpoint has no tensor {name}")
+
+    def load(self, names: list) -> dict:
+        """Just these tensors, each read from its shard."""
+        from safetensors import safe_open
+
+        out = {}
+        for f in sorted({self.where[n] for n in names}):
+            with safe_open(os.path.join(self.folder, f), framework="pt") as handle:
+                for n in names:
+                    if self.where[n] == f:
+                        out[n] = handle.get_tensor(n)
+        return out
+
+
+def write_shard(dst: str, src: str, header: dict, start: int, replaced: dict):
+    """Write ``src``'s tensors to ``dst`` in their order, with ``replaced`` (name -> tensor) swapped in.
+
+    Returns (data bytes, element count).
+    """
+    names = sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])
+    out, offset, numel = {}, 0, 0
+    if header.get("__metadata__"):
+        out["__metadata__"] = header["__metadata__"]
+    for n in names:
+        if n in replaced:
+            t = replaced[n]
+            dtype, shape, size = _NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()
+        else:
+            a, b = header[n]["data_offsets"]
+            dtype, shape, size = header[n]["dtype"], header[n]["shape"], b - a
+        out[n] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+        numel += int(torch.tensor(shape).prod()) if shape else 1
+    blob = json.dumps(out, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(dst, "wb") as w, open(src, "rb") as r:
+        w.write(struct.pack("<Q", len(blob)) + blob)
+        for n in names:
+            if n in replaced:
+                w.write(replaced[n].contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                continue
+            a, b = header[n]["data_offsets"]
+            r.seek(start + a)
+            left = b - a
+            while left:
+                buf = r.read(min(CHUNK, left))
+                if not buf:
+                    raise RewriteError(f"{src} ends inside tensor {n}")
+                w.write(buf)
+                left -= len(buf)
+    return offset, numel
+
+
+def write_folder(ckpt: Checkpoint, out_dir: str, layer_of: dict, compute: Callable[[int], dict]) -> list:
+    """Write every shard of ``ckpt`` to ``out_dir``; tensors of layer i come from ``compute(i)``.
+
+    ``layer_of`` maps each replaced tensor name to its layer. A layer is computed when its first tensor's
+    shard is written and kept only until its last tensor is. Side files (tokenizer, generation config) are
+    copied; config.json is the caller's. Files written here are removed again if anything fails.
+    Returns the data bytes of each shard.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    written, pending, done, sizes, numel = [], {}, set(), [], 0
+    try:
+        for fname in ckpt.files:
+            header, start = ckpt.headers[fname]
+            names = sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])
+            for n in names:
+                i = layer_of.get(n)
+                if i is not None and i not in done:
+                    done.add(i)
+                    pending.update(compute(i))
+            replaced = {n: pending.pop(n) for n in names if n in layer_of}
+            written.append(os.path.join(out_dir, fname))
+            size, count = write_shard(written[-1], os.path.join(ckpt.folder, fname), header, start, replaced)
+            sizes.append(size)
+            numel += count
+        if ckpt.index is not None:
+            index = dict(ckpt.index)
+            index["metadata"] = dict(index.get("metadata") or {}, total_size=sum(sizes))
+            if "total_parameters" in index["metadata"]:
+                index["metadata"]["total_parameters"] = numel
+            written.append(os.path.join(out_dir, INDEX))
+            with open(written[-1], "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        for f in sorted(os.listdir(ckpt.folder)):
+            path = os.path.join(ckpt.folder, f)
+            if os.path.isfile(path) and not f.endswith(WEIGHT_FILES) and f not in (INDEX, "config.json"):
+                written.append(os.path.join(out_dir, f))
+                shutil.copy2(path, written[-1])
+    except BaseException:
+        for path in written:
+            if os.path.isfile(path):
+                os.remove(path)
+        raise
+    return sizes

@@ -1,0 +1,302 @@
+"""Convert a (sharded) Hugging Face checkpoint layer by layer, with bounded memory.
+
+    report = convert_folder("Llama-2-7b", "gqa{kv_heads=8}", "out")   # CLI: rewrite convert DIR --out OUT
+
+How much of the model a pipeline needs at once decides how it runs (the report's extras say which):
+
+1. ``site`` -- every pass is a SitePass needing no calibration: streamed. For layer i only its attention
+   tensors are read (``shards.Checkpoint.load``), put into the template's op (``hf_checkpoint``), rewritten
+   pass by pass (``rewrite_site(i, op, ctx)``; a SitePass that only overrides ``run`` gets a graph holding
+   that one site) and written back. Every other tensor is copied byte for byte (``shards.write_folder``).
+   Peak memory: the attention tensors of one shard plus one layer, independent of the model's size.
+2. ``attention`` -- a pass needs every site at once but no calibration (prune-heads with magnitude
+   scores or ``heads=``, masa): the attention weights of all layers are loaded (fp32) into a graph
+   holding only the sites, the passes run on it, the rest is streamed as above. Refused when those
+   weights do not fit in the available memory.
+3. ``model`` -- a pass needs calibration: the whole model is loaded in fp32 and ``rewrite.convert``
+   runs with the calibration file's text; refused when it does not fit. Warned about in every case.
+
+Errors in tiers 1-2 are measured per site, on the template's attention inputs (random weights): exact
+passes must match there to 1e-5 relative; they are not whole-model output errors (tier 3 has those).
+Refusals (no config.json, a missing shard, fused qkv, non-uniform heads, ...) are listed in
+``shards.py`` and ``hf_checkpoint.py``; nothing is left in the output folder after one.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Optional
+
+import torch
+from torch import fx
+
+from . import pipeline as _pipeline
+from .errors import PassError, RewriteError, VerificationError
+from .graph import SITES, sites
+from .hf_checkpoint import FIELDS, HFLayout, SiteTemplate, Writeback
+from .pass_base import PassContext, SitePass
+from .report import Report, Stage
+from .shards import Checkpoint, write_folder
+
+__all__ = ["convert_folder", "tier_of", "site_graph"]
+
+EXACT_TOL = 1e-5
+FLOP_TOKENS = 1024  # attention FLOPs in the report are for one sequence of this length
+TIERS = ("site", "attention", "model")
+
+
+def tier_of(p) -> str:
+    """How much of the model pass ``p`` needs at once: "site" | "attention" | "model"."""
+    if p.needs_calibration:
+        return "model"
+    return "site" if isinstance(p, SitePass) else "attention"
+
+
+def site_graph(ops: list) -> fx.GraphModule:
+    """A graph module holding only ``ops`` as its sites (its graph is x -> x): enough for weight-only passes."""
+    g = fx.Graph()
+    g.output(g.placeholder("x"))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    holder = torch.nn.Module()
+    for k, op in enumerate(ops):
+        holder.add_module(str(k), op)
+    setattr(gm, SITES, holder)
+    return gm
+
+
+def _run(p, gm, ctx, where: str):
+    try:
+        return p.run(gm, ctx)
+    except RewriteError:
+        raise
+    except Exception as e:
+        raise PassError(f"an error occurred when running the '{p.spec()}' pass on {where}: "
+                        f"{type(e).__name__}: {e}") from e
+
+
+def _rewrite_site(p, i: int, op, ctx):
+    """(new op or None, stats, diagnostics) of a site-local pass on layer i."""
+    if type(p).rewrite_site is not SitePass.rewrite_site:
+        try:
+            return p.rewrite_site(i, op, ctx)
+        except RewriteError:
+            raise
+        except Exception as e:
+            raise PassError(f"an error occurred when running the '{p.spec()}' pass on layer {i} ({op.info.name}): "
+                            f"{type(e).__name__}: {e}") from e
+    result = _run(p, site_graph([op]), ctx, f"layer {i} ({op.info.name})")
+    new = sites(result.graph)[0]
+    return (new if new is not op else None), result.stats.get(op.info.name, {}), result.diagnostics
+
+
+class _Tally:
+    """Per stage and layer, the numbers a report row needs (weights are not kept)."""
+
+    def __init__(self, pipeline: list, args: list, dtype_bytes: int):
+        self.pipeline, self.args, self.bytes = pipeline, args, dtype_bytes
+        n = len(pipeline) + 1
+        self.rows, self.diags, self.stats, self.seconds = [[] for _ in range(n)], [[] for _ in range(n)], \
+            [{} for _ in range(n)], [0.0] * n
+
+    def add(self, i: int, j: int, ops: list) -> None:
+        """Layer i (template site j) after each stage: ops[0] is the original. Exact passes are checked."""
+        with torch.no_grad():
+            ref = ops[0](*self.args[j]).double()
+            for s, op in enumerate(ops):
+                out = ref if s == 0 else op(*self.args[j]).double()
+                numel = sum(getattr(op, f).numel() for f in FIELDS if getattr(op, f) is not None)
+                err, scale = float((ref - out).abs().max()), float(ref.abs().max())
+                self.rows[s].append(dict(
+                    q=op.q_heads, kv=op.kv_heads, kvb=op.kv_cache_bytes_per_token(self.bytes), numel=numel,
+                    flops=op.attn_flops(FLOP_TOKENS, FLOP_TOKENS), changed=s > 0 and op is not ops[s - 1], err=err,
+                    ab=float((ref * out).sum()), aa=float((ref * ref).sum()), bb=float((out * out).sum())))
+                p = self.pipeline[s - 1] if s else None
+                if p is not None and p.exact and err > EXACT_TOL * max(scale, 1.0):
+                    raise VerificationError(f"pass '{p.spec()}' claims to be exact but changes layer {i} "
+                                            f"({op.info.name}): max abs error {err:.3g}")
+
+    def stages(self, total_params: int, names: list) -> list:
+        out, base = [], sum(r["numel"] for r in self.rows[0])
+        for s, rows in enumerate(self.rows):
+            p = self.pipeline[s - 1] if s else None
+            ab, aa, bb = (sum(r[k] for r in rows) for k in ("ab", "aa", "bb"))
+            errs = [r["err"] for r in rows]
+            out.append(Stage(
+                name=p.name if p else "original", spec=p.spec() if p else "", exact=p.exact if p else True,
+                sites_changed=sum(r["changed"] for r in rows), params=total_params - base + sum(r["numel"] for r in rows),
+                q_heads=[r["q"] for r in rows], kv_heads=[r["kv"] for r in rows],
+                kv_cache_bytes_per_token=sum(r["kvb"] for r in rows), attn_flops=sum(r["flops"] for r in rows),
+                max_abs_err=max(errs, default=0.0), cosine=ab / max((aa * bb) ** 0.5, 1e-30), seconds=self.seconds[s],
+                site_names=names, site_errors=errs, diagnostics=[str(d) for d in self.diags[s]], stats=self.stats[s]))
+        return out
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+
+
+def available_memory() -> Optional[int]:
+    """MemAvailable in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _fits(why: str, need: int, what: str) -> None:
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise PassError(f"{why}: {what} need about {need / 2**30:.1f} GiB and {avail / 2**30:.1f} GiB are "
+                        "available. Refused: drop that pass, or convert on a machine with more memory")
+    warnings.warn(f"{why}; converting in memory ({what}: about {need / 2**30:.1f} GiB)", RuntimeWarning, stacklevel=4)
+
+
+def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: Optional[str] = None,
+                   progress: bool = True) -> Report:
+    """Convert the Hugging Face folder ``model_dir`` into ``out_dir`` (see the module docstring).
+
+    Args:
+        model_dir: folder with config.json and model.safetensors, or shards and model.safetensors.index.json.
+        passes_spec: pipeline spec string or list of passes.
+        out_dir: output folder (created); must differ from ``model_dir``.
+        calibration_file: text, one sample per line, for passes that need calibration (tier "model").
+    Returns:
+        the Report: one stage for the original and one per pass; ``extras["streaming"]`` says how it ran.
+    """
+    t0 = time.perf_counter()
+    ckpt = Checkpoint(model_dir)
+    if os.path.abspath(out_dir) == os.path.abspath(model_dir):
+        raise RewriteError(f"--out {out_dir} is the input folder; choose another folder")
+    pipeline = _pipeline.parse(passes_spec)
+    for p in pipeline:
+        p.check_options()
+    tier = max((tier_of(p) for p in pipeline), key=TIERS.index, default="site")
+    first = next((p for p in pipeline if tier_of(p) == tier), None)
+    if tier == "model":
+        if not calibration_file:
+            raise PassError(f"pass '{first.spec()}' needs calibration data: --calibration FILE (one sample a line)")
+        _fits(f"{first.name} needs calibration statistics", ckpt.numel() * 4 * 3, "the fp32 model and its copies")
+        return _whole_model(ckpt, pipeline, out_dir, calibration_file, progress,
+                            f"model in memory: {first.spec()} needs calibration statistics", t0)
+    tpl = SiteTemplate(ckpt)
+    layout = tpl.layout
+    finish = Writeback(ckpt, tpl.cfg, layout, tpl.own_names)
+    tally = _Tally(pipeline, tpl.args, ckpt.dtype.itemsize)
+    ctx = PassContext()
+    setup = time.perf_counter() - t0
+    with _progress(progress) as bar:
+        if tier == "attention":
+            why = f"{first.name} needs every layer at once"
+            numel = sum(int(torch.tensor(ckpt.entry(n)["shape"]).prod()) for n in layout.layer_of())
+            _fits(why, numel * 4 * (1 + len(pipeline)) * 5 // 4, "the attention weights of every layer (fp32)")
+            task = bar.add_task(f"{tpl.family}: reading attention", total=tpl.n_layers)
+            original = []
+            for i in range(tpl.n_layers):
+                original.append(_load(ckpt, tpl, i))
+                bar.advance(task)
+            stage_ops, gm = [original], site_graph(original)
+            for s, p in enumerate(pipeline, 1):
+                t = time.perf_counter()
+                result = _run(p, gm, ctx, "the attention of every layer")
+                tally.seconds[s] = time.perf_counter() - t
+                tally.diags[s], tally.stats[s], gm = result.diagnostics, result.stats, result.graph
+                stage_ops.append(sites(gm))
+            for i in range(tpl.n_layers):
+                tally.add(i, tpl.site_of[i], [ops[i] for ops in stage_ops])
+            final = stage_ops[-1]
+            del stage_ops, gm
+            task = bar.add_task(f"{tpl.family}: writing", total=tpl.n_layers)
+
+            def compute(i: int) -> dict:
+                bar.advance(task)
+                op, original[i] = final[i], None
+                return finish(i, op, tpl.ops[tpl.site_of[i]].scale, ckpt.dtype_of(layout.fields[i]["wq"]))
+        else:
+            task = bar.add_task(f"{tpl.family}: {tpl.n_layers} layers", total=tpl.n_layers)
+
+            def compute(i: int) -> dict:
+                ops = [_load(ckpt, tpl, i)]
+                for s, p in enumerate(pipeline, 1):
+                    t = time.perf_counter()
+                    new, st, dg = _rewrite_site(p, i, ops[-1], ctx)
+                    tally.seconds[s] += time.perf_counter() - t
+                    tally.diags[s] += dg
+                    if st:
+                        tally.stats[s][ops[0].info.name] = st
+                    ops.append(new if new is not None else ops[-1])
+                tally.add(i, tpl.site_of[i], ops)
+                bar.advance(task)
+                return finish(i, ops[-1], ops[0].scale, ckpt.dtype_of(layout.fields[i]["wq"]))
+
+        sizes = write_folder(ckpt, out_dir, layout.layer_of(), compute)
+    finish.write_config(out_dir)
+    report = Report(pipeline=_pipeline.to_spec(pipeline), model=tpl.family, backend="checkpoint")
+    report.stages = tally.stages(ckpt.numel(), layout.site_names)
+    report.stages[0].seconds = setup
+    mode = "streamed layer by layer" if tier == "site" else f"attention of every layer in memory: {why}"
+    report.extras["streaming"] = streaming_extras(mode, ckpt, out_dir, sizes, finish, time.perf_counter() - t0)
+    report.extras["streaming"].update(
+        errors="max abs error and cosine are per attention site on the template's random-weight attention inputs, "
+               "not whole-model outputs", attn_flops=f"one sequence of {FLOP_TOKENS} tokens",
+        calibration="not used: no pass needs it" if calibration_file else None)
+    return report
+
+
+def _load(ckpt: Checkpoint, tpl: SiteTemplate, i: int):
+    """Layer i's attention as the template's op, fp32."""
+    fields = tpl.layout.fields[i]
+    raw = ckpt.load(list(fields.values()))
+    op = HFLayout.to_op(tpl.ops[tpl.site_of[i]], {f: raw[n] for f, n in fields.items()})
+    op.info.name = tpl.layout.site_names[i]
+    return op
+
+
+def streaming_extras(mode: str, ckpt: Checkpoint, out_dir: str, sizes: list, finish: Writeback, seconds: float):
+    cfg = finish.config or ckpt.config
+    return {"mode": mode, "input": ckpt.folder, "output": out_dir, "shards": len(ckpt.files),
+            "dtype": str(ckpt.dtype).replace("torch.", ""), "bytes_written": sum(sizes), "seconds": seconds,
+            "config": {k: cfg.get(k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}}
+
+
+def _whole_model(ckpt: Checkpoint, pipeline: list, out_dir: str, calibration_file: str, progress: bool, mode: str,
+                 t0: float) -> Report:
+    """Tier "model": load the whole model in fp32, ``rewrite.convert`` it, write its sites back."""
+    import transformers
+
+    from .api import convert
+    from .models import tokenizer_for
+
+    tok = tokenizer_for(ckpt.folder)
+    if tok is None:
+        raise RewriteError(f"{ckpt.folder} has no tokenizer to read the calibration file {calibration_file} with")
+    with open(calibration_file, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise RewriteError(f"--calibration {calibration_file}: the file holds no text")
+    calib = [tok(lines[k:k + 16], padding=True, truncation=True, max_length=128, return_tensors="pt")
+             for k in range(0, len(lines), 16)]
+    calib = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in calib]
+    cfg = transformers.AutoConfig.from_pretrained(ckpt.folder)
+    arch = (getattr(cfg, "architectures", None) or [""])[0]
+    cls = getattr(transformers, arch, None) or transformers.AutoModelForCausalLM
+    model = cls.from_pretrained(ckpt.folder, dtype=torch.float32).eval()
+    conv = convert(model, pipeline, example_inputs=calib[0], calibration=calib, progress=progress)
+    before, after = sites(conv._captured.gm), conv.sites
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    del model
+    layout = HFLayout(ckpt, [op.info.name for op in after], [op.info.sources for op in before], shapes, arch)
+    finish = Writeback(ckpt, cfg, layout, {f: s[0] for f, s in before[0].info.sources.items() if s})
+    sizes = write_folder(ckpt, out_dir, layout.layer_of(),
+                         lambda i: finish(i, after[i], before[i].scale, ckpt.dtype_of(layout.fields[i]["wq"])))
+    finish.write_config(out_dir)
+    conv.report.backend = "checkpoint"
+    conv.report.extras["streaming"] = streaming_extras(mode, ckpt, out_dir, sizes, finish, time.perf_counter() - t0)
+    return conv.report
