@@ -146,6 +146,7 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
     calib = [normalize_inputs(model, b) for b in calibration] if calibration is not None else None
     calib = [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in calib] if calib else None
     check = [cap.kwargs, resize_inputs(cap, cap.kwargs, grow=2)] if cap.symbol_sizes else [cap.kwargs]
+    check += (calib or [])[:2]  # and on real data when there is some
     dtype_bytes = next(iter(model.parameters())).element_size() if any(True for _ in model.parameters()) else 4
 
     def call_model(kw):

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import traceback
 from typing import Any, Optional
 
 import torch
@@ -90,29 +91,15 @@ def _eval_mode(model: torch.nn.Module):
             m.training = flag
 
 
-def _find_failing_module(model, kwargs) -> str:
-    """Run the model with hooks to name the deepest module whose forward raised."""
-    stack: list[str] = []
-    failing = [""]
-    names = {m: n for n, m in model.named_modules()}
-
-    def pre(mod, _):
-        stack.append(names.get(mod, "?"))
-
-    def post(mod, _, __):
-        stack.pop()
-
-    hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
-    hooks += [m.register_forward_hook(post) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(**kwargs)
-    except Exception:
-        failing[0] = stack[-1] if stack else ""
-    finally:
-        for h in hooks:
-            h.remove()
-    return failing[0]
+def _failing_module(model: torch.nn.Module, exc: BaseException) -> str:
+    """The deepest module of ``model`` whose forward is on the traceback of ``exc``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    where = ""
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if id(owner) in names and frame.f_code.co_name == "forward":
+            where = names[id(owner)] or type(model).__name__
+    return where
 
 
 def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Captured:
@@ -122,7 +109,7 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Capt
     fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     if dynamic_shapes is None:
         dynamic_shapes = {k: _dynamic_spec(v) for k, v in kwargs.items()}
-    errors = []
+    errors, where = [], ""
     with _eval_mode(model):
         try:
             ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
@@ -141,6 +128,7 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Capt
             return Captured(gm, tensors, fixed, "export", sizes, ranges, dim_symbols)
         except Exception as e:  # noqa: BLE001 - we retry and report both
             errors.append(f"torch.export: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            where = _failing_module(model, e)
             log.debug("torch.export failed", exc_info=True)
         try:
             gm = fx.symbolic_trace(model)
@@ -149,7 +137,7 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Capt
             return Captured(gm, tensors, fixed, "symbolic_trace", {}, {}, {})
         except Exception as e:  # noqa: BLE001
             errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        where = _find_failing_module(model, kwargs)
+            where = where or _failing_module(model, e)
     raise CaptureError(
         f"could not capture {type(model).__name__}"
         + (f" (tracing broke in module '{where}')" if where else "")

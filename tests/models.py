@@ -105,6 +105,9 @@ class NanoGPT(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, VOCAB)
 
+    def example_inputs(self):
+        return (ids(2, 8),)
+
     def forward(self, idx):
         x = self.wte(idx)
         for b in self.blocks:

@@ -1,0 +1,36 @@
+"""The rewrite CLI on the bundled default model and on a package.module:factory model."""
+import json
+
+import pytest
+
+from rewrite.cli import main
+
+
+def test_inspect_demo_lists_six_sites(capsys):
+    assert main(["inspect", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "6 sites" in out
+    assert out.count("encoder.layer.") == 6
+
+
+def test_convert_factory_model_writes_reports(tmp_path, capsys):
+    html, md = tmp_path / "r.html", tmp_path / "r.md"
+    code = main(["convert", "models:NanoGPT", "--passes", "", "--report", str(html), "--markdown", str(md)])
+    assert code == 0
+    assert html.read_text().startswith("<!doctype html>")
+    assert "| captured | yes | 0 |" in md.read_text()
+
+
+def test_bad_model_spec_is_a_clear_error(capsys):
+    assert main(["inspect", "no_such_module:factory"]) == 2
+    assert "cannot import 'no_such_module:factory'" in capsys.readouterr().out
+
+
+def test_folder_without_config(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "without config.json" in capsys.readouterr().out
+
+
+def test_unknown_pass_in_cli(capsys):
+    assert main(["convert", "models:NanoGPT", "--passes", "nope"]) == 2
+    assert "unknown pass 'nope'" in capsys.readouterr().out
