@@ -143,19 +143,27 @@ class KVMoments:
 
 
 @torch.no_grad()
-def kv_moments(op: Attention, st: InputStats, whiten: bool = True) -> KVMoments:
-    """E[(A_i y_i)(A_j y_j)ᵀ] for keys and values (fp64), with A the metric square roots (or I)."""
+def kv_moments(op: Attention, st: InputStats, whiten: bool = False) -> KVMoments:
+    """E[(A_i y_i)(A_j y_j)ᵀ] for keys and values (fp64), with A the metric square roots (I unless whiten).
+
+    Keys without a position-dependent transform use the centred covariance: a key offset shared by
+    every token shifts all logits of a query equally, which softmax ignores. Values keep the
+    uncentred moment (attention does not average tokens uniformly, so the token mean is not what it reads).
+    """
     kp, vp = key_pairing(op), value_pairing(op)
-    ck = head_grams(op.wk, op.bk, st.gram, st.total, st.count)
+    n = max(st.count, 1)
+    if op.k_transform is None:
+        ck = head_grams(op.wk, None, st.gram / n - torch.outer(st.total, st.total) / n ** 2, None, 1)
+    else:
+        ck = head_grams(op.wk, op.bk, st.gram, st.total, st.count)
     cv = head_grams(op.wv, op.bv, st.gram, st.total, st.count)
     ak = torch.eye(op.head_dim, dtype=torch.float64).expand(op.k_heads, -1, -1)
     av = torch.eye(op.v_head_dim, dtype=torch.float64).expand(op.v_heads, -1, -1)
-    if whiten:
+    if whiten:  # measured worse than plain moments on MiniLM; kept for study
         wo = op.wo.detach().double().permute(1, 0, 2)  # (Hq, Do, dv)
         av = _sqrt_metric(_reader_sum(wo.transpose(1, 2) @ wo, op.v_map, op.v_heads), vp)
         if not op.info.cross:  # the statistics are of the key/value input, which queries share here
-            mq = _diag_moments(op.wq.detach(), op.bq, st)
-            ak = _sqrt_metric(_reader_sum(mq, op.k_map, op.k_heads), kp)
+            ak = _sqrt_metric(_reader_sum(_diag_moments(op.wq.detach(), op.bq, st), op.k_map, op.k_heads), kp)
     ck = torch.einsum("iab,ijbc,jdc->ijad", ak, ck, ak)
     cv = torch.einsum("iab,ijbc,jdc->ijad", av, cv, av)
     return KVMoments(ck, cv, ak, av, kp, vp)
@@ -202,8 +210,8 @@ def _member_weights(labels: torch.Tensor) -> torch.Tensor:
     return same / same.sum(1, keepdim=True)  # w[m, n] = 1/|g| when m, n share group g
 
 
-def generalized_procrustes(c: torch.Tensor, labels: torch.Tensor, p: Pairing, iters: int = 100,
-                           tol: float = 1e-10) -> torch.Tensor:
+def generalized_procrustes(c: torch.Tensor, labels: torch.Tensor, p: Pairing, iters: int = 30,
+                           tol: float = 1e-6) -> torch.Tensor:
     """Rotations R [H, d, d] aligning every head to its group's running mean t_g = mean_n R_n y_n."""
     h, d = c.shape[0], c.shape[-1]
     w = _member_weights(labels)
@@ -266,7 +274,7 @@ def permute_heads(op: Attention, kv_order: Sequence[int]) -> Attention:
 
 
 @torch.no_grad()
-def align_heads(op: Attention, st: InputStats, n_groups: int, whiten: bool = True, seed: int = 0,
+def align_heads(op: Attention, st: InputStats, n_groups: int, whiten: bool = False, seed: int = 0,
                 reorder: bool = True):
     """Group the KV heads of a site (K and V shared, equal sizes) and align each group, without pooling.
 

@@ -138,34 +138,10 @@ class SiteTemplate:
     """The 1-layer (one per layer type) copy of the model: site ops, their inputs and checkpoint names."""
 
     def __init__(self, ckpt: Checkpoint):
-        import transformers
-
-        from .api import canonicalize
-        from .calibrate import record_site_inputs
-        from .capture import capture
-        from .graph import sites
-
-        cfg = transformers.AutoConfig.from_pretrained(ckpt.folder)
-        self.cfg, self.family = cfg, (getattr(cfg, "architectures", None) or [type(cfg).__name__])[0]
-        self.n_layers = cfg.num_hidden_layers
-        types = list(getattr(cfg, "layer_types", None) or ["layer"] * self.n_layers)
-        first = {}
-        for i, t in enumerate(types):
-            first.setdefault(t, i)
-        keep = max(first.values()) + 1
-        small = self.shrunk(cfg, keep)
-        self.model = build_model(small)
-        ids = torch.randint(0, small.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
-        cap = capture(self.model, (ids,))
-        gm, _ = canonicalize(cap)
-        self.ops = sites(gm)
-        if len(self.ops) != keep:
-            raise RewriteError(f"{self.family}: {len(self.ops)} attention sites in {keep} layer(s); streaming "
-                               "handles exactly one attention per layer")
-        self.args = [r[0].args for r in record_site_inputs(gm, lambda kw: gm(**kw, **cap.fixed), [cap.kwargs])]
-        self.site_of = [first[types[i]] for i in range(self.n_layers)]
+        cached = _captured(json.dumps(ckpt.config, sort_keys=True), ckpt.folder)
+        self.cfg, self.family, self.ops, self.args, self.site_of, shapes = cached
+        self.n_layers = len(self.site_of)
         self.own_names = {f: s[0] for f, s in self.ops[0].info.sources.items() if s}
-        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         names = [self.renamed(self.site_of[i], i) for i in range(self.n_layers)]
         self.layout = HFLayout(ckpt, [n for n, _ in names], [s for _, s in names], shapes, self.family)
 
@@ -201,6 +177,51 @@ class SiteTemplate:
         return move(op.info.name + ".")[:-1], src
 
 
+_CACHE: dict = {}  # config.json text -> _captured(...) of the last two configs
+
+
+def _captured(config_json: str, folder: str):
+    """(config, family, template ops, their inputs, template site of each layer, parameter shapes).
+
+    Cached per config: the ops are only ever copied (``heads.rebuild``), never changed.
+    """
+    if config_json not in _CACHE:
+        while len(_CACHE) >= 2:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[config_json] = _capture_template(folder)
+    return _CACHE[config_json]
+
+
+def _capture_template(folder: str):
+    import transformers
+
+    from .api import canonicalize
+    from .calibrate import record_site_inputs
+    from .capture import capture
+    from .graph import sites
+
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    family = (getattr(cfg, "architectures", None) or [type(cfg).__name__])[0]
+    n_layers = cfg.num_hidden_layers
+    types = list(getattr(cfg, "layer_types", None) or ["layer"] * n_layers)
+    first = {}
+    for i, t in enumerate(types):
+        first.setdefault(t, i)
+    keep = max(first.values()) + 1
+    small = SiteTemplate.shrunk(cfg, keep)
+    model = build_model(small)
+    ids = torch.randint(0, small.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    cap = capture(model, (ids,))
+    gm, _ = canonicalize(cap)
+    ops = sites(gm)
+    if len(ops) != keep:
+        raise RewriteError(f"{family}: {len(ops)} attention sites in {keep} layer(s); streaming handles exactly "
+                           "one attention per layer")
+    args = [r[0].args for r in record_site_inputs(gm, lambda kw: gm(**kw, **cap.fixed), [cap.kwargs])]
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return cfg, family, ops, args, [first[types[i]] for i in range(n_layers)], shapes
+
+
 class Writeback:
     """Turns each layer's final op into checkpoint tensors; fixes the config at the first layer written."""
 
@@ -234,7 +255,11 @@ class Writeback:
         small = dict(self.config, num_hidden_layers=1)
         if small.get("layer_types"):
             small["layer_types"] = small["layer_types"][:1]
-        model = build_model(type(self.cfg).from_dict(small), meta=True)
+        try:
+            model = build_model(type(self.cfg).from_dict(small), meta=True)
+        except Exception as e:  # noqa: BLE001 - the family's own validation, e.g. hidden size % heads
+            raise RewriteError(f"{self.layout.family} cannot hold (q, kv, head size) = {self.first[1]}: its config "
+                               f"rejects them: {str(e).strip().splitlines()[-1]}") from None
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         for f, name in self.own_names.items():
             want = tuple(flat(f, getattr(op, f)).shape)

@@ -25,7 +25,8 @@ from .errors import PassError, SpecError
 from .graph import sites, with_sites
 from .heads import rebuild
 
-__all__ = ["METHODS", "NEEDS_CALIBRATION", "head_importance", "attention_probs", "check_method"]
+__all__ = ["METHODS", "NEEDS_CALIBRATION", "head_importance", "attention_probs", "row_entropy", "check_method",
+           "calibration_batches"]
 
 METHODS = ("taylor", "magnitude", "entropy", "random")
 NEEDS_CALIBRATION = ("taylor", "entropy")
@@ -109,16 +110,15 @@ def row_entropy(p: torch.Tensor) -> tuple:
 
 def _entropy_scores(gm, ctx) -> list:
     ops = sites(gm)
-    records = record_site_inputs(gm, ctx.call(gm), _batches(ctx), ctx.track)
-    out = []
-    for op, recs in zip(ops, records):
-        total, rows = torch.zeros(op.q_heads, dtype=torch.float64), 0
-        for r in recs:
-            ent, reach = row_entropy(attention_probs(op, r.args))
-            total += (reach - ent).double().sum(dim=(0, 2))
-            rows += ent.shape[0] * ent.shape[2]
-        out.append(total / max(rows, 1))
-    return out
+    total = [torch.zeros(op.q_heads, dtype=torch.float64) for op in ops]
+    rows = [0] * len(ops)
+    call = ctx.call(gm)
+    for kw in ctx.track(calibration_batches(ctx), "head importance (entropy)"):
+        for i, recs in enumerate(record_site_inputs(gm, call, [kw])):
+            ent, reach = row_entropy(attention_probs(ops[i], recs[0].args))
+            total[i] += (reach - ent).double().sum(dim=(0, 2))
+            rows[i] += ent.shape[0] * ent.shape[2]
+    return [t / max(n, 1) for t, n in zip(total, rows)]
 
 
 # ---- taylor ------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ class HeadMask(nn.Module):
         return gate * self.inner(op, x, q) if self.inner is not None else gate
 
 
-def _batches(ctx) -> list:
+def calibration_batches(ctx) -> list:
     """Calibration batches restricted to the inputs the graph was captured with."""
     names = set(ctx.captured.kwargs) if ctx.captured is not None else None
     return [{k: v for k, v in b.items() if names is None or k in names} for b in ctx.calibration]
@@ -179,7 +179,7 @@ def _taylor(gm, ctx, seed: int, probes: int) -> list:
     g = torch.Generator().manual_seed(seed)
     total = [torch.zeros(op.q_heads, dtype=torch.float64) for op in ops]
     tokens = 0
-    for kw in ctx.track(_batches(ctx), "head importance (taylor)"):
+    for kw in ctx.track(calibration_batches(ctx), "head importance (taylor)"):
         with torch.enable_grad():
             out = run(kw)
             xis = [m.xi for m in masks]

@@ -63,6 +63,8 @@ def _convert(value: str, typ, where: str):
             raise SpecError(f"{where}: expected {typ.__name__}, got {value!r}") from None
     if typ is dict or origin is dict:  # heads={0:1/2;3:0}
         out = {}
+        if value.startswith("{") and value.endswith("}"):
+            value = value[1:-1]
         for item in filter(None, value.split(";")):
             if ":" not in item:
                 raise SpecError(f"{where}: expected layer:h1/h2;layer:h3, got {value!r}")

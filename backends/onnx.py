@@ -1,0 +1,257 @@
+"""ONNX export of a converted model, checked in ONNX Runtime on inputs it was not traced with.
+
+Every softmax site becomes one standard ONNX ``Attention`` node (opset 23)::
+
+    Y = Attention(Q [B,Hq,Sq,dh], K [B,Hk,Sk,dh], V [B,Hk,Sk,dv]; q_num_heads=Hq, kv_num_heads=Hk, scale,
+                  is_causal, attn_mask)          query head i reads kv head i // (Hq/Hk)
+
+emitted by ``torch.onnx.ops.attention`` from ``Attention.core`` while ``torch.onnx.is_in_onnx_export()``,
+so eager PyTorch (SDPA) and the exported graph compute the same function.
+
+Cases handled:
+ 1. ``score_fn`` None, ``k_map == v_map`` in contiguous blocks (MHA, GQA, MQA): one ``Attention`` node
+    with ``kv_num_heads = Hk`` (GQA stays native: K/V are never repeated in the graph).
+ 2. ``score_fn`` None, any other maps (DHA, K and V head counts that differ): K and V are gathered to
+    ``Hq`` heads (``index_select`` → ``Gather``, or expand/reshape for contiguous blocks), then case 1
+    with ``kv_num_heads = Hq``.
+ 3. ``score_fn`` / ``head_gate`` modules (clipped softmax, linear attention, gates, routers): exported
+    through their ordinary torch ops.
+ 4. ONNX Runtime 1.23.0 computes GQA in ``Attention`` wrongly on CPU: with ``gqa="auto"`` case 1 falls
+    back to case 2 (KV heads expanded), and the report says so.
+Refused: ``gqa="native"`` checked with a runtime known to compute it wrongly (``BackendError``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rewrite.errors import BackendError
+
+__all__ = ["export_onnx", "attention_node", "export_graph", "check_file", "onnx_summary"]
+log = logging.getLogger(__name__)
+
+TWO_GB = 2 * 1024 ** 3
+_state = {"native_gqa": True}  # read by attention_node while an export runs
+
+
+def attention_node(op, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """The softmax core of ``op`` as one ONNX ``Attention`` node; ``(B, Hq, Sq, dv)``."""
+    native = (_state["native_gqa"] and op._k_group is not None and op._v_group is not None
+              and op.k_heads == op.v_heads)
+    if not native:  # (B, Hk, S, d) -> (B, Hq, S, d): Gather for arbitrary maps
+        k = op._expand(k, op.k_map, op._k_group)
+        v = op._expand(v, op.v_map, op._v_group)
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # ONNX wants an additive mask in Q's type
+    y, _, _, _ = torch.onnx.ops.attention(
+        q, k, v, attn_mask=mask, is_causal=bool(op.causal and mask is None),
+        q_num_heads=op.q_heads, kv_num_heads=k.shape[1], scale=op.scale)
+    return y
+
+
+@contextlib.contextmanager
+def _export_mode(native_gqa: bool):
+    """The GQA choice for the duration of one export (restored afterwards), export chatter silenced.
+
+    The captured graph module was traced in eval mode; its ``eval()`` is not callable (torch.export),
+    hence the training-mode warning is dropped too.
+    """
+    before = _state["native_gqa"]
+    _state["native_gqa"] = native_gqa
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*training mode.*")
+            yield
+    finally:
+        _state["native_gqa"] = before
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def has_native_gqa(conv) -> bool:
+    """True when some softmax site would export with fewer KV heads than query heads (case 1)."""
+    return any(op.score_fn is None and op._k_group not in (None, 1) and op._v_group is not None
+               and op.k_heads == op.v_heads for op in conv.sites)
+
+
+def export_graph(conv, path: str, opset: int = 23, native_gqa: bool = True,
+                 external_data: Optional[bool] = None) -> bool:
+    """Write ``conv.gm`` to ``path`` with dynamic batch/sequence axes; returns whether weights are external."""
+    from torch.export import Dim
+
+    kw = {**conv.example_inputs, **conv.fixed}
+    dyn = {k: ({d: Dim.AUTO for d in conv.dim_symbols.get(k, {})} or None) if isinstance(v, torch.Tensor)
+           else None for k, v in kw.items()}
+    if external_data is None:
+        external_data = _param_bytes(conv.gm) > TWO_GB * 0.9  # protobuf's 2 GB limit covers the graph too
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with _export_mode(native_gqa), torch.no_grad():
+        try:
+            program = torch.onnx.export(conv.gm, (), None, kwargs=kw, dynamo=True, opset_version=opset,
+                                        dynamic_shapes=dyn, verbose=False, external_data=external_data)
+        except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
+            raise BackendError(f"ONNX export (opset {opset}) failed: {type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0][:400]}") from e
+    program.save(path, external_data=external_data)
+    _broadcast_rope_caches(path)
+    return external_data
+
+
+def _broadcast_rope_caches(path: str) -> None:
+    """Expand the cos/sin inputs of fused ``RotaryEmbedding`` nodes to the batch of ``x``.
+
+    The exporter's opset-23 fusion feeds HF's ``(1, S, d/2)`` caches straight into ``RotaryEmbedding``,
+    whose spec (and ONNX Runtime) wants ``(B, S, d/2)`` when no position ids are given: such files fail
+    for batch > 1. ``Expand(cache, [B, 1, 1])`` fixes that and is a no-op when the batch is already there.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(path, load_external_data=False)
+    graph = model.graph
+    ropes = [n for n in graph.node if n.op_type == "RotaryEmbedding" and (len(n.input) < 4 or not n.input[3])]
+    if not ropes:
+        return
+    ones = "rewrite_rope_ones"
+    graph.initializer.append(numpy_helper.from_array(np.array([1, 1], dtype=np.int64), ones))
+    nodes = []
+    for n in graph.node:
+        if n in ropes:
+            x, tag = n.input[0], n.name or n.output[0]
+            batch, shape = f"{tag}_batch", f"{tag}_cache_shape"
+            nodes += [helper.make_node("Shape", [x], [batch], start=0, end=1),
+                      helper.make_node("Concat", [batch, ones], [shape], axis=0)]
+            for i in (1, 2):
+                out = f"{n.input[i]}_{tag}_expanded"
+                nodes.append(helper.make_node("Expand", [n.input[i], shape], [out]))
+                n.input[i] = out
+        nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, path)
+
+
+def onnx_summary(path: str) -> dict:
+    """Node counts of an ONNX file: all nodes, Attention nodes and their head attributes."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    attention = [n for n in nodes if n.op_type == "Attention"]
+
+    def attr(node, name):
+        return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+    return {"nodes": len(nodes), "attention_nodes": len(attention),
+            "q_num_heads": [attr(n, "q_num_heads") for n in attention],
+            "kv_num_heads": [attr(n, "kv_num_heads") for n in attention],
+            "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}
+
+
+def fresh_inputs(conv) -> dict:
+    """Example inputs at another batch size and sequence length (every dynamic dim changed)."""
+    from rewrite.capture import resize_inputs
+
+    cap = getattr(conv, "_captured", None)
+    if cap is None or not cap.symbol_sizes:
+        return dict(conv.example_inputs)
+    return resize_inputs(cap, conv.example_inputs, grow=1)
+
+
+def check_file(conv, session, inputs: Optional[dict] = None) -> dict:
+    """Run ``session`` and ``conv`` (PyTorch) on ``inputs`` (fresh ones by default); the max error."""
+    from torch.utils import _pytree as pytree
+
+    from .onnxruntime import run_session
+
+    inputs = fresh_inputs(conv) if inputs is None else inputs
+    with torch.no_grad():
+        expected = [t for t in pytree.tree_leaves(conv.gm(**inputs, **conv.fixed)) if isinstance(t, torch.Tensor)]
+    got = run_session(session, inputs)
+    if len(got) != len(expected):
+        raise BackendError(f"the ONNX graph has {len(got)} outputs but the PyTorch model returns "
+                           f"{len(expected)} tensors")
+    err = 0.0
+    for a, b in zip(got, expected):
+        if tuple(a.shape) != tuple(b.shape):
+            raise BackendError(f"ONNX Runtime returned shape {tuple(a.shape)} where PyTorch returns "
+                               f"{tuple(b.shape)}")
+        if a.numel():
+            err = max(err, (a.double() - b.detach().cpu().double()).abs().max().item())
+    shapes = {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    return {"max_abs_err": err, "checked_inputs": shapes}
+
+
+def choose_gqa(conv, gqa: str, provider: str, check: bool) -> tuple:
+    """(native_gqa, note): whether GQA stays native in the file, and why not when it does not."""
+    from .onnxruntime import attention_problem
+
+    if gqa not in ("auto", "native", "expand"):
+        raise BackendError(f"gqa={gqa!r}: expected 'auto', 'native' or 'expand'")
+    if gqa == "expand" or not has_native_gqa(conv):
+        return False if gqa == "expand" else True, ""
+    ops = conv.sites
+    problem = attention_problem(provider, gqa=True, dtype=ops[0].wq.dtype,
+                                masked=any(op.info.mask_kind for op in ops))
+    if problem is None:
+        return True, ""
+    if gqa == "native" and check:
+        raise BackendError(f"refusing to check native GQA: {problem}. Upgrade onnxruntime, or export with "
+                           f"gqa='expand' (KV heads repeated in the graph)")
+    if gqa == "native":
+        return True, f"warning: {problem}"
+    return False, f"GQA exported with KV heads expanded to the query heads: {problem}"
+
+
+def export_onnx(conv, path: str, opset: int = 23, check: bool = True, external_data: Optional[bool] = None,
+                gqa: str = "auto", provider: str = "CPUExecutionProvider") -> dict:
+    """Export ``conv`` (a ``rewrite.Converted``) to ``path`` and check it in ONNX Runtime.
+
+    Args:
+        conv: the converted model.
+        path: the ``.onnx`` file to write (weights go to ``path + '.data'`` when external).
+        opset: ONNX opset; 23 or newer gives the standard ``Attention`` op.
+        check: run the file in ONNX Runtime on fresh inputs (another batch and sequence length)
+            and record the max abs error against PyTorch.
+        external_data: weights in a side file; default: only for models over 2 GB.
+        gqa: "auto" (native GQA unless the installed runtime computes it wrongly), "native", "expand".
+        provider: the ONNX Runtime execution provider used for the check.
+    Returns:
+        the summary also stored in ``conv.report.extras["onnx"]``.
+    """
+    t0 = time.perf_counter()
+    if opset < 23:
+        log.warning("opset %d has no standard Attention op: attention is exported as MatMul/Softmax", opset)
+    native, note = choose_gqa(conv, gqa, provider, check)
+    external = export_graph(conv, path, opset, native, external_data)
+    info = {"path": os.path.abspath(path), "opset": opset, "external_data": external,
+            "gqa": ("native" if native else "expanded") if has_native_gqa(conv) else "none", **onnx_summary(path)}
+    if note:
+        info["note"] = note
+    if check:
+        import onnxruntime
+
+        from .onnxruntime import make_session
+
+        session = make_session(path, provider)
+        info.update(check_file(conv, session))
+        info["provider"] = session.get_providers()[0]
+        info["onnxruntime"] = onnxruntime.__version__
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    conv.report.extras["onnx"] = info
+    return info

@@ -1,0 +1,203 @@
+"""ONNX Runtime backend: the converted model exported to ONNX and run in an ``InferenceSession``.
+
+    OrtModule(*args, **kwargs) = tree_unflatten(session.run(inputs), output spec of the PyTorch module)
+
+CUDAExecutionProvider when onnxruntime-gpu and a GPU are there, CPU otherwise; all graph
+optimizations on. The standard ``Attention`` op is not equally supported everywhere:
+
+ 1. CPU, 1.23.0: GQA computed wrongly → GQA exported with expanded KV heads (``gqa="auto"``) or
+    refused (``gqa="native"``).
+ 2. CUDA, ≤ 1.24: no CUDA kernel, nodes silently fall back to CPU → refused when CUDA was asked
+    for; with ``provider="auto"`` the CPU provider is used and the report says why.
+ 3. CUDA, 1.25–1.26: GQA only in fp16/bf16 without a mask → GQA exported with expanded KV heads.
+ 4. CUDA ≥ 1.27, CPU ≥ 1.23.1: native.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from rewrite.errors import BackendError
+
+__all__ = ["lower_onnxruntime", "OrtModule", "make_session", "run_session", "attention_problem",
+           "ort_version", "choose_provider"]
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+def ort_version() -> tuple:
+    """The installed onnxruntime version as a tuple of ints, e.g. (1, 23, 1)."""
+    import onnxruntime
+
+    parts = []
+    for p in onnxruntime.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def attention_problem(provider: str, *, gqa: bool, dtype: torch.dtype, masked: bool,
+                      version: Optional[tuple] = None) -> Optional[str]:
+    """Why the installed runtime cannot run the ONNX ``Attention`` op correctly and fast here, or None."""
+    v = version or ort_version()
+    name = ".".join(map(str, v))
+    if provider == CPU and gqa and v[:3] == (1, 23, 0):
+        return f"onnxruntime {name} computes grouped-query attention in the Attention op wrongly on CPU " \
+               "(fixed in 1.23.1)"
+    if provider == CUDA and v[:2] <= (1, 24):
+        return f"onnxruntime {name} has no CUDA kernel for the ONNX Attention op: its nodes would silently " \
+               "run on the CPU (general CUDA kernels from 1.27)"
+    if provider == CUDA and v[:2] <= (1, 26) and gqa and (masked or dtype not in (torch.float16, torch.bfloat16)):
+        return f"onnxruntime {name} runs GQA in the CUDA Attention op only in fp16/bf16 without a mask " \
+               f"(this model: {str(dtype).replace('torch.', '')}{', masked' if masked else ''}; general from 1.27)"
+    return None
+
+
+def choose_provider(requested: str = "auto") -> str:
+    """``auto`` → CUDA when onnxruntime-gpu and a GPU are both there, else CPU."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    aliases = {"cpu": CPU, "cuda": CUDA}
+    if requested == "auto":
+        return CUDA if CUDA in available and torch.cuda.is_available() else CPU
+    provider = aliases.get(requested.lower(), requested)
+    if provider not in available:
+        raise BackendError(f"ONNX Runtime provider {requested!r} is not available here (available: "
+                           f"{', '.join(available)}); for CUDA install onnxruntime-gpu")
+    return provider
+
+
+def make_session(path: str, provider: str = CPU, threads: Optional[int] = None):
+    """An ``InferenceSession`` with every graph optimization on, pinned to ``provider``."""
+    import onnxruntime
+
+    so = onnxruntime.SessionOptions()
+    so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    providers = [provider] if provider == CPU else [provider, CPU]
+    session = onnxruntime.InferenceSession(path, sess_options=so, providers=providers)
+    if session.get_providers()[0] != provider:
+        raise BackendError(f"ONNX Runtime could not start {provider} (got {session.get_providers()}); check the "
+                           "CUDA/cuDNN libraries onnxruntime-gpu needs")
+    return session
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        raise BackendError("bfloat16 inputs cannot be passed to ONNX Runtime through numpy; use float16 or float32")
+    return t.detach().cpu().contiguous().numpy()
+
+
+def run_session(session, inputs: dict) -> list:
+    """Feed the session's inputs by name from ``inputs``; its outputs as torch tensors (CPU)."""
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name not in inputs:
+            raise BackendError(f"the ONNX graph needs input {i.name!r}; got {sorted(inputs)}")
+        feeds[i.name] = _numpy(inputs[i.name])
+    return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+
+
+class OrtModule(nn.Module):
+    """Runs the exported file in ONNX Runtime; called like, and returning the same structure as, ``conv``."""
+
+    def __init__(self, conv, session, folder, out_spec, template: list, provider: str):
+        super().__init__()
+        self.converted = conv
+        self.session = session
+        self.provider = provider
+        self._folder = folder  # TemporaryDirectory kept alive with the module (holds the .onnx file)
+        self._out_spec = out_spec
+        self._template = template  # flat output leaves; tensors are replaced by ORT outputs
+
+    # the Converted API, delegated
+    @property
+    def report(self):
+        return self.converted.report
+
+    @property
+    def sites(self):
+        return self.converted.sites
+
+    def save(self, path: str) -> None:
+        self.converted.save(path)
+
+    def export_onnx(self, path: str, **kwargs):
+        return self.converted.export_onnx(path, **kwargs)
+
+    @property
+    def onnx_path(self) -> str:
+        return self.report.extras["onnx"]["path"]
+
+    def forward(self, *args, **kwargs):
+        kw = self.converted.bind(args, kwargs)
+        device = next((v.device for v in kw.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        outs = iter(t.to(device) for t in run_session(self.session, kw))
+        leaves = [next(outs) if isinstance(leaf, torch.Tensor) else leaf for leaf in self._template]
+        return pytree.tree_unflatten(leaves, self._out_spec)
+
+
+def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = None, gqa: str = "auto",
+                      path: Optional[str] = None, check: bool = True) -> OrtModule:
+    """``conv`` exported to ONNX and wrapped in an ONNX Runtime session.
+
+    Args:
+        conv: a ``rewrite.Converted``.
+        provider: "auto" | "cpu" | "cuda" (or a full provider name).
+        threads: ONNX Runtime intra-op threads; default ``torch.get_num_threads()`` (same as PyTorch).
+        gqa: "auto" | "native" | "expand" (see ``rewrite.backends.onnx.export_onnx``).
+        path: where to write the ``.onnx`` file; default a temporary folder owned by the module.
+        check: compare with PyTorch on fresh inputs (recorded in ``report.extras["onnx"]``).
+    """
+    from .onnx import check_file, choose_gqa, export_graph, has_native_gqa, onnx_summary
+
+    chosen = choose_provider(provider)
+    notes = []
+    ops = conv.sites
+    dtype = ops[0].wq.dtype if ops else torch.float32
+    masked = any(op.info.mask_kind for op in ops)
+    if chosen == CUDA:
+        problem = attention_problem(CUDA, gqa=False, dtype=dtype, masked=masked)
+        if problem and provider != "auto":
+            raise BackendError(f"refusing {CUDA}: {problem}. Upgrade onnxruntime-gpu to >= 1.27 or use provider='cpu'")
+        if problem:
+            warnings.warn(f"ONNX Runtime backend on CPU: {problem}")
+            notes.append(f"CPU instead of CUDA: {problem}")
+            chosen = CPU
+    native, note = choose_gqa(conv, gqa, chosen, check)
+    if note:
+        notes.append(note)
+    folder = None
+    if path is None:
+        folder = tempfile.TemporaryDirectory(prefix="rewrite-ort-")
+        path = os.path.join(folder.name, "model.onnx")
+    external = export_graph(conv, path, native_gqa=native)
+    session = make_session(path, chosen, threads or torch.get_num_threads())
+    info = {"path": os.path.abspath(path), "opset": 23, "external_data": external,
+            "gqa": ("native" if native else "expanded") if has_native_gqa(conv) else "none", **onnx_summary(path)}
+    if check:
+        info.update(check_file(conv, session))
+    import onnxruntime
+
+    info.update(provider=chosen, onnxruntime=onnxruntime.__version__)
+    conv.report.extras["onnx"] = info
+    conv.report.extras["onnxruntime"] = {"provider": chosen, "version": onnxruntime.__version__,
+                                         "threads": session.get_session_options().intra_op_num_threads,
+                                         "notes": notes}
+    conv.report.backend = "onnxruntime"
+    with torch.no_grad():
+        out = conv(**conv.example_inputs)
+    template, spec = pytree.tree_flatten(out)
+    return OrtModule(conv, session, folder, spec, template, chosen)

@@ -1,0 +1,115 @@
+"""gqa{kv_heads, method=mean|aligned}: merge KV heads into ``kv_heads`` shared heads per site.
+
+    softmax(Q_i K_{m(i)}ᵀ·s) V_{m(i)}, Hk KV heads  →  Hk/G groups S_g:  W̃_k^g = mean_{j∈S_g} T_j W_k^j (same for V)
+
+- ``mean`` (Ainslie et al.): T_j = I and contiguous groups of KV heads (biases pooled too).
+- ``aligned`` (Jin et al., "Align attention heads before merging them"; needs calibration): equal-size
+  groups of most-similar heads, then an exact re-expression T_j = R_j·A_j of every head (``rewrite.align``:
+  RoPE-commuting rotations for Q/K, any orthogonal/invertible map for V/O, the readers' W_q / W_o
+  compensate), query heads re-ordered so groups stay contiguous, then mean-pooling.
+
+Cases handled:
+ 1. MHA and already-GQA sites: only whole KV heads are pooled (kv_heads must divide the KV head count);
+ 2. kv_heads equal to the current count: no change;
+ 3. kv_heads above the current count (and dividing the query heads): each query group gets its own copy (exact);
+ 4. RoPE (rotate_half or interleaved, partial rotary), q/k biases, cross-attention (aligned whitens V only).
+Refused: kv_heads < 1 or an unknown method (SpecError); a site whose KV heads are not divisible into
+kv_heads groups, or whose K and V maps differ (a skip diagnostic; SpecError when no site can take it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from rewrite.align import align_heads
+from rewrite.calibrate import input_grams
+from rewrite.errors import PassError, SpecError
+from rewrite.graph import sites, with_sites
+from rewrite.heads import duplicate_kv, pool_kv
+from rewrite.pass_base import Diagnostic, PassResult, SitePass, register
+
+__all__ = ["GQA", "merge_site"]
+
+METHODS = ("mean", "aligned")
+
+
+def _refusal(op, kv_heads: int):
+    """Why ``op`` cannot be brought to ``kv_heads`` KV heads, or None."""
+    name, hk, hq = op.info.name, op.k_heads, op.q_heads
+    if op.k_heads != op.v_heads or not bool((op.k_map == op.v_map).all()):
+        return f"{name}: K and V heads are grouped differently (dha?); gqa needs shared KV heads"
+    if kv_heads > hq:
+        return f"{name}: kv_heads={kv_heads} is more than its {hq} query heads"
+    if kv_heads > hk and (hq % kv_heads or kv_heads % hk):
+        return f"{name}: {hk} KV heads cannot be split into kv_heads={kv_heads} (it must divide {hq} query heads " \
+               f"and be a multiple of {hk})"
+    if kv_heads < hk and hk % kv_heads:
+        return f"{name}: {hk} KV heads are not divisible into kv_heads={kv_heads} groups"
+    return None
+
+
+def merge_site(op, kv_heads: int, method: str, stats=None, seed: int = 0):
+    """(new op or None, stats, diagnostics) for one site."""
+    hk = op.k_heads
+    why = _refusal(op, kv_heads)
+    if why:
+        return None, {}, [Diagnostic("skip", why, op.info.name)]
+    if kv_heads == hk:
+        return None, {}, []
+    if kv_heads > hk:
+        return duplicate_kv(op, kv_heads), {"kv_heads_before": hk, "kv_heads_after": kv_heads, "duplicated": True}, []
+    size = hk // kv_heads
+    if method == "mean":
+        groups = [list(range(g * size, (g + 1) * size)) for g in range(kv_heads)]
+        return pool_kv(op, groups), {"kv_heads_before": hk, "kv_heads_after": kv_heads, "groups": groups}, []
+    diags = []
+    reorder = op.head_gate is None  # a per-head gate would need the same permutation
+    if not reorder:
+        diags.append(Diagnostic("info", "kept the query-head order (head gate present): KV map is not contiguous",
+                                op.info.name))
+    aligned, groups, original = align_heads(op, stats, kv_heads, seed=seed, reorder=reorder)
+    st = {"kv_heads_before": hk, "kv_heads_after": kv_heads, "groups": original}
+    return pool_kv(aligned, groups), st, diags
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class GQA(SitePass):
+    """Grouped-query attention by pooling KV heads (see the module docstring)."""
+
+    name = "gqa"
+    kv_heads: Optional[int] = None
+    method: str = "mean"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "aligned"
+
+    def check_options(self) -> None:
+        if self.kv_heads is None:
+            raise SpecError("gqa needs kv_heads, e.g. gqa{kv_heads=2}")
+        if self.kv_heads < 1:
+            raise SpecError(f"gqa{{kv_heads={self.kv_heads}}}: kv_heads must be at least 1")
+        if self.method not in METHODS:
+            raise SpecError(f"gqa{{method={self.method}}}: unknown method; valid: {', '.join(METHODS)}")
+
+    def run(self, gm, ctx):
+        self.check_options()
+        stats = [None] * len(sites(gm))
+        if self.method == "aligned":
+            if not ctx.calibration:
+                raise PassError(f"{self.spec()}: gqa{{method=aligned}} needs calibration data to align heads; "
+                                "pass calibration=[batches, ...] or use method=mean")
+            stats = input_grams(gm, ctx.call(gm), ctx.calibration, track=ctx.track)
+        replace, per_site, diags = {}, {}, []
+        for i, op in enumerate(sites(gm)):
+            new, st, dg = merge_site(op, self.kv_heads, self.method, stats[i])
+            diags.extend(dg)
+            if st:
+                per_site[op.info.name] = st
+            if new is not None:
+                replace[i] = new
+        skips = [d for d in diags if d.level == "skip"]
+        if skips and len(skips) == len(sites(gm)):
+            raise SpecError(f"{self.spec()}: no site can take it: {skips[0].message}")
+        return PassResult(with_sites(gm, replace), bool(replace), per_site, diags)

@@ -1,0 +1,225 @@
+"""LiT: linear attention with inherited weights (Wang et al., arXiv 2501.12976; METHODS.md card 7).
+
+    softmax(Q Kᵀ/√d) V  →  O_t = φ(q_t) (Σ_j φ(k_j)ᵀ v_j) / (φ(q_t) · Σ_j φ(k_j) + ε),   φ = ReLU
+
+per query head, in fp32. Causal sites sum over j ≤ t (prefix sums, bottom-right aligned when
+Sq < Sk); key positions a padding mask drops contribute nothing. On a 2-D token grid an optional
+depthwise convolution over V (zero-initialised, so it starts as a no-op) is added to the output:
+O += DWConv(V on the H×W patch grid), class/register tokens excluded.
+
+Cases handled:
+  1. bidirectional self-attention, with or without a key-padding mask (bool or additive);
+  2. causal self-attention (``op.causal`` or a causal mask, with padding);
+  3. ``conv=auto``: the convolution is on when the site's token count is static (images, not
+     text) and, less 0-8 class tokens, a perfect square; kernel 5 (3 on grids under 5×5);
+  4. ``inherit=false``: q, k, v, o re-initialised (seeded) instead of inherited.
+Refused:
+  1. cross-attention sites (Diagnostic "lit does not support cross-attention at <site>");
+  2. masks that are neither causal nor padding (Diagnostic);
+  3. ``conv=on`` where there is no grid or the site is causal (Diagnostic);
+  4. an unknown ``feature_map`` or ``conv`` value, ``eps <= 0`` (SpecError).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rewrite.calibrate import record_site_inputs
+from rewrite.errors import SpecError
+from rewrite.graph import SITES, sites, with_sites
+from rewrite.heads import rebuild
+from rewrite.pass_base import Diagnostic, PassResult, SitePass, register
+
+__all__ = ["Lit", "LinearAttention", "classify_mask"]
+
+FEATURE_MAPS = {"relu": F.relu, "elu": lambda x: F.elu(x) + 1.0}
+MASKED = -1e3  # additive mask entries below this drop the key
+
+
+def key_keep(mask: torch.Tensor) -> torch.Tensor:
+    """The keys the last query row may read, as 0/1 floats broadcastable to ``[B, H, Sk, 1]``."""
+    last = mask[..., -1, :] if mask.dim() >= 2 else mask
+    keep = last if last.dtype == torch.bool else last > MASKED
+    return keep.float().unsqueeze(-1)
+
+
+class LinearAttention(nn.Module):
+    """score_fn: φ(Q)(φ(K)ᵀV) / (φ(Q)·Σφ(K) + ε), optionally plus a depthwise conv of V on a patch grid."""
+
+    def __init__(self, feature_map: str = "relu", eps: float = 1e-6, causal: bool = False,
+                 grid: int = 0, class_tokens: int = 0, channels: int = 0, kernel: int = 3):
+        super().__init__()
+        self.feature_map, self.eps, self.causal = feature_map, float(eps), bool(causal)
+        self.grid, self.class_tokens = grid, class_tokens
+        self.conv: Optional[nn.Conv2d] = None
+        if grid:
+            self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, op, q, k, v, mask):
+        phi = FEATURE_MAPS[self.feature_map]
+        fq = phi(q.float())  # (B, Hq, Sq, d)
+        fk = phi(op._expand(k, op.k_map, op._k_group).float())  # (B, Hq, Sk, d)
+        vf = op._expand(v, op.v_map, op._v_group).float()  # (B, Hq, Sk, dv)
+        if mask is not None:
+            fk = fk * key_keep(mask)
+        if self.causal:
+            sq, sk = q.shape[2], k.shape[2]
+            kv = torch.cumsum(fk.unsqueeze(-1) * vf.unsqueeze(-2), dim=2)[:, :, sk - sq:]  # (B, H, Sq, d, dv)
+            z = torch.cumsum(fk, dim=2)[:, :, sk - sq:]  # (B, H, Sq, d)
+            num = torch.einsum("bhsd,bhsde->bhse", fq, kv)
+            den = (fq * z).sum(-1, keepdim=True)
+        else:
+            kv = torch.einsum("bhsd,bhse->bhde", fk, vf)  # (B, H, d, dv)
+            num = torch.einsum("bhsd,bhde->bhse", fq, kv)
+            den = torch.einsum("bhsd,bhd->bhs", fq, fk.sum(2)).unsqueeze(-1)
+        o = num / (den + self.eps)
+        if self.conv is not None:
+            o = o + self._grid_conv(vf)
+        return o.to(q.dtype)
+
+    def _grid_conv(self, v: torch.Tensor) -> torch.Tensor:
+        b, h, s, dv = v.shape
+        patches = v[:, :, self.class_tokens:].transpose(2, 3)  # (B, H, dv, P)
+        y = self.conv(patches.reshape(b, h * dv, self.grid, self.grid))  # (B, H*dv, g, g)
+        y = y.reshape(b, h, dv, -1).transpose(2, 3)  # (B, H, P, dv)
+        return F.pad(y, (0, 0, self.class_tokens, 0))  # class tokens get no conv term
+
+    def extra_repr(self) -> str:
+        conv = f", conv={self.grid}x{self.grid}+{self.class_tokens} cls" if self.conv is not None else ""
+        return f"phi={self.feature_map}, eps={self.eps:g}, causal={self.causal}{conv}"
+
+
+def classify_mask(mask: Optional[torch.Tensor]) -> Optional[str]:
+    """'none' | 'padding' (every query row reads the same keys) | 'causal' (padding ∧ j ≤ t) | None (other).
+
+    Rows of padded query positions may differ (their outputs are not used).
+    """
+    if mask is None:
+        return "none"
+    keep = mask if mask.dtype == torch.bool else mask > MASKED
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask <= MASKED)).all()):
+        return None  # an additive bias (ALiBi, relative positions), not a mask
+    if keep.dim() < 2:
+        return "padding"
+    sq, sk = keep.shape[-2:]
+    last = keep[..., -1:, :]
+    rows = torch.ones(sq, dtype=torch.bool) if sq != sk else last[..., 0, :].unsqueeze(-1)  # used query rows
+    tril = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+    if bool(((keep == last) | ~rows).all()):
+        return "padding"
+    if bool(((keep == (last & tril)) | ~rows).all()):
+        return "causal"
+    return None
+
+
+def _grid(tokens: int, max_class_tokens: int = 8) -> Optional[tuple]:
+    """(class tokens, side) if ``tokens`` less 0..8 leading tokens is a square of side >= 2."""
+    for cls in range(max_class_tokens + 1):
+        side = math.isqrt(max(tokens - cls, 0))
+        if side >= 2 and side * side == tokens - cls:
+            return cls, side
+    return None
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Lit(SitePass):
+    name = "lit"
+    feature_map: str = "relu"
+    conv: str = "auto"  # "auto" | "on" | "off"
+    inherit: bool = True
+    eps: float = 1e-6
+    seed: int = 0  # for inherit=false
+
+    def check_options(self) -> None:
+        if self.feature_map not in FEATURE_MAPS:
+            raise SpecError(f"lit{{feature_map={self.feature_map}}}: unknown feature map; valid: "
+                            f"{', '.join(FEATURE_MAPS)}")
+        if self.conv not in ("auto", "on", "off"):
+            raise SpecError(f"lit{{conv={self.conv}}}: conv must be auto, on or off")
+        if not self.eps > 0:
+            raise SpecError(f"lit{{eps={self.eps}}}: eps must be positive")
+
+    def run(self, gm, ctx):
+        self.check_options()
+        masks = _example_masks(gm, ctx)
+        tokens = _static_token_counts(gm)
+        replace, stats, diags = {}, {}, []
+        for i, op in enumerate(sites(gm)):
+            new, st, dg = self._rewrite(i, op, masks[i], tokens.get(i))
+            diags.extend(dg)
+            if st:
+                stats[op.info.name] = st
+            if new is not None:
+                replace[i] = new
+        return PassResult(with_sites(gm, replace), bool(replace), stats, diags)
+
+    def _rewrite(self, i, op, masks, static_tokens):
+        site = op.info.name
+        if op.info.cross:
+            return None, {}, [Diagnostic("skip", f"lit does not support cross-attention at {site}", site)]
+        kinds = {classify_mask(m) for m in masks}
+        if None in kinds:
+            return None, {}, [Diagnostic("skip", f"lit needs a causal or padding mask at {site}; this site's "
+                                         "mask is neither (a bias or arbitrary pattern)", site)]
+        causal = op.causal or "causal" in kinds
+        grid = _grid(static_tokens) if static_tokens else None
+        if self.conv == "on" and (grid is None or causal):
+            why = "it is causal" if causal else "its token count is dynamic or not class tokens + a square grid"
+            return None, {}, [Diagnostic("skip", f"lit conv=on needs a 2-D token grid at {site}, but {why}", site)]
+        use_conv = grid is not None and not causal and self.conv != "off"
+        new = rebuild(op) if self.inherit else _reinitialised(op, self.seed + i)
+        cls, side = grid if use_conv else (0, 0)
+        new.score_fn = LinearAttention(self.feature_map, self.eps, causal, side, cls, new.q_heads * new.v_head_dim,
+                                       kernel=5 if side >= 5 else 3)
+        st = {"causal": causal, "inherited": self.inherit,
+              "conv": f"{new.score_fn.conv.kernel_size[0]}x{new.score_fn.conv.kernel_size[0]} on {side}x{side} "
+                      f"grid, {cls} class tokens" if use_conv else "off"}
+        return new, st, []
+
+
+def _reinitialised(op, seed: int):
+    """q, k, v, o drawn afresh (uniform ±1/√fan_in, seeded), biases zeroed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def fresh(w, fan_in):
+        return (torch.rand(w.shape, generator=g, dtype=torch.float32) * 2 - 1).to(w.dtype) / math.sqrt(fan_in)
+
+    zero = (lambda b: None if b is None else torch.zeros_like(b))
+    return rebuild(op, wq=fresh(op.wq, op.wq.shape[-1]), wk=fresh(op.wk, op.wk.shape[-1]),
+                   wv=fresh(op.wv, op.wv.shape[-1]), wo=fresh(op.wo, op.wo.shape[1] * op.wo.shape[2]),
+                   bq=zero(op.bq), bk=zero(op.bk), bv=zero(op.bv), bo=zero(op.bo))
+
+
+def _example_masks(gm, ctx) -> list:
+    """Per site, the masks it received on the example input and up to two calibration batches."""
+    n = len(sites(gm))
+    if ctx.captured is None:
+        return [[] for _ in range(n)]
+    batches = [ctx.captured.kwargs] + list(ctx.calibration or [])[:2]
+    records = record_site_inputs(gm, ctx.call(gm), batches)
+    return [[r.args[2] for r in per_site if len(r.args) > 2] for per_site in records]
+
+
+def _static_token_counts(gm) -> dict:
+    """Site index -> its query token count when the traced graph holds it as a constant (images)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith(SITES + "."):
+            continue
+        i = int(str(node.target).split(".")[1])
+        op = sites(gm)[i]
+        val = node.args[0].meta.get("val") if hasattr(node.args[0], "meta") else None
+        if val is None:
+            continue
+        size = val.shape[0 if op.info.layout == "SBD" else 1]
+        if isinstance(size, int):
+            out[i] = size
+    return out

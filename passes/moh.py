@@ -1,0 +1,145 @@
+"""moh: Mixture-of-Head attention (Jin et al., ICML 2025) — every token uses only some heads.
+
+    out(t) = Σ_i g_i(t) · W_o^i · head_i(t) + b_o,   g_i(t) ≠ 0 only for the h_s shared heads and the
+    top-K routed heads of token t
+
+with h_s = ⌊shared_ratio·H + ½⌋ shared heads (heads 0..h_s−1) and K = ⌊active_ratio·H + ½⌋ − h_s of the
+E = H − h_s routed heads active per token. All attention weights are copied; the router is new.
+
+Routers (``router``):
+- ``learned`` (MoH-ViT/DiT): W_s [h_s, D], W_r [E, D], W_h [2, D], no bias, zero-initialised, with
+  the official rescalings: shared = softmax(W_s x)·h_s, routed = top-K of softmax(W_r x) renormalised
+  ×K, head-type weights = softmax(W_h x)·2. At ``active_ratio=1`` every gate is exactly 1 (exact).
+  Below 1 the zero router ties, so top-K keeps the first routed heads until it is trained.
+  W_s is omitted when h_s ≤ 1 (its softmax is the constant 1), W_h when h_s = 0.
+- ``qnorm`` (MoH-LLaMA3 conversion): no parameters; routed logit ‖q_i(t)‖ of the pre-RoPE query
+  (q_proj output with its bias), divided by its std over the routed heads, softmax, top-K; the gate is
+  a binary mask. Exact at ``active_ratio=1``.
+Training: ``load_balance_loss(conv)`` sums l_aux = E·Σ_i P̄_i f̄_i over the sites from their last call
+(β = 0.01 in the paper). With calibration data the stats give, per site, the measured fraction of
+active heads and each head's activation frequency.
+
+Cases handled: every site, any layout, GQA/DHA (gates act on query heads; the KV cache is unchanged).
+Refused: active_ratio or shared_ratio outside their range, shared_ratio ≥ active_ratio, an unknown
+router (SpecError); per site (skipped with a diagnostic): a head gate already present, or a head count
+that leaves no routed head active after rounding.
+Pitfall: heads are masked, not skipped — compute falls only with gather/varlen kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from rewrite.errors import SpecError
+from rewrite.graph import sites
+from rewrite.heads import rebuild
+from rewrite.pass_base import Diagnostic, SitePass, register
+from rewrite.scores import MoHGate
+
+__all__ = ["MoH", "load_balance_loss"]
+
+ROUTERS = ("learned", "qnorm")
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def head_split(heads: int, active_ratio: float, shared_ratio: float) -> tuple:
+    """(shared heads h_s, routed heads active K) for a site with ``heads`` query heads."""
+    active = min(heads, _round(active_ratio * heads))
+    shared = _round(shared_ratio * heads)
+    return shared, active - shared
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MoH(SitePass):
+    """Turn every site into a Mixture-of-Head site."""
+
+    name = "moh"
+    active_ratio: float = 0.75  # fraction of heads active per token (MoH-LLaMA3: 0.75)
+    shared_ratio: float = 0.5  # fraction of heads always on (MoH-LLaMA3: 0.5)
+    router: str = "learned"  # learned | qnorm
+
+    @property
+    def exact(self) -> bool:
+        return self.active_ratio == 1.0
+
+    def check_options(self) -> None:
+        if not 0.0 < self.active_ratio <= 1.0:
+            raise SpecError(f"moh{{active_ratio}}: must lie in (0, 1], got {self.active_ratio}")
+        if not 0.0 <= self.shared_ratio < 1.0:
+            raise SpecError(f"moh{{shared_ratio}}: must lie in [0, 1), got {self.shared_ratio}")
+        if self.shared_ratio >= self.active_ratio:
+            raise SpecError(f"moh: shared_ratio={self.shared_ratio} must be below active_ratio="
+                            f"{self.active_ratio}, or no routed head is ever active")
+        if self.router not in ROUTERS:
+            raise SpecError(f"moh{{router}}: expected one of {', '.join(ROUTERS)}, got {self.router!r}")
+
+    def rewrite_site(self, index, op, ctx):
+        name = op.info.name
+        if op.head_gate is not None:
+            return None, {}, [Diagnostic("skip", f"already has a head gate ({type(op.head_gate).__name__})", name)]
+        heads, dim = op.q_heads, op.wq.shape[2]
+        shared, top_k = head_split(heads, self.active_ratio, self.shared_ratio)
+        if top_k < 1:
+            return None, {}, [Diagnostic(
+                "skip", f"{heads} heads: {shared} shared heads leave no routed head active at "
+                        f"active_ratio={self.active_ratio}; lower shared_ratio", name)]
+        gate = MoHGate(heads, dim, shared, top_k, self.router).to(dtype=op.wq.dtype, device=op.wq.device)
+        new = rebuild(op)
+        new.head_gate = gate
+        stats = {"shared_heads": shared, "routed_heads": heads - shared, "top_k": top_k,
+                 "active_heads": shared + top_k, "router_params": sum(p.numel() for p in gate.parameters())}
+        return new, stats, []
+
+    def run(self, gm, ctx):
+        result = super().run(gm, ctx)
+        if ctx.calibration:
+            measured = _measure(result.graph, ctx)
+            for site, numbers in measured.items():
+                result.stats.setdefault(site, {}).update(numbers)
+        return result
+
+
+def _measure(gm, ctx) -> dict:
+    """Per site: fraction of (token, head) pairs with a non-zero gate, per-head frequency, mean l_aux."""
+    counts, tokens, aux, hooks = {}, {}, {}, []
+    ops = [op for op in sites(gm) if isinstance(op.head_gate, MoHGate)]
+
+    def hook(module, args, g, key):
+        active = (g != 0).to(torch.float64)  # (B, Hq, S)
+        counts[key] = counts.get(key, 0) + active.sum(dim=(0, 2))
+        tokens[key] = tokens.get(key, 0) + g.shape[0] * g.shape[2]
+        aux.setdefault(key, []).append(float(module.load_balance_loss()))
+
+    for op in ops:
+        hooks.append(op.head_gate.register_forward_hook(lambda m, a, g, key=op.info.name: hook(m, a, g, key)))
+    try:
+        run = ctx.call(gm)
+        with torch.no_grad():
+            for batch in ctx.track(ctx.calibration, "moh: measuring active heads"):
+                run(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for key, c in counts.items():
+        freq = (c / tokens[key]).tolist()
+        out[key] = {"active_fraction": round(sum(freq) / len(freq), 4),
+                    "head_frequency": [round(f, 4) for f in freq],
+                    "load_balance_loss": round(sum(aux[key]) / len(aux[key]), 4)}
+    return out
+
+
+def load_balance_loss(model) -> torch.Tensor:
+    """Σ over MoH sites of l_aux from their last forward call (``model``: a Converted or a GraphModule).
+
+    Add β·load_balance_loss(conv) (β = 0.01) to the task loss when training the routers.
+    """
+    gm = getattr(model, "gm", model)
+    losses = [op.head_gate.load_balance_loss() for op in sites(gm) if isinstance(op.head_gate, MoHGate)]
+    return torch.stack(losses).sum() if losses else torch.zeros(())

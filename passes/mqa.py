@@ -1,0 +1,38 @@
+"""mqa{method=mean|aligned}: multi-query attention, every query head reads one shared KV head.
+
+    softmax(Q_i K_{m(i)}ᵀ·s) V_{m(i)}  →  softmax(Q_i K̃ᵀ·s) Ṽ,   W̃_k = mean_j T_j W_k^j (same for V)
+
+This is ``gqa{kv_heads=1}`` (see passes/gqa.py for the cases handled and refused); ``aligned``
+needs calibration data.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from rewrite.pass_base import SitePass, register
+
+from .gqa import GQA
+
+__all__ = ["MQA"]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MQA(SitePass):
+    """GQA with a single KV head per site."""
+
+    name = "mqa"
+    method: str = "mean"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "aligned"
+
+    def as_gqa(self) -> GQA:
+        return GQA(kv_heads=1, method=self.method)
+
+    def check_options(self) -> None:
+        self.as_gqa().check_options()
+
+    def run(self, gm, ctx):
+        return self.as_gqa().run(gm, ctx)

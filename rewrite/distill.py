@@ -1,0 +1,183 @@
+"""Distill a converted model from the original: train what the passes changed to match the teacher.
+
+    min_θ  E_batch  L(student_θ(batch), teacher(batch))
+
+L is KL(softmax(teacher logits) ‖ softmax(student logits)) for models whose output has ``.logits``,
+else the mean squared error of ``last_hidden_state`` (or the first tensor output), over the tokens
+the batch's ``attention_mask`` keeps. θ are, by default, the parameters of every site whose op
+differs from the captured stage (its weights, score_fn, head_gate, shared atoms); ``params="all"``
+trains every parameter of the student. The teacher is never modified: a trainable parameter that
+shares memory with the teacher is replaced by its own copy first.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import types
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .capture import normalize_inputs
+from .errors import RewriteError
+from .graph import sites
+
+__all__ = ["distill", "trainable_parameters"]
+
+
+def trainable_parameters(student, params: str = "changed") -> list:
+    """The student's parameters to train: those of sites changed since capture, or all of them."""
+    if params == "all":
+        return list(student.gm.parameters())
+    if params != "changed":
+        raise RewriteError(f"distill: params must be 'changed' or 'all', got {params!r}")
+    before = sites(student._captured.gm)
+    out, seen = [], set()
+    for i, op in enumerate(sites(student.gm)):
+        if i < len(before) and op is before[i]:
+            continue
+        for p in op.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _untie_from(student, teacher: nn.Module, chosen: list) -> list:
+    """Give every chosen parameter that shares memory with the teacher a copy of its own (ties kept)."""
+    teacher_ptrs = {t.data_ptr() for t in list(teacher.parameters()) + list(teacher.buffers())}
+    copies = {id(p): nn.Parameter(p.detach().clone()) for p in chosen if p.data_ptr() in teacher_ptrs}
+    if not copies:
+        return chosen
+    for module in student.gm.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in copies:
+                module._parameters[name] = copies[id(p)]
+    return [copies.get(id(p), p) for p in chosen]
+
+
+def _main_tensor(out):
+    """logits / last_hidden_state / first floating tensor of a model output."""
+    for key in ("logits", "last_hidden_state"):
+        t = getattr(out, key, None)
+        if isinstance(t, torch.Tensor):
+            return key, t
+    for t in pytree.tree_leaves(out):
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+            return "output", t
+    raise RewriteError("distill: the model output holds no floating tensor to match")
+
+
+def _token_weights(batch: dict, like: torch.Tensor) -> Optional[torch.Tensor]:
+    m = batch.get("attention_mask")
+    if isinstance(m, torch.Tensor) and m.dim() == 2 and tuple(m.shape) == tuple(like.shape[:2]):
+        return m.to(like.dtype)
+    return None
+
+
+def _loss(kind: str, s_out, t_out, batch: dict) -> torch.Tensor:
+    key, t = _main_tensor(t_out)
+    s = getattr(s_out, key) if key != "output" else _main_tensor(s_out)[1]
+    s = s.reshape(t.shape)
+    if kind == "auto":
+        kind = "kl" if key == "logits" else "mse"
+    w = _token_weights(batch, t)
+    if kind == "kl":
+        per = F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1), log_target=True,
+                       reduction="none").sum(-1)  # per token
+    elif kind == "mse":
+        per = (s.float() - t.float()).pow(2).mean(-1)
+    else:
+        raise RewriteError(f"distill: loss must be 'auto', 'kl' or 'mse', got {kind!r}")
+    if w is not None and per.dim() >= 2:
+        return (per * w).sum() / w.sum().clamp_min(1.0)
+    return per.mean()
+
+
+def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-4, params: str = "changed",
+            loss: str = "auto", progress: bool = True) -> list:
+    """Train ``student`` (a ``rewrite.Converted``) to reproduce ``teacher`` on ``data``.
+
+    Args:
+        student: the converted model; trained in place, its report gains a "distill" stage.
+        teacher: the original model; never modified.
+        data: a list of input batches (kwargs dicts or tuples of args), cycled over the steps.
+        steps, lr: Adam steps and learning rate.
+        params: "changed" (parameters of the sites the passes changed) or "all".
+        loss: "auto" (KL on logits, else MSE on hidden states), "kl" or "mse".
+    Returns:
+        the loss of every step.
+    """
+    from .api import _progress, _stage
+    from .verify import compare_outputs, site_errors
+
+    batches = [_student_inputs(student, normalize_inputs(teacher, b)) for b in data]
+    if not batches:
+        raise RewriteError("distill needs at least one batch of data")
+    chosen = _untie_from(student, teacher, trainable_parameters(student, params))
+    if not chosen:
+        raise RewriteError("distill: no parameters to train (no site was changed by the passes); "
+                           "use params='all'")
+    flags = {id(p): p.requires_grad for p in student.gm.parameters()}
+    for p in student.gm.parameters():
+        p.requires_grad_(False)
+    for p in chosen:
+        p.requires_grad_(True)
+    teacher_mode = teacher.training
+    teacher.eval()
+    optimizer = torch.optim.Adam(chosen, lr=lr)
+    losses, t0 = [], time.perf_counter()
+    steps_iter = range(steps)
+    if progress:
+        steps_iter = _progress()(steps_iter, "distilling")
+    try:
+        for step in steps_iter:
+            batch = batches[step % len(batches)]
+            with torch.no_grad():
+                t_out = teacher(**batch, **student.fixed)
+            value = _loss(loss, student.gm(**batch, **student.fixed), t_out, batch)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            losses.append(float(value.detach()))
+    finally:
+        for p in student.gm.parameters():
+            p.requires_grad_(flags.get(id(p), True))
+        teacher.train(teacher_mode)
+    seconds = time.perf_counter() - t0
+    call_teacher = (lambda kw: teacher(**kw, **student.fixed))
+    call_student = (lambda kw: student.gm(**kw, **student.fixed))
+    with torch.no_grad():
+        cmp = compare_outputs(call_teacher, call_student, batches)
+        captured = student._captured.gm
+        errs = site_errors(captured, lambda kw: captured(**kw, **student.fixed), student.gm, batches[:1])
+    dtype_bytes = next(iter(teacher.parameters())).element_size()
+    changed = sum(1 for a, b in zip(sites(captured), sites(student.gm)) if a is not b)
+    spec = f"distill{{steps={steps},lr={lr:g},params={params},loss={loss}}}"
+    student.report.stages.append(_stage("distill", spec, False, student.gm, changed, seconds, cmp, errs, dtype_bytes,
+                                        stats={"trained_params": sum(p.numel() for p in chosen),
+                                               "first_loss": losses[0], "last_loss": losses[-1]}))
+    student.report.extras["loss (distill)"] = losses
+    return losses
+
+
+def _student_inputs(student, kw: dict) -> dict:
+    """The batch restricted to the inputs the student was captured with."""
+    kw = {k: v for k, v in kw.items() if k in student.input_names}
+    missing = [n for n in student.input_names if n not in kw]
+    if missing:
+        raise RewriteError(f"distill: a batch lacks the inputs {missing} the model was converted with")
+    return kw
+
+
+class _CallableModule(types.ModuleType):
+    """``import rewrite.distill`` rebinds ``rewrite.distill`` to this module; keep ``rewrite.distill(...)`` working."""
+
+    def __call__(self, *args, **kwargs):
+        return distill(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,194 @@
+"""prune-heads: structure on the support matrix, equality with the head-masked original, refusals, and
+Taylor beating random on the real MiniLM."""
+import copy
+
+import pytest
+import torch
+
+import models as M
+import rewrite
+from rewrite.api import canonicalize
+from rewrite.capture import capture
+from rewrite.errors import PassError, SpecError
+from rewrite.graph import sites
+from rewrite.pass_base import PassContext
+from rewrite.pipeline import parse
+
+
+def _out_proj(model, layer):
+    """(weight, input dim of the head columns) of a layer's attention output projection."""
+    if hasattr(model, "model") and hasattr(model.model, "layers"):  # llama, qwen2
+        return model.model.layers[layer].self_attn.o_proj.weight, 1
+    if hasattr(model, "transformer"):  # gpt2: Conv1D stores [in, out]
+        return model.transformer.h[layer].attn.c_proj.weight, 0
+    if hasattr(model, "encoder") and hasattr(model.encoder, "layer"):  # bert
+        return model.encoder.layer[layer].attention.output.dense.weight, 1
+    if hasattr(model, "blocks"):  # nanoGPT
+        return model.blocks[layer].c_proj.weight, 1
+    return model.layers[layer].self_attn.out_proj.weight, 1  # nn.TransformerEncoder
+
+
+def masked(model, heads: dict, head_dim=16):
+    """A copy of ``model`` whose listed heads are zeroed in the output projection (ξ_h = 0)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, hs in heads.items():
+            w, dim = _out_proj(ref, layer)
+            for h in hs:
+                w.narrow(dim, h * head_dim, head_dim).zero_()
+    return ref
+
+
+def _first(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out["logits"] if "logits" in out else out["last_hidden_state"]
+
+
+MATRIX = {
+    "llama_mha": (lambda: M.llama(4), lambda b, s: (M.ids(b, s),)),
+    "llama_gqa": (lambda: M.llama(2), lambda b, s: (M.ids(b, s),)),
+    "qwen2": (M.qwen2, lambda b, s: (M.ids(b, s),)),
+    "gpt2": (M.gpt2, lambda b, s: (M.ids(b, s),)),
+    "bert": (M.bert, lambda b, s: (M.ids(b, s),)),
+    "nanogpt": (M.NanoGPT, lambda b, s: (M.ids(b, s),)),
+    "encoder": (M.encoder, lambda b, s: (torch.randn(b, s, 64, generator=torch.Generator().manual_seed(s)),)),
+}
+HEADS = {0: (1,), 1: (0, 3)}
+
+
+@pytest.mark.parametrize("family", sorted(MATRIX))
+def test_heads_structure_and_equal_to_masked_original(family):
+    make, inputs = MATRIX[family]
+    model = make()
+    conv = rewrite.convert(model, "prune-heads{heads={0:1;1:0/3}}", example_inputs=inputs(2, 8), progress=False)
+    rep = conv.report.to_json()
+    before, after = rep["stages"]
+    assert after["q_heads"] == [3, 2] and before["q_heads"] == [4, 4]
+    ops0 = sites(canonicalize(capture(model, inputs(2, 8)))[0])
+    per_head = [op.wq[0].numel() + (op.bq[0].numel() if op.bq is not None else 0) + op.wo[:, 0].numel()
+                for op in ops0]
+    per_kv = [op.wk[0].numel() + op.wv[0].numel() + (2 * op.bk[0].numel() if op.bk is not None else 0) for op in ops0]
+    dropped_kv = sum(n * (op.kv_heads - new.kv_heads) for n, op, new in zip(per_kv, ops0, conv.sites))
+    assert before["params"] - after["params"] == per_head[0] + 2 * per_head[1] + dropped_kv
+    kv_tok = sum(op.kv_cache_bytes_per_token(4) for op in conv.sites)
+    assert after["kv_cache_bytes_per_token"] == kv_tok
+    assert after["attn_flops"] * 8 == before["attn_flops"] * 5  # 5 of 8 heads left
+    assert after["stats"][ops0[1].info.name]["removed"] == [0, 3]
+    # equal to the original with those heads masked, at a batch/sequence other than the traced one
+    x = inputs(3, 13)
+    with torch.no_grad():
+        want, got = _first(masked(model, HEADS)(*x)), _first(conv(*x))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.fixture(scope="module")
+def llama_graph():
+    """LLaMA with 4 heads per layer, captured once; head 2 of layer 0 zeroed in o_proj (a dead head)."""
+    model = masked(M.llama(4), {0: (2,)})
+    cap = capture(model, (M.ids(),))
+    gm, _ = canonicalize(cap)
+    ctx = PassContext(calibration=[{"input_ids": M.ids(2, 8, seed=s)} for s in range(2)], captured=cap)
+    return gm, ctx
+
+
+def test_gqa_group_removed_drops_its_kv_head():
+    conv = rewrite.convert(M.llama(2), "prune-heads{heads={0:0/1}}", example_inputs=(M.ids(),), progress=False)
+    before, after = conv.report.to_json()["stages"]
+    assert after["q_heads"] == [2, 4] and after["kv_heads"] == [1, 2]
+    assert after["kv_cache_bytes_per_token"] * 4 == before["kv_cache_bytes_per_token"] * 3
+    assert conv.sites[0].k_map.tolist() == [0, 0]
+
+
+def _run(spec, gm, ctx):
+    return parse(spec)[0].run(gm, ctx)
+
+
+def test_ratio_global_and_layer_scopes_keep_one_head(llama_graph):
+    gm, ctx = llama_graph
+    assert sum(op.q_heads for op in sites(_run("prune-heads{ratio=0.5,importance=magnitude}", gm, ctx).graph)) == 4
+    layer = _run("prune-heads{ratio=0.5,importance=taylor,scope=layer}", gm, ctx)
+    assert [op.q_heads for op in sites(layer.graph)] == [2, 2]
+    most = _run("prune-heads{ratio=0.9,importance=random,seed=3}", gm, ctx)
+    assert [op.q_heads for op in sites(most.graph)] == [1, 1]
+    assert any("never removes the last head" in str(d) for d in most.diagnostics)
+    assert [op.q_heads for op in sites(gm)] == [4, 4]  # the input graph is untouched
+
+
+@pytest.mark.parametrize("method", ["taylor", "magnitude", "entropy"])
+def test_a_dead_head_goes_first(llama_graph, method):
+    gm, ctx = llama_graph
+    result = _run(f"prune-heads{{ratio=0.125,importance={method}}}", gm, ctx)
+    if method == "entropy":  # entropy does not look at W_o: it only has to run and remove one head
+        assert sum(len(s["removed"]) for s in result.stats.values()) == 1
+    else:
+        assert result.stats["model.layers.0.self_attn"]["removed"] == [2]
+
+
+def test_spec_round_trip():
+    p = parse("prune-heads{heads={0:1/2;3:0}}")[0]
+    assert p.heads == {0: (1, 2), 3: (0,)}
+    assert parse(p.spec())[0] == p
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("prune-heads{ratio=1.5}", r"ratio=1.5 must be in \[0, 1\)"),
+    ("prune-heads{ratio=-0.1}", r"ratio=-0.1 must be in \[0, 1\)"),
+    ("prune-heads{ratio=0.25,importance=fisher}", "unknown importance 'fisher'"),
+    ("prune-heads", "exactly one of ratio"),
+    ("prune-heads{ratio=0.25,heads={0:1}}", "exactly one of ratio"),
+    ("prune-heads{ratio=0.25,scope=model}", "unknown scope"),
+])
+def test_option_refusals(spec, message):
+    with pytest.raises(SpecError, match=message):
+        rewrite.convert(M.llama(4), spec, example_inputs=(M.ids(),), progress=False)
+
+
+@pytest.mark.parametrize("spec, error, message", [
+    ("prune-heads{heads={0:0/1/2/3}}", SpecError, "cannot remove all 4 heads of model.layers.0.self_attn"),
+    ("prune-heads{heads={5:1}}", SpecError, "names layer 5, but the model has 2 attention sites"),
+    ("prune-heads{heads={0:7}}", SpecError, "has 4 heads; no head"),
+    ("prune-heads{ratio=0.25}", PassError, "importance=taylor needs calibration data.*importance=magnitude"),
+    ("prune-heads{ratio=0.25,importance=entropy}", PassError, "importance=entropy needs calibration data"),
+])
+def test_graph_refusals(llama_graph, spec, error, message):
+    gm, _ = llama_graph
+    with pytest.raises(error, match=message):
+        _run(spec, gm, PassContext())
+
+
+# ---- the real model ------------------------------------------------------------------------------
+def test_minilm_taylor_beats_random():
+    """25% of MiniLM's heads: Taylor importance keeps the sentence embeddings closer than random."""
+    from rewrite.models import minilm_path, sentences, tokenizer_for
+
+    model, tok, text = M.minilm(), tokenizer_for(minilm_path()), sentences()
+
+    def enc(batch):
+        e = tok(batch, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
+
+    cap = capture(model, enc(text[:2]))
+    gm, _ = canonicalize(cap)
+    calib = [enc(text[i:i + 16]) for i in range(0, 32, 16)]
+    held_out = sorted(text[100:300], key=len)  # 200 sentences, disjoint from the calibration
+    batches = [enc(held_out[i:i + 100]) for i in range(0, 200, 100)]
+
+    def embed(g):
+        with torch.no_grad():
+            outs = []
+            for kw in batches:
+                h, keep = g(**kw, **cap.fixed)["last_hidden_state"], kw["attention_mask"][..., None].float()
+                outs.append((h * keep).sum(1) / keep.sum(1))  # mean pooling
+        return torch.cat(outs)
+
+    ctx = PassContext(calibration=calib, captured=cap)
+    ref = embed(gm)
+
+    def fidelity(spec):
+        return float(torch.cosine_similarity(embed(parse(spec)[0].run(gm, ctx).graph), ref).mean())
+
+    taylor = fidelity("prune-heads{ratio=0.25,importance=taylor}")
+    rand = sum(fidelity(f"prune-heads{{ratio=0.25,importance=random,seed={s}}}") for s in range(3)) / 3
+    assert taylor > rand + 0.03, (taylor, rand)
+    assert taylor > 0.9
