@@ -84,7 +84,7 @@ def write_checkpoint(folder: str, size: str, shard_bytes: int) -> dict:
             "bytes": sum(sizes)}
 
 
-def run_convert(folder: str, spec: str, out: str, log: str) -> dict:
+def run_convert(folder: str, spec: str, out: str, log: str, threads: int = 0) -> dict:
     """One ``rewrite convert`` process: wall s, CPU s, peak RSS bytes, exit code and how it ran.
 
     Measured by GNU time, whose child is forked from a small process: Linux carries the forking process's
@@ -95,6 +95,8 @@ def run_convert(folder: str, spec: str, out: str, log: str) -> dict:
     if os.path.exists(timer):
         cmd = [timer, "-f", "RUSAGE %M %U %S"] + cmd
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", COLUMNS="160")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     t = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -140,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-gb", type=float, default=1.0)
     ap.add_argument("--only", default="", help="run only pipelines whose spec starts with this")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints and outputs")
+    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the conversions (0: unset)")
     args = ap.parse_args(argv)
     rows = []
     for size in args.sizes.split(","):
@@ -162,7 +165,8 @@ def main(argv=None) -> int:
                 rows.append((size, info, spec, None, bound))
                 continue
             out = os.path.join(args.root, f"{size}-out")
-            r = run_convert(src, spec, out, os.path.join(args.root, f"{size}-{spec.split('{')[0]}.log"))
+            r = run_convert(src, spec, out, os.path.join(args.root, f"{size}-{spec.split('{')[0]}.log"),
+                            args.threads)
             rows.append((size, info, spec, r, bound))
             print(f"  {spec}: {r['mode']}, {r['wall']:.0f} s wall, {r['cpu']:.0f} s CPU, "
                   f"peak RSS {r['rss'] / GiB:.2f} GiB (streaming bound {bound / GiB:.2f} GiB)", flush=True)

@@ -23,6 +23,7 @@ import dataclasses
 import heapq
 from typing import Optional
 
+import numpy as np
 import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
@@ -45,14 +46,17 @@ class FusionCurve:
         self.c, self.pairing, self.h = c, pairing, c.shape[0]
         self.energy = float(torch.einsum("iiaa->", c)) + 1e-30
         dist = aligned_distance(c, pairing).numpy()
-        dist = (dist + dist.T) / 2
-        dist[range(self.h), range(self.h)] = 0
-        self.cuts = (cut_tree(linkage(squareform(dist, checks=False), "average"), n_clusters=list(range(1, self.h + 1)))
-                     if self.h > 1 else [[0]])
-        self._errors = {self.h: 0.0}
+        self.dist = (dist + dist.T) / 2
+        np.fill_diagonal(self.dist, 0)
+        # Ward on √d merges so as to least increase Σ_g (1/|g|) Σ_{i<j∈g} d_ij, the pooling residual
+        self.tree = linkage(squareform(np.sqrt(self.dist), checks=False), "ward") if self.h > 1 else None
+        self._errors, self._labels = {self.h: 0.0}, {}
 
     def labels(self, n: int) -> torch.Tensor:
-        return torch.as_tensor(self.cuts[:, n - 1] if self.h > 1 else [0], dtype=torch.long)
+        if n not in self._labels:
+            lab = cut_tree(self.tree, n_clusters=n)[:, 0] if self.h > 1 else np.zeros(1, dtype=np.int64)
+            self._labels[n] = torch.as_tensor(refine(self.dist, lab), dtype=torch.long)
+        return self._labels[n]
 
     def error(self, n: int) -> float:
         """Relative residual Σ_m E‖t_g − R_m y_m‖² / Σ_m E‖y_m‖² of aligned mean-pooling into n heads."""
@@ -61,6 +65,29 @@ class FusionCurve:
             rot = generalized_procrustes(self.c, lab, self.pairing, iters=8)
             self._errors[n] = group_residual(self.c, lab, rot) / self.energy
         return self._errors[n]
+
+
+def refine(dist: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Move single heads between groups while J = Σ_g S_g / (2|g|), S_g = Σ_{i,j∈g} d_ij, decreases."""
+    lab = labels.astype(np.int64).copy()
+    h, n = len(lab), int(lab.max()) + 1
+    for _ in range(4 * h):
+        onehot = np.eye(n)[lab]
+        s = dist @ onehot  # s[x, g] = Σ_{k∈g} d_xk
+        size = onehot.sum(0)
+        big = onehot.T @ dist @ onehot
+        total = big.diagonal()  # S_g
+        own = lab
+        # removing x from its group a: S_a − 2 s[x,a] over |a| − 1; adding it to b: S_b + 2 s[x,b] over |b| + 1
+        sa, na = total[own], size[own]
+        after_a = np.where(na > 1, (sa - 2 * s[np.arange(h), own]) / (2 * np.maximum(na - 1, 1)), np.inf)
+        delta = (after_a - sa / (2 * na))[:, None] + (total + 2 * s) / (2 * (size + 1)) - total / (2 * size)
+        delta[np.arange(h), own] = 0
+        x, b = np.unravel_index(np.argmin(delta), delta.shape)
+        if not delta[x, b] < -1e-12 * max(float(total.sum()), 1e-30):
+            break
+        lab[x] = b
+    return lab
 
 
 def allocate(curves: list, budget: int) -> list:

@@ -78,7 +78,7 @@ class SQA(Pass):
                 continue
             stats[op.info.name] = {"q_heads_before": op.q_heads, "kv_heads_before": op.kv_heads,
                                    "q_heads_after": self.q_heads, "kv_heads_after": self.kv_heads,
-                                   "kv_step": step, "kept": [h for grp in groups for h in grp]}
+                                   "kv_step": step, "kept": _order(op, groups)}
             if self.q_heads == op.q_heads and self.kv_heads == op.kv_heads and step == "keep" \
                     and torch.equal(op.k_map, contiguous_map(op.q_heads, op.kv_heads)):
                 continue  # already this shape
@@ -114,13 +114,18 @@ class SQA(Pass):
 
     def _convert(self, op, groups, step):
         """Slice the kept query heads (in group order), then pool or duplicate KV heads."""
-        order = [h for grp in groups for h in sorted(grp, key=lambda h: (int(op.k_map[h]), h))]
+        order = _order(op, groups)
         new = _reorder(select_query_heads(op, order), sorted(order), order)
         if step == "duplicate":
             return duplicate_kv(new, self.kv_heads)
         if step == "pool":
             return _pool_groups(new, self.kv_heads, self.q_heads // self.kv_heads)
         return new
+
+
+def _order(op, groups: list) -> list:
+    """The kept query heads (original ids) in their new order: group by group, by KV head then id."""
+    return [h for grp in groups for h in sorted(grp, key=lambda h: (int(op.k_map[h]), h))]
 
 
 def _reorder(op, current: list, wanted: list):

@@ -209,6 +209,7 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
                 tally.seconds[s] = time.perf_counter() - t
                 tally.diags[s], tally.stats[s], gm = result.diagnostics, result.stats, result.graph
                 stage_ops.append(sites(gm))
+            HFLayout.normalize(stage_ops[-1][0], original[0].scale)  # refuse before any more work
             for i in range(tpl.n_layers):
                 tally.add(i, tpl.site_of[i], [ops[i] for ops in stage_ops])
             final = stage_ops[-1]
@@ -217,8 +218,9 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
 
             def compute(i: int) -> dict:
                 bar.advance(task)
-                op, original[i] = final[i], None
-                return finish(i, op, tpl.ops[tpl.site_of[i]].scale, ckpt.dtype_of(layout.fields[i]["wq"]))
+                op, scale = final[i], original[i].scale
+                final[i] = original[i] = None  # written: no longer needed
+                return finish(i, op, scale, ckpt.dtype_of(layout.fields[i]["wq"]))
         else:
             task = bar.add_task(f"{tpl.family}: {tpl.n_layers} layers", total=tpl.n_layers)
 

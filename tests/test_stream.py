@@ -121,6 +121,39 @@ def test_whole_model_pass_runs_on_the_attention_of_every_layer(folders, tmp_path
     assert report.to_json()["extras"]["streaming"]["mode"].startswith("attention of every layer in memory")
 
 
+def _word_tokenizer(folder):
+    """An offline word-level tokenizer over words w0..w94 (ids below the tiny vocabulary)."""
+    from tokenizers import Tokenizer, models as tm, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)}
+    vocab.update({"[UNK]": VOCAB - 2, "[PAD]": VOCAB - 1})
+    tok = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(
+        folder)
+
+
+def test_calibration_pass_loads_the_whole_model(folders, tmp_path):
+    src = str(tmp_path / "with_tokenizer")
+    shutil.copytree(folders["llama"], src)
+    _word_tokenizer(src)
+    g = torch.Generator().manual_seed(3)
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 2, (12,), generator=g))
+                              for _ in range(16)))
+    out = str(tmp_path / "out")
+    with pytest.warns(RuntimeWarning, match="gqa needs calibration statistics; converting in memory"):
+        report = convert_folder(src, "gqa{kv_heads=2,method=aligned}", out, calibration_file=str(text),
+                                progress=False)
+    data = report.to_json()
+    assert data["extras"]["streaming"]["mode"].startswith("model in memory")
+    assert data["stages"][-1]["kv_heads"] == [2, 2, 2] and 0 < data["stages"][-1]["cosine"] < 1  # model outputs
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_key_value_heads"] == 2
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))  # side files are copied
+    assert _logits(out, ids()).shape == (2, 8, VOCAB)
+
+
 def test_refusals(folders, tmp_path, monkeypatch):
     with pytest.raises(RewriteError, match="has no config.json; expected a Hugging Face model folder"):
         convert_folder(str(tmp_path), "gqa{kv_heads=2}", str(tmp_path / "o"))

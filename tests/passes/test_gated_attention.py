@@ -1,0 +1,150 @@
+"""gated-attention: exact at identity init on the whole support matrix; gate values per head and token
+in both layouts; lossy inits finite; error on the real MiniLM measured; refusals."""
+import functools
+
+import pytest
+import torch
+
+import models as M
+import rewrite
+from rewrite.api import Converted
+from rewrite.errors import SpecError
+from rewrite.heads import select_query_heads
+from rewrite.pass_base import PassContext
+from rewrite.scores import SigmoidHeadGate
+from test_roundtrip import CASES
+
+TOL = 1e-5
+MATRIX = [n for n in CASES if n != "minilm"]
+
+
+def _call(m, inputs):
+    out = m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _rel_err(model, conv, inputs):
+    with torch.no_grad():
+        ref, out = _call(model, inputs), _call(conv, inputs)
+    return float((ref - out).abs().max()) / max(1.0, float(ref.abs().max())), out
+
+
+@functools.lru_cache(maxsize=None)
+def converted(name):
+    factory, make, _ = CASES[name]
+    torch.manual_seed(0)
+    model = factory()
+    return model, rewrite.convert(model, passes="gated-attention", example_inputs=make(2, 8), progress=False)
+
+
+def restage(conv, spec):
+    """Run ``spec`` on the captured (stage-0) graph of ``conv`` without capturing again."""
+    cap = conv._captured
+    (p,) = rewrite.parse_pipeline(spec)
+    result = p.run(cap.gm, PassContext(captured=cap))
+    return Converted(result.graph, cap, conv.report), result
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_identity_init_is_exact_at_other_shapes_with_padding(name):
+    model, conv = converted(name)
+    stages = conv.report.to_json()["stages"]
+    n_sites = CASES[name][2]
+    assert stages[-1]["exact"] and stages[-1]["sites_changed"] == n_sites
+    assert stages[-1]["q_heads"] == stages[0]["q_heads"] and stages[-1]["kv_heads"] == stages[0]["kv_heads"]
+    # per site: Hq weight vectors of D/Hq plus Hq biases = D + Hq = 64 + 4
+    assert stages[-1]["params"] - stages[0]["params"] == n_sites * (64 + 4)
+    assert all(isinstance(op.head_gate, SigmoidHeadGate) for op in conv.sites)
+    make = CASES[name][1]
+    for pad in (False, True):
+        err, _ = _rel_err(model, conv, make(3, 13, pad) if name != "vit" else make(3, 13))
+        assert err <= TOL, (name, pad, err)
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_lossy_inits_run_finite_and_grow_params_exactly(name):
+    model, conv = converted(name)
+    make = CASES[name][1]
+    inputs = make(3, 13, True) if name != "vit" else make(3, 13)
+    for spec, per_site in (("gated-attention{init=normal,std=0.05}", 64 + 4),
+                           ("gated-attention{init=normal,all_features=true}", 64 * 4 + 4)):
+        lossy, result = restage(conv, spec)
+        assert not result.diagnostics and all(st["gate_params"] == per_site for st in result.stats.values())
+        grown = sum(p.numel() for p in lossy.gm.parameters()) - sum(p.numel() for p in conv._captured.gm.parameters())
+        assert grown == per_site * len(lossy.sites)
+        err, out = _rel_err(model, lossy, inputs)
+        assert torch.isfinite(out).all() and 0 < err < 0.5, (spec, err)
+
+
+@pytest.mark.parametrize("layout", ["BSD", "SBD"])
+def test_gate_is_sigmoid_of_each_heads_slice_of_x_per_token(layout):
+    model, conv = converted("multihead-attention" if layout == "SBD" else "bert")
+    op = conv.sites[0]
+    gate = SigmoidHeadGate(4, 64, std=0.3, seed=1)
+    x = torch.randn(7, 3, 64) if layout == "SBD" else torch.randn(3, 7, 64)  # (S,B,D) or (B,S,D)
+    g = gate(op, x)
+    assert g.shape == (3, 4, 7)  # (B, Hq, S)
+    b, h, s = 2, 3, 5
+    token = x[s, b] if layout == "SBD" else x[b, s]
+    want = torch.sigmoid(token[16 * h:16 * (h + 1)] @ gate.weight[h] + gate.bias[h]) * 2
+    assert torch.allclose(g[b, h, s], want)
+
+
+def test_gradients_reach_the_gate_and_the_gate_changes_the_output():
+    model, conv = converted("llama-gqa")
+    x = M.ids(2, 8)
+    out = conv(input_ids=x, attention_mask=torch.ones(2, 8, dtype=torch.long)).logits
+    out.square().mean().backward()
+    gate = conv.sites[0].head_gate
+    assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
+
+
+def test_minilm_error_is_measured():
+    from rewrite.models import minilm_path, sentences, tokenizer_for
+
+    tok = tokenizer_for(minilm_path())
+    enc = tok(sentences()[:16], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    batch = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    conv = rewrite.convert(M.minilm(), passes="gated-attention{init=normal}", example_inputs=batch,
+                           progress=False)
+    stage = conv.report.to_json()["stages"][-1]
+    assert not stage["exact"] and stage["sites_changed"] == 6
+    assert stage["params"] - conv.report.stages[0].params == 6 * (384 + 12)
+    assert 0 < stage["max_abs_err"] < 0.05 and stage["cosine"] > 0.9999  # N(0, 1e-3) weights: gates ≈ 1
+
+
+def test_width_not_divisible_by_heads_is_skipped_unless_all_features():
+    _, conv = converted("llama-mha")
+    op = select_query_heads(conv.sites[0], [0, 1, 2])  # D = 64, 3 query heads
+    (p,) = rewrite.parse_pipeline("gated-attention")
+    new, _, diags = p.rewrite_site(0, op, PassContext())
+    assert new is None and "not divisible by 3 query heads" in str(diags[0]) and "all_features" in str(diags[0])
+    (p,) = rewrite.parse_pipeline("gated-attention{all_features=true}")
+    new, stats, diags = p.rewrite_site(0, op, PassContext())
+    assert not diags and stats["gate_params"] == 3 * 64 + 3
+    x = torch.randn(2, 5, 64)
+    assert torch.allclose(new(x), op(x), atol=1e-6)  # identity init is exact here too
+
+
+def test_a_gated_site_is_not_gated_twice():
+    _, conv = converted("nanogpt")
+    (p,) = rewrite.parse_pipeline("gated-attention")
+    result = p.run(conv.gm, PassContext(captured=conv._captured))
+    assert not result.changed and "already has a head gate" in str(result.diagnostics[0])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("gated-attention{init=uniform}", "expected one of identity, normal"),
+    ("gated-attention{pi_init=1}", "must lie in \\(0, 1\\)"),
+    ("gated-attention{std=-1}", "must be >= 0"),
+])
+def test_refusals(spec, message):
+    with pytest.raises(SpecError, match=message):
+        rewrite.convert(M.NanoGPT(), passes=spec, example_inputs=(M.ids(2, 8),), progress=False)
+
+
+def test_exact_property_and_spec():
+    (p,) = rewrite.parse_pipeline("gated-attention{pi_init=0.25}")
+    assert p.exact and p.spec() == "gated-attention{pi_init=0.25}"
+    (p,) = rewrite.parse_pipeline("gated-attention{init=normal}")
+    assert not p.exact

@@ -1,0 +1,184 @@
+"""sqa: structure on the support matrix (keep / pool / duplicate), exactness of what must be exact,
+refusals, and embedding fidelity on the real MiniLM."""
+import copy
+
+import pytest
+import torch
+
+import models as M
+import rewrite
+from rewrite.api import canonicalize
+from rewrite.capture import capture
+from rewrite.errors import PassError, SpecError
+from rewrite.graph import sites, with_sites
+from rewrite.heads import rebuild
+from rewrite.pass_base import PassContext
+from rewrite.pipeline import parse
+
+
+def _out_proj(model, layer):
+    """(weight, input dim of the head columns) of a layer's attention output projection."""
+    if hasattr(model, "model") and hasattr(model.model, "layers"):  # llama, qwen2
+        return model.model.layers[layer].self_attn.o_proj.weight, 1
+    if hasattr(model, "transformer"):  # gpt2: Conv1D stores [in, out]
+        return model.transformer.h[layer].attn.c_proj.weight, 0
+    if hasattr(model, "encoder") and hasattr(model.encoder, "layer"):  # bert
+        return model.encoder.layer[layer].attention.output.dense.weight, 1
+    if hasattr(model, "blocks"):  # nanoGPT
+        return model.blocks[layer].c_proj.weight, 1
+    return model.layers[layer].self_attn.out_proj.weight, 1  # nn.TransformerEncoder
+
+
+def masked(model, heads: dict, head_dim=16):
+    """A copy of ``model`` whose listed heads are zeroed in the output projection (ξ_h = 0)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, hs in heads.items():
+            w, dim = _out_proj(ref, layer)
+            for h in hs:
+                w.narrow(dim, h * head_dim, head_dim).zero_()
+    return ref
+
+
+def _first(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out["logits"] if "logits" in out else out["last_hidden_state"]
+
+
+def ids_inputs(b, s):
+    return (M.ids(b, s),)
+
+
+def enc_inputs(b, s):
+    return (torch.randn(b, s, 64, generator=torch.Generator().manual_seed(s)),)
+
+
+# family -> (model, inputs, spec, expected kv step)
+CASES = {
+    "llama_mha": (lambda: M.llama(4), ids_inputs, "sqa{q_heads=2,kv_heads=2}", "keep"),
+    "llama_gqa": (lambda: M.llama(2), ids_inputs, "sqa{q_heads=2,kv_heads=1}", "keep"),
+    "qwen2": (M.qwen2, ids_inputs, "sqa{q_heads=2,kv_heads=2}", "keep"),
+    "gpt2": (M.gpt2, ids_inputs, "sqa{q_heads=2,kv_heads=1}", "pool"),
+    "bert": (M.bert, ids_inputs, "sqa{q_heads=2,kv_heads=2}", "keep"),
+    "nanogpt": (M.NanoGPT, ids_inputs, "sqa{q_heads=4,kv_heads=2}", "pool"),
+    "encoder": (M.encoder, enc_inputs, "sqa{q_heads=2,kv_heads=1}", "pool"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_structure_and_numerics(family):
+    make, inputs, spec, step = CASES[family]
+    model = make()
+    cap = capture(model, inputs(2, 8))
+    gm, _ = canonicalize(cap)
+    p = parse(spec)[0]
+    result = p.run(gm, PassContext(captured=cap))
+    old, new = sites(gm), sites(result.graph)
+    for i, (a, b) in enumerate(zip(old, new)):
+        st = result.stats[a.info.name]
+        assert st["kv_step"] == step
+        assert (b.q_heads, b.kv_heads) == (p.q_heads, p.kv_heads)
+        assert b.k_map.tolist() == (torch.arange(p.q_heads) // (p.q_heads // p.kv_heads)).tolist()  # contiguous GQA
+        assert torch.equal(b.k_map, b.v_map)
+        assert b.attn_flops(8) * a.q_heads == a.attn_flops(8) * p.q_heads  # FLOPs scale by q_heads / H
+        assert b.kv_cache_bytes_per_token(4) == p.kv_heads * 2 * 16 * 4
+        kept = torch.tensor(st["kept"])
+        assert torch.equal(b.wq, a.wq[kept]) and torch.equal(b.wo, a.wo[:, kept])  # W_q rows, W_o columns
+        if step == "pool":  # each new KV head is the mean of the old KV heads its query heads read
+            g = p.q_heads // p.kv_heads
+            for f in range(p.kv_heads):
+                read = sorted(set(a.k_map[kept[f * g:(f + 1) * g]].tolist()))
+                assert torch.allclose(b.wk[f], a.wk[read].mean(0), atol=1e-7)
+                assert torch.allclose(b.wv[f], a.wv[read].mean(0), atol=1e-7)
+    assert [op.q_heads for op in old] == [4, 4]  # input graph untouched
+    if step == "keep":  # kept heads are untouched: equal to the original with the others masked
+        drop = {i: [h for h in range(4) if h not in result.stats[op.info.name]["kept"]] for i, op in enumerate(old)}
+        x = inputs(3, 13)
+        fixed = cap.fixed
+        with torch.no_grad():
+            want = _first(masked(model, drop)(*x))
+            got = _first(result.graph(**dict(zip(cap.kwargs, x)), **fixed))
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_report_and_duplicate_is_exact():
+    """GQA 4/2 -> sqa{4,4} duplicates KV heads (no query head goes): equal to the original; then sqa{2,2}."""
+    conv = rewrite.convert(M.llama(2), "sqa{q_heads=4,kv_heads=4},sqa{q_heads=2,kv_heads=2}",
+                           example_inputs=(M.ids(),), progress=False)
+    before, dup, half = conv.report.to_json()["stages"]
+    assert dup["q_heads"] == [4, 4] and dup["kv_heads"] == [4, 4]
+    assert dup["kv_cache_bytes_per_token"] == 2 * before["kv_cache_bytes_per_token"]
+    assert dup["stats"]["model.layers.0.self_attn"]["kv_step"] == "duplicate"
+    assert dup["max_abs_err"] <= 1e-5 and dup["cosine"] > 1 - 1e-9  # convert compared it at two shapes
+    assert dup["attn_flops"] == before["attn_flops"]
+    assert half["q_heads"] == [2, 2] and half["kv_heads"] == [2, 2]
+    assert half["attn_flops"] * 2 == before["attn_flops"]
+    assert half["kv_cache_bytes_per_token"] == dup["kv_cache_bytes_per_token"] // 2
+    assert "sqa{q_heads=4,kv_heads=4},sqa{q_heads=2,kv_heads=2}" == conv.report.pipeline
+
+
+@pytest.fixture(scope="module")
+def llama_gqa():
+    cap = capture(M.llama(2), (M.ids(),))
+    gm, _ = canonicalize(cap)
+    return gm, cap
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sqa{q_heads=3,kv_heads=2}", "q_heads=3 is not divisible by kv_heads=2"),
+    ("sqa{q_heads=2,kv_heads=4}", "need 1 <= kv_heads <= q_heads"),
+    ("sqa{q_heads=2,kv_heads=-1}", "need 1 <= kv_heads <= q_heads"),
+    ("sqa", "give both q_heads=N and kv_heads=M"),
+    ("sqa{q_heads=2,kv_heads=1,importance=loud}", "unknown importance 'loud'"),
+])
+def test_option_refusals(spec, message):
+    with pytest.raises(SpecError, match=message):
+        parse(spec)
+
+
+def test_graph_refusals_and_skips(llama_gqa):
+    gm, cap = llama_gqa
+    with pytest.raises(SpecError, match="q_heads=8 exceeds the 4 query heads of model.layers.0.self_attn"):
+        parse("sqa{q_heads=8,kv_heads=4}")[0].run(gm, PassContext(captured=cap))
+    with pytest.raises(PassError, match="importance=taylor needs calibration data"):
+        parse("sqa{q_heads=2,kv_heads=1,importance=taylor}")[0].run(gm, PassContext(captured=cap))
+    uneven = parse("sqa{q_heads=3,kv_heads=3}")[0].run(gm, PassContext(captured=cap))
+    assert not uneven.changed and "cannot be duplicated evenly to kv_heads=3" in str(uneven.diagnostics[0])
+    op = sites(gm)[0]  # a DHA-like site: K and V grouped differently
+    dha = with_sites(gm, {0: rebuild(op, v_map=torch.tensor([1, 1, 0, 0]))})
+    res = parse("sqa{q_heads=2,kv_heads=1}")[0].run(dha, PassContext(captured=cap))
+    assert [d.level for d in res.diagnostics] == ["skip"] and "grouped differently" in res.diagnostics[0].message
+    assert [o.q_heads for o in sites(res.graph)] == [4, 2]
+
+
+def test_minilm_fidelity():
+    """sSQA (12 -> 6/6) and SQA 6/3 on MiniLM: mean cosine of sentence embeddings to the original."""
+    from rewrite.models import minilm_path, sentences, tokenizer_for
+
+    model, tok, text = M.minilm(), tokenizer_for(minilm_path()), sentences()
+
+    def enc(batch):
+        e = tok(batch, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
+
+    cap = capture(model, enc(text[:2]))
+    gm, _ = canonicalize(cap)
+    ctx = PassContext(calibration=[enc(text[i:i + 16]) for i in range(0, 32, 16)], captured=cap)
+    held_out = enc(text[100:164])
+
+    def embed(g):
+        with torch.no_grad():
+            h, keep = g(**held_out, **cap.fixed)["last_hidden_state"], held_out["attention_mask"][..., None].float()
+        return (h * keep).sum(1) / keep.sum(1)
+
+    ref = embed(gm)
+
+    def fidelity(spec):
+        return float(torch.cosine_similarity(embed(parse(spec)[0].run(gm, ctx).graph), ref).mean())
+
+    magnitude = fidelity("sqa{q_heads=6,kv_heads=6}")
+    taylor = fidelity("sqa{q_heads=6,kv_heads=6,importance=taylor}")
+    pooled = fidelity("sqa{q_heads=6,kv_heads=3}")  # KV heads also mean-pooled 6 -> 3
+    assert 0.65 < magnitude < taylor < 0.999, (magnitude, taylor)
+    assert 0.45 < pooled < magnitude, (pooled, magnitude)
