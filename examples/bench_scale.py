@@ -110,7 +110,7 @@ def run_convert(folder: str, spec: str, out: str, log: str, threads: int = 0) ->
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         error = next((ln for ln in text.splitlines() if "error" in ln.lower()), text.strip()[-300:])
-        mode = "refused: " + " ".join(error.split())[:150]
+        mode = "refused: " + " ".join(error.replace("error:", "").split())[:200]
     elif "converting in memory" in text:
         mode = "attention of every layer in memory"
     else:

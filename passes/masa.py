@@ -3,7 +3,8 @@
     W_ℓ^P ≈ Σ_{s=1..S} c_ℓs^P · D_s^P     for each projection type P ∈ {Q, K, V, O}, one dictionary per group
 
 Training-free "matrix PCA": with W = [vec W_1 … vec W_L] (uncentred), WᵀW = V Λ Vᵀ (an L×L
-eigenproblem), atoms D = W V_S Λ_S^{-1/2} (orthonormal under ⟨·,·⟩_F) and c_ℓs = ⟨D_s, W_ℓ⟩.
+eigenproblem), atoms D = W V_S Λ_S^{-1/2} (orthonormal under ⟨·,·⟩_F) and c_ℓs = ⟨D_s, W_ℓ⟩,
+stored as D_s·√λ_s and c_ℓs/√λ_s (the same W_ℓ, but atoms on the weights' scale for distillation).
 Exact when S ≥ rank W, e.g. S = the group's size (``atoms`` unset). Every site of a group reads
 one ``SharedAtoms`` module per projection type (counted once); its ``AtomWeights`` provider
 rebuilds W_ℓ once per forward (``Attention.use_weights``). Biases stay per layer.
@@ -66,17 +67,21 @@ class AtomWeights(nn.Module):
 
 
 def matrix_pca(weights: list, atoms: int):
-    """Uncentred matrix PCA via the L×L Gram matrix. Returns (atoms [S', *shape], coefficients [L, S'])."""
+    """Uncentred matrix PCA via the L×L Gram matrix: (atoms [S', *shape], coefficients [L, S']), S' ≤ S.
+
+    S' drops directions with no energy (rank W < S), which keeps the rewrite exact.
+    """
     shape = weights[0].shape
     W = torch.stack([w.detach().reshape(-1).double() for w in weights], dim=1)  # (P, L)
     lam, V = torch.linalg.eigh(W.T @ W)  # ascending
     lam, V = lam.flip(0)[:atoms], V.flip(1)[:, :atoms]
     keep = lam > RANK_TOL * lam[0].clamp_min(1e-300)
     lam, V = lam[keep], V[:, keep]
-    D = W @ V / lam.sqrt()  # (P, S'), orthonormal columns
-    coeff = W.T @ D  # (L, S')  c_ℓs = ⟨D_s, W_ℓ⟩
+    # D = W V Λ^{-1/2} (orthonormal) and c = Wᵀ D = V Λ^{1/2}; stored rescaled as D Λ^{1/2} = W V and
+    # c Λ^{-1/2} = V, the same product D cᵀ = W V Vᵀ, with atoms on the weights' scale (trainable by Adam)
+    atoms_ = W @ V  # (P, S')
     dtype = weights[0].dtype
-    return D.T.reshape(-1, *shape).to(dtype), coeff.to(dtype)
+    return atoms_.T.reshape(-1, *shape).to(dtype), V.to(dtype)
 
 
 def _relative_error(w: torch.Tensor, shared: SharedAtoms, layer: int) -> float:

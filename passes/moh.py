@@ -10,7 +10,7 @@ Routers (``router``):
 - ``learned`` (MoH-ViT/DiT): W_s [h_s, D], W_r [E, D], W_h [2, D], no bias, zero-initialised, with
   the official rescalings: shared = softmax(W_s x)·h_s, routed = top-K of softmax(W_r x) renormalised
   ×K, head-type weights = softmax(W_h x)·2. At ``active_ratio=1`` every gate is exactly 1 (exact).
-  Below 1 the zero router ties, so top-K keeps the first routed heads until it is trained.
+  Below 1 the zero router ties, so top-K keeps the same K routed heads for every token until trained.
   W_s is omitted when h_s ≤ 1 (its softmax is the constant 1), W_h when h_s = 0.
 - ``qnorm`` (MoH-LLaMA3 conversion): no parameters; routed logit ‖q_i(t)‖ of the pre-RoPE query
   (q_proj output with its bias), divided by its std over the routed heads, softmax, top-K; the gate is

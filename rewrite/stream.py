@@ -34,6 +34,7 @@ from torch import fx
 from . import pipeline as _pipeline
 from .errors import PassError, RewriteError, VerificationError
 from .graph import SITES, sites
+from .heads import rebuild
 from .hf_checkpoint import FIELDS, HFLayout, SiteTemplate, Writeback
 from .pass_base import PassContext, SitePass
 from .report import Report, Stage
@@ -195,8 +196,9 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
     with _progress(progress) as bar:
         if tier == "attention":
             why = f"{first.name} needs every layer at once"
+            _probe(pipeline, tpl.ops[0])
             numel = sum(int(torch.tensor(ckpt.entry(n)["shape"]).prod()) for n in layout.layer_of())
-            _fits(why, numel * 4 * (1 + len(pipeline)) * 5 // 4, "the attention weights of every layer (fp32)")
+            _fits(why, numel * 4 * (2 + len(pipeline)) + 2**30, "the attention weights of every layer (fp32)")
             task = bar.add_task(f"{tpl.family}: reading attention", total=tpl.n_layers)
             original = []
             for i in range(tpl.n_layers):
@@ -250,6 +252,19 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
                "not whole-model outputs", attn_flops=f"one sequence of {FLOP_TOKENS} tokens",
         calibration="not used: no pass needs it" if calibration_file else None)
     return report
+
+
+def _probe(pipeline: list, template) -> None:
+    """Run the pipeline on two copies of the template site (random weights): if that works and its result has
+    no Hugging Face form (shared atoms, gates), refuse before loading every layer. Other failures say nothing
+    about the real model (e.g. an option naming layer 5) and are ignored."""
+    try:
+        gm = site_graph([template, rebuild(template)])
+        for p in pipeline:
+            gm = p.run(gm, PassContext()).graph
+    except Exception:  # noqa: BLE001 - inconclusive on a two-site stand-in
+        return
+    HFLayout.normalize(sites(gm)[0], template.scale)
 
 
 def _load(ckpt: Checkpoint, tpl: SiteTemplate, i: int):

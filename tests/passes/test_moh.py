@@ -1,0 +1,178 @@
+"""moh: exact at active_ratio=1 on the whole support matrix; gates, top-K and the q-norm router checked
+against hand computations; load-balance loss; active-head fractions on calibration data (real MiniLM);
+refusals."""
+import functools
+
+import pytest
+import torch
+
+import models as M
+import rewrite
+from rewrite.api import Converted
+from rewrite.errors import SpecError
+from rewrite.graph import sites
+from rewrite.heads import select_query_heads
+from rewrite.pass_base import PassContext
+from rewrite.passes.moh import head_split, load_balance_loss
+from rewrite.scores import MoHGate
+from test_roundtrip import CASES
+
+TOL = 1e-5
+MATRIX = [n for n in CASES if n != "minilm"]
+
+
+def _call(m, inputs):
+    out = m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _rel_err(model, conv, inputs):
+    with torch.no_grad():
+        ref, out = _call(model, inputs), _call(conv, inputs)
+    return float((ref - out).abs().max()) / max(1.0, float(ref.abs().max())), out
+
+
+@functools.lru_cache(maxsize=None)
+def converted(name):
+    factory, make, _ = CASES[name]
+    torch.manual_seed(0)
+    model = factory()
+    return model, rewrite.convert(model, passes="moh{active_ratio=1}", example_inputs=make(2, 8), progress=False)
+
+
+def restage(conv, spec, calibration=None):
+    """Run ``spec`` on the captured (stage-0) graph of ``conv`` without capturing again."""
+    cap = conv._captured
+    (p,) = rewrite.parse_pipeline(spec)
+    result = p.run(cap.gm, PassContext(calibration=calibration, captured=cap))
+    return Converted(result.graph, cap, conv.report), result
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_all_heads_active_is_exact_at_other_shapes_with_padding(name):
+    model, conv = converted(name)
+    stages = conv.report.to_json()["stages"]
+    n_sites = CASES[name][2]
+    assert stages[-1]["exact"] and stages[-1]["sites_changed"] == n_sites
+    assert stages[-1]["kv_heads"] == stages[0]["kv_heads"]  # the KV cache is unchanged
+    # 4 heads, shared_ratio 0.5: W_s [2, 64], W_r [2, 64], W_h [2, 64]
+    assert stages[-1]["params"] - stages[0]["params"] == n_sites * 3 * 2 * 64
+    make = CASES[name][1]
+    for pad in (False, True):
+        err, _ = _rel_err(model, conv, make(3, 13, pad) if name != "vit" else make(3, 13))
+        assert err <= TOL, (name, pad, err)
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_partial_routing_runs_finite_for_both_routers(name):
+    model, conv = converted(name)
+    make = CASES[name][1]
+    inputs = make(3, 13, True) if name != "vit" else make(3, 13)
+    for spec, per_site in (("moh{active_ratio=0.5,shared_ratio=0.25}", (3 + 2) * 64),
+                           ("moh{router=qnorm}", 0)):
+        sparse, result = restage(conv, spec)
+        assert not result.diagnostics and all(st["router_params"] == per_site for st in result.stats.values())
+        grown = sum(p.numel() for p in sparse.gm.parameters()) - sum(p.numel() for p in conv._captured.gm.parameters())
+        assert grown == per_site * len(sparse.sites)
+        err, out = _rel_err(model, sparse, inputs)
+        assert torch.isfinite(out).all() and err > 0
+
+
+def test_qnorm_router_exact_at_ratio_one():
+    model, _ = converted("qwen3-qk-norm")
+    make = CASES["qwen3-qk-norm"][1]
+    conv = rewrite.convert(model, passes="moh{active_ratio=1,router=qnorm}", example_inputs=make(2, 8),
+                           progress=False)
+    assert conv.report.stages[-1].exact and conv.report.stages[-1].params == conv.report.stages[0].params
+    assert _rel_err(model, conv, make(3, 13, True))[0] <= TOL
+
+
+@pytest.mark.parametrize("layout", ["BSD", "SBD"])
+def test_qnorm_mask_is_top_k_of_std_normalised_query_norms(layout):
+    _, conv = converted("multihead-attention" if layout == "SBD" else "llama-gqa")
+    op = sites(conv._captured.gm)[0]
+    op_wide = select_query_heads(op, [0, 1, 2, 3, 0, 1, 2, 3])  # 8 heads: 4 shared, 4 routed, K = 2
+    gate = MoHGate(8, 64, shared=4, top_k=2, router="qnorm")
+    x = torch.randn(6, 3, 64) if layout == "SBD" else torch.randn(3, 6, 64)
+    g = gate(op_wide, x)  # (B, Hq, S)
+    assert g.shape == (3, 8, 6) and set(g.unique().tolist()) == {0.0, 1.0}
+    assert (g[:, :4] == 1).all() and (g[:, 4:].sum(1) == 2).all()
+    b, s = 1, 4
+    token = x[s, b] if layout == "SBD" else x[b, s]
+    q = torch.einsum("hdk,k->hd", op_wide.wq, token) + (op_wide.bq if op_wide.bq is not None else 0)
+    norms = q[4:].norm(dim=-1)
+    probs = torch.softmax(norms / norms.std(), dim=0)
+    assert set(torch.topk(probs, 2).indices.tolist()) == set((g[b, 4:, s] == 1).nonzero().flatten().tolist())
+
+
+def test_learned_gates_follow_the_official_rescalings():
+    gate = MoHGate(6, 8, shared=2, top_k=2, router="learned")
+    torch.manual_seed(0)
+    for w in (gate.w_shared, gate.w_routed, gate.w_type):
+        torch.nn.init.normal_(w)
+    op = type("Op", (), {"info": type("I", (), {"layout": "BSD"})()})()
+    x = torch.randn(1, 1, 8)
+    g = gate(op, x)[0, :, 0]
+    alpha = torch.softmax(gate.w_type @ x[0, 0], 0) * 2
+    shared = torch.softmax(gate.w_shared @ x[0, 0], 0) * 2 * alpha[0]
+    p = torch.softmax(gate.w_routed @ x[0, 0], 0)
+    top = torch.topk(p, 2).indices
+    routed = torch.zeros(4).index_put((top,), p[top] / p[top].sum() * 2) * alpha[1]
+    assert torch.allclose(g, torch.cat([shared, routed]), atol=1e-6)
+
+
+def test_load_balance_loss_is_E_times_sum_of_mean_prob_times_frequency_and_has_gradients():
+    model, conv = converted("llama-gqa")
+    sparse, _ = restage(conv, "moh{active_ratio=0.75}")  # 2 shared, 2 routed, K = 1
+    out = sparse(input_ids=M.ids(2, 8), attention_mask=torch.ones(2, 8, dtype=torch.long)).logits
+    loss = load_balance_loss(sparse)
+    # zero router: P̄_i = 1/2, one head always chosen → l_aux = 2·(½·1 + ½·0) = 1 per site
+    assert float(loss) == pytest.approx(2 * 1.0)
+    (out.square().mean() + 0.01 * loss).backward()
+    assert sparse.sites[0].head_gate.w_routed.grad.abs().sum() > 0
+    assert float(load_balance_loss(conv)) == pytest.approx(2 * 2 * 0.5)  # ratio 1: f̄ = 1 for both heads
+
+
+def test_minilm_active_fraction_measured_on_calibration():
+    from rewrite.models import minilm_path, sentences, tokenizer_for
+
+    tok = tokenizer_for(minilm_path())
+    enc = lambda texts: {k: v for k, v in tok(texts, padding=True, truncation=True, max_length=24,  # noqa: E731
+                                                return_tensors="pt").items() if k in ("input_ids", "attention_mask")}
+    model = M.minilm()
+    conv = rewrite.convert(model, passes="moh{router=qnorm,active_ratio=0.9}", example_inputs=enc(sentences()[:4]),
+                           calibration=[enc(sentences()[200:216])], progress=False)
+    stage = conv.report.to_json()["stages"][-1]
+    assert not stage["exact"] and stage["params"] == conv.report.stages[0].params
+    assert stage["cosine"] > 0.9  # measured: 0.958 (no training)
+    for site, st in stage["stats"].items():
+        assert (st["shared_heads"], st["top_k"], st["active_heads"]) == (6, 5, 11)  # of 12 heads
+        assert st["active_fraction"] == pytest.approx(11 / 12, abs=1e-3)
+        assert st["head_frequency"][:6] == [1.0] * 6 and sum(st["head_frequency"][6:]) == pytest.approx(5)
+        assert st["load_balance_loss"] >= 5 - 1e-6  # E·Σ P̄ f̄ ≥ K, equality when perfectly balanced
+
+
+def test_head_split_rounding():
+    assert head_split(32, 0.75, 0.5) == (16, 8)  # MoH-LLaMA3
+    assert head_split(12, 0.9, 0.5) == (6, 5)
+    assert head_split(4, 1.0, 0.0) == (0, 4)
+
+
+def test_site_with_too_few_heads_is_skipped_with_a_reason():
+    _, conv = converted("bert")
+    op = select_query_heads(sites(conv._captured.gm)[0], [0, 1])  # 2 heads: 1 shared, 1 active
+    (p,) = rewrite.parse_pipeline("moh{active_ratio=0.6,shared_ratio=0.5}")
+    new, _, diags = p.rewrite_site(0, op, PassContext())
+    assert new is None and "leave no routed head active" in str(diags[0])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("moh{active_ratio=0}", "active_ratio.*must lie in \\(0, 1\\]"),
+    ("moh{active_ratio=1.5}", "active_ratio.*must lie in \\(0, 1\\]"),
+    ("moh{shared_ratio=-0.1}", "shared_ratio.*must lie in \\[0, 1\\)"),
+    ("moh{active_ratio=0.5,shared_ratio=0.5}", "must be below active_ratio"),
+    ("moh{router=random}", "expected one of learned, qnorm"),
+])
+def test_refusals(spec, message):
+    with pytest.raises(SpecError, match=message):
+        rewrite.convert(M.NanoGPT(), passes=spec, example_inputs=(M.ids(2, 8),), progress=False)
