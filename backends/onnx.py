@@ -64,13 +64,18 @@ def _export_mode(native_gqa: bool):
     hence the training-mode warning is dropped too.
     """
     before = _state["native_gqa"]
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = registry_log.level
     _state["native_gqa"] = native_gqa
+    registry_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*training mode.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             yield
     finally:
         _state["native_gqa"] = before
+        registry_log.setLevel(level)
 
 
 def _param_bytes(module: torch.nn.Module) -> int:

@@ -24,9 +24,8 @@ import dataclasses
 from typing import Optional
 
 from rewrite.errors import SpecError
-from rewrite.heads import rebuild
 from rewrite.pass_base import Diagnostic, SitePass, register
-from rewrite.scores import ClippedSoftmax
+from rewrite.scores import ClippedSoftmax, attach
 
 __all__ = ["ClippedSoftmaxPass"]
 
@@ -71,7 +70,6 @@ class ClippedSoftmaxPass(SitePass):
                                                      "instead of alpha", name)]
             gamma = -self.alpha / length
             stats["T"] = length
-        new = rebuild(op)
-        new.score_fn = ClippedSoftmax(self.zeta, gamma)
+        new = attach(op, score_fn=ClippedSoftmax(self.zeta, gamma))
         stats.update({"zeta": self.zeta, "gamma": gamma})
         return new, stats, []

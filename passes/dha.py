@@ -102,7 +102,7 @@ class FusionCurve:
             self._labels[n] = torch.as_tensor(refine(self._d, lab), dtype=torch.long)
         return self._labels[n]
 
-    def fuse(self, n: int, iters: int = 10):
+    def fuse(self, n: int, iters: int = 15):
         """(groups, rotations [H, d, d], fusion weights per group) for n merged heads."""
         lab = self.labels(n)
         rot = generalized_procrustes(self.c, lab, self.pairing, self.pairwise, self.dist, iters=iters)

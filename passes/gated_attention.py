@@ -26,9 +26,8 @@ from __future__ import annotations
 import dataclasses
 
 from rewrite.errors import SpecError
-from rewrite.heads import rebuild
 from rewrite.pass_base import Diagnostic, SitePass, register
-from rewrite.scores import SigmoidHeadGate
+from rewrite.scores import SigmoidHeadGate, attach
 
 __all__ = ["GatedAttention"]
 
@@ -72,7 +71,6 @@ class GatedAttention(SitePass):
         gate = SigmoidHeadGate(heads, dim, all_features=self.all_features, pi_init=self.pi_init,
                                std=self.std if self.init == "normal" else 0.0, seed=self.seed + index)
         gate.to(dtype=op.wq.dtype, device=op.wq.device)
-        new = rebuild(op)
-        new.head_gate = gate
+        new = attach(op, head_gate=gate)
         params = sum(p.numel() for p in gate.parameters())
         return new, {"gate_params": params, "gate_inputs": gate.weight.shape[1]}, []

@@ -122,6 +122,8 @@ class Masa(Pass):
         stats, diags, saved = {}, [], 0
         for members in groups:
             if len(members) < 2:
+                diags.append(Diagnostic("info", f"group {_label(members)} has one layer; nothing to share",
+                                        _label(members)))
                 continue
             for name in WEIGHT_NAMES:
                 ws = [getattr(ops[i], name) for i in members]

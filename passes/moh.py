@@ -34,9 +34,8 @@ import torch
 
 from rewrite.errors import SpecError
 from rewrite.graph import sites
-from rewrite.heads import rebuild
 from rewrite.pass_base import Diagnostic, SitePass, register
-from rewrite.scores import MoHGate
+from rewrite.scores import MoHGate, attach
 
 __all__ = ["MoH", "load_balance_loss"]
 
@@ -90,8 +89,7 @@ class MoH(SitePass):
                 "skip", f"{heads} heads: {shared} shared heads leave no routed head active at "
                         f"active_ratio={self.active_ratio}; lower shared_ratio", name)]
         gate = MoHGate(heads, dim, shared, top_k, self.router).to(dtype=op.wq.dtype, device=op.wq.device)
-        new = rebuild(op)
-        new.head_gate = gate
+        new = attach(op, head_gate=gate)
         stats = {"shared_heads": shared, "routed_heads": heads - shared, "top_k": top_k,
                  "active_heads": shared + top_k, "router_params": sum(p.numel() for p in gate.parameters())}
         return new, stats, []

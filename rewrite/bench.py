@@ -120,10 +120,10 @@ def _lower(conv, backend: str, threads: int):
             from rewrite.backends.triton.lowering import lower_triton
 
             if is_interpreted(_attn_fwd_kernel):
-                return None, "skipped: TRITON_INTERPRET=1 runs Triton in the CPU interpreter; timings meaningless"
+                return None, "skipped: TRITON_INTERPRET=1 (CPU interpreter, not timed)"
             device = next(iter(conv.example_inputs.values())).device
             if device.type != "cuda":
-                return None, "skipped: the triton backend times CUDA models; move the model and inputs to a GPU"
+                return None, "skipped: needs the model on a CUDA GPU"
             return lower_triton(conv), ""
         from rewrite.backends import lower
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import os
 
@@ -219,6 +220,8 @@ def _capture_template(folder: str):
                            "one attention per layer")
     args = [r[0].args for r in record_site_inputs(gm, lambda kw: gm(**kw, **cap.fixed), [cap.kwargs])]
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    del model, cap, gm
+    gc.collect()  # the captured graph modules are reference cycles holding the template's weights
     return cfg, family, ops, args, [first[types[i]] for i in range(n_layers)], shapes
 
 

@@ -39,7 +39,7 @@ def check_method(method: str, where: str) -> None:
 
 
 def head_importance(gm, ctx, method: str = "taylor", seed: int = 0, normalize: bool = True,
-                    probes: int = 2) -> list:
+                    probes: int = 4) -> list:
     """Per site, a ``[Hq]`` float tensor: larger = more important.
 
     Args:

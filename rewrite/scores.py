@@ -10,11 +10,13 @@ the output projection; they are called as ``head_gate(op, x, q)``:
 - ``SigmoidHeadGate``: g_i = sigmoid(G_i(x)) / π_init, G_i a Linear on head i's slice of x (or on all of x);
 - ``MoHGate``: Mixture-of-Head router, learned (shared + routed softmax, top-K) or parameter-free ‖q_i‖.
 
-Helpers: ``masked_scores`` (logits with the op's mask / causal rule and the keep pattern),
+Helpers: ``attach`` (a new op with a score function / gate set, sharing the old op's weights or weight
+provider), ``masked_scores`` (logits with the op's mask / causal rule and the keep pattern),
 ``heads_first`` (token-major ``(B,S,H)`` / ``(S,B,H)`` → ``(B,H,S)``).
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -22,7 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["masked_scores", "heads_first", "ClippedSoftmax", "SigmoidHeadGate", "MoHGate"]
+__all__ = ["attach", "masked_scores", "heads_first", "ClippedSoftmax", "SigmoidHeadGate", "MoHGate"]
+
+
+def attach(op, **parts):
+    """A new op equal to ``op`` but with ``parts`` (``score_fn=``, ``head_gate=``) set; ``op`` is untouched.
+
+    Unlike ``heads.rebuild`` it shares the weights as they are, so a weight provider (MASA's shared
+    atoms) stays shared instead of being expanded into per-layer Parameters.
+    """
+    new = copy.copy(op)
+    for key, value in list(new.__dict__.items()):  # own registries (parameters, modules, hooks, ...)
+        if isinstance(value, (dict, set, list)):
+            new.__dict__[key] = copy.copy(value)
+    new.info = copy.deepcopy(op.info)
+    for name, module in parts.items():
+        setattr(new, name, module)
+    return new
 
 
 def masked_scores(op, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]):

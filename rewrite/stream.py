@@ -9,20 +9,19 @@ How much of the model a pipeline needs at once decides how it runs (the report's
    pass by pass (``rewrite_site(i, op, ctx)``; a SitePass that only overrides ``run`` gets a graph holding
    that one site) and written back. Every other tensor is copied byte for byte (``shards.write_folder``).
    Peak memory: the attention tensors of one shard plus one layer, independent of the model's size.
-2. ``attention`` -- a pass needs every site at once but no calibration (prune-heads with magnitude
-   scores or ``heads=``, masa): the attention weights of all layers are loaded (fp32) into a graph
-   holding only the sites, the passes run on it, the rest is streamed as above. Refused when those
-   weights do not fit in the available memory.
-3. ``model`` -- a pass needs calibration: the whole model is loaded in fp32 and ``rewrite.convert``
-   runs with the calibration file's text; refused when it does not fit. Warned about in every case.
+2. ``attention`` -- a plain Pass (whole model) needing no calibration (prune-heads, masa): the attention
+   weights of every layer are loaded (fp32) into a graph holding only the sites; the rest streams as above.
+3. ``model`` -- a pass needs calibration: the whole model is loaded in fp32 and ``rewrite.convert`` runs
+   on the calibration file's text. Tiers 2-3 warn, and are refused when they do not fit in memory.
 
-Errors in tiers 1-2 are measured per site, on the template's attention inputs (random weights): exact
-passes must match there to 1e-5 relative; they are not whole-model output errors (tier 3 has those).
-Refusals (no config.json, a missing shard, fused qkv, non-uniform heads, ...) are listed in
-``shards.py`` and ``hf_checkpoint.py``; nothing is left in the output folder after one.
+Errors in tiers 1-2 are per site (``site_tally.py``), not whole-model output errors (tier 3 has those).
+Refusals (no config.json, a missing shard, fused qkv, non-uniform heads, ...) are listed in ``shards.py``
+and ``hf_checkpoint.py``; nothing is left in the output folder after one.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import time
 import warnings
@@ -32,18 +31,17 @@ import torch
 from torch import fx
 
 from . import pipeline as _pipeline
-from .errors import PassError, RewriteError, VerificationError
+from .errors import PassError, RewriteError
 from .graph import SITES, sites
 from .heads import rebuild
-from .hf_checkpoint import FIELDS, HFLayout, SiteTemplate, Writeback
+from .hf_checkpoint import HFLayout, SiteTemplate, Writeback
 from .pass_base import PassContext, SitePass
-from .report import Report, Stage
+from .report import Report
 from .shards import Checkpoint, write_folder
+from .site_tally import FLOP_TOKENS, SiteTally, streaming_extras
 
 __all__ = ["convert_folder", "tier_of", "site_graph"]
 
-EXACT_TOL = 1e-5
-FLOP_TOKENS = 1024  # attention FLOPs in the report are for one sequence of this length
 TIERS = ("site", "attention", "model")
 
 
@@ -86,51 +84,32 @@ def _rewrite_site(p, i: int, op, ctx):
         except Exception as e:
             raise PassError(f"an error occurred when running the '{p.spec()}' pass on layer {i} ({op.info.name}): "
                             f"{type(e).__name__}: {e}") from e
-    result = _run(p, site_graph([op]), ctx, f"layer {i} ({op.info.name})")
+    gm = site_graph([op])
+    result = _run(p, gm, ctx, f"layer {i} ({op.info.name})")
     new = sites(result.graph)[0]
+    _drop_sites(gm, result.graph)
     return (new if new is not op else None), result.stats.get(op.info.name, {}), result.diagnostics
 
 
-class _Tally:
-    """Per stage and layer, the numbers a report row needs (weights are not kept)."""
+def _drop_sites(*graphs) -> None:
+    """fx graph modules are reference cycles, freed only when the cyclic GC runs: drop their sites now."""
+    for gm in graphs:
+        if hasattr(gm, SITES):
+            delattr(gm, SITES)
 
-    def __init__(self, pipeline: list, args: list, dtype_bytes: int):
-        self.pipeline, self.args, self.bytes = pipeline, args, dtype_bytes
-        n = len(pipeline) + 1
-        self.rows, self.diags, self.stats, self.seconds = [[] for _ in range(n)], [[] for _ in range(n)], \
-            [{} for _ in range(n)], [0.0] * n
 
-    def add(self, i: int, j: int, ops: list) -> None:
-        """Layer i (template site j) after each stage: ops[0] is the original. Exact passes are checked."""
-        with torch.no_grad():
-            ref = ops[0](*self.args[j]).double()
-            for s, op in enumerate(ops):
-                out = ref if s == 0 else op(*self.args[j]).double()
-                numel = sum(getattr(op, f).numel() for f in FIELDS if getattr(op, f) is not None)
-                err, scale = float((ref - out).abs().max()), float(ref.abs().max())
-                self.rows[s].append(dict(
-                    q=op.q_heads, kv=op.kv_heads, kvb=op.kv_cache_bytes_per_token(self.bytes), numel=numel,
-                    flops=op.attn_flops(FLOP_TOKENS, FLOP_TOKENS), changed=s > 0 and op is not ops[s - 1], err=err,
-                    ab=float((ref * out).sum()), aa=float((ref * ref).sum()), bb=float((out * out).sum())))
-                p = self.pipeline[s - 1] if s else None
-                if p is not None and p.exact and err > EXACT_TOL * max(scale, 1.0):
-                    raise VerificationError(f"pass '{p.spec()}' claims to be exact but changes layer {i} "
-                                            f"({op.info.name}): max abs error {err:.3g}")
+def _release() -> None:
+    """Return freed memory to the OS after a layer (young cycles; glibc keeps freed heap memory otherwise)."""
+    gc.collect(1)
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
-    def stages(self, total_params: int, names: list) -> list:
-        out, base = [], sum(r["numel"] for r in self.rows[0])
-        for s, rows in enumerate(self.rows):
-            p = self.pipeline[s - 1] if s else None
-            ab, aa, bb = (sum(r[k] for r in rows) for k in ("ab", "aa", "bb"))
-            errs = [r["err"] for r in rows]
-            out.append(Stage(
-                name=p.name if p else "original", spec=p.spec() if p else "", exact=p.exact if p else True,
-                sites_changed=sum(r["changed"] for r in rows), params=total_params - base + sum(r["numel"] for r in rows),
-                q_heads=[r["q"] for r in rows], kv_heads=[r["kv"] for r in rows],
-                kv_cache_bytes_per_token=sum(r["kvb"] for r in rows), attn_flops=sum(r["flops"] for r in rows),
-                max_abs_err=max(errs, default=0.0), cosine=ab / max((aa * bb) ** 0.5, 1e-30), seconds=self.seconds[s],
-                site_names=names, site_errors=errs, diagnostics=[str(d) for d in self.diags[s]], stats=self.stats[s]))
-        return out
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - glibc only
+except (OSError, AttributeError):
+    _LIBC = None
 
 
 def _progress(enabled: bool):
@@ -157,7 +136,8 @@ def _fits(why: str, need: int, what: str) -> None:
     if avail is not None and need > avail:
         raise PassError(f"{why}: {what} need about {need / 2**30:.1f} GiB and {avail / 2**30:.1f} GiB are "
                         "available. Refused: drop that pass, or convert on a machine with more memory")
-    warnings.warn(f"{why}; converting in memory ({what}: about {need / 2**30:.1f} GiB)", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"{why}; converting in memory ({what}: about {need / 2**30:.1f} GiB)", RuntimeWarning,
+                  stacklevel=4)
 
 
 def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: Optional[str] = None,
@@ -190,7 +170,7 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
     tpl = SiteTemplate(ckpt)
     layout = tpl.layout
     finish = Writeback(ckpt, tpl.cfg, layout, tpl.own_names)
-    tally = _Tally(pipeline, tpl.args, ckpt.dtype.itemsize)
+    tally = SiteTally(pipeline, tpl.args, ckpt.dtype.itemsize)
     ctx = PassContext()
     setup = time.perf_counter() - t0
     with _progress(progress) as bar:
@@ -204,25 +184,31 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
             for i in range(tpl.n_layers):
                 original.append(_load(ckpt, tpl, i))
                 bar.advance(task)
-            stage_ops, gm = [original], site_graph(original)
+            stage_ops, graphs = [original], [site_graph(original)]
             for s, p in enumerate(pipeline, 1):
                 t = time.perf_counter()
-                result = _run(p, gm, ctx, "the attention of every layer")
+                result = _run(p, graphs[-1], ctx, "the attention of every layer")
                 tally.seconds[s] = time.perf_counter() - t
-                tally.diags[s], tally.stats[s], gm = result.diagnostics, result.stats, result.graph
-                stage_ops.append(sites(gm))
+                tally.diags[s], tally.stats[s] = result.diagnostics, result.stats
+                graphs.append(result.graph)
+                stage_ops.append(sites(result.graph))
+            _drop_sites(*graphs)
             HFLayout.normalize(stage_ops[-1][0], original[0].scale)  # refuse before any more work
             for i in range(tpl.n_layers):
                 tally.add(i, tpl.site_of[i], [ops[i] for ops in stage_ops])
             final = stage_ops[-1]
-            del stage_ops, gm
+            del stage_ops, graphs, result
+            _release()
             task = bar.add_task(f"{tpl.family}: writing", total=tpl.n_layers)
 
             def compute(i: int) -> dict:
                 bar.advance(task)
                 op, scale = final[i], original[i].scale
                 final[i] = original[i] = None  # written: no longer needed
-                return finish(i, op, scale, ckpt.dtype_of(layout.fields[i]["wq"]))
+                tensors = finish(i, op, scale, ckpt.dtype_of(layout.fields[i]["wq"]))
+                del op
+                _release()
+                return tensors
         else:
             task = bar.add_task(f"{tpl.family}: {tpl.n_layers} layers", total=tpl.n_layers)
 
@@ -238,7 +224,10 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
                     ops.append(new if new is not None else ops[-1])
                 tally.add(i, tpl.site_of[i], ops)
                 bar.advance(task)
-                return finish(i, ops[-1], ops[0].scale, ckpt.dtype_of(layout.fields[i]["wq"]))
+                tensors = finish(i, ops[-1], ops[0].scale, ckpt.dtype_of(layout.fields[i]["wq"]))
+                del ops
+                _release()
+                return tensors
 
         sizes = write_folder(ckpt, out_dir, layout.layer_of(), compute)
     finish.write_config(out_dir)
@@ -274,13 +263,6 @@ def _load(ckpt: Checkpoint, tpl: SiteTemplate, i: int):
     op = HFLayout.to_op(tpl.ops[tpl.site_of[i]], {f: raw[n] for f, n in fields.items()})
     op.info.name = tpl.layout.site_names[i]
     return op
-
-
-def streaming_extras(mode: str, ckpt: Checkpoint, out_dir: str, sizes: list, finish: Writeback, seconds: float):
-    cfg = finish.config or ckpt.config
-    return {"mode": mode, "input": ckpt.folder, "output": out_dir, "shards": len(ckpt.files),
-            "dtype": str(ckpt.dtype).replace("torch.", ""), "bytes_written": sum(sizes), "seconds": seconds,
-            "config": {k: cfg.get(k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}}
 
 
 def _whole_model(ckpt: Checkpoint, pipeline: list, out_dir: str, calibration_file: str, progress: bool, mode: str,

@@ -11,9 +11,21 @@ import rewrite
 from rewrite.backends import lower
 from rewrite.backends.triton.lowering import TritonModule, TritonSite, lower_triton, split_mask
 from rewrite.errors import BackendError
+from rewrite.backends.triton._common import is_interpreted
+from rewrite.backends.triton.flash import _attn_fwd_kernel
 from rewrite.pipeline import available
 
+if is_interpreted(_attn_fwd_kernel):
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"  # examples/gpu_check.sh: compiled kernels
+else:
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 TOL = 1e-4
+
+
+def _on(model):
+    return model.to(DEVICE)
 
 
 def _inputs(batch=2, seq=8, seed=0, left=0, right=0):
@@ -22,12 +34,13 @@ def _inputs(batch=2, seq=8, seed=0, left=0, right=0):
         mask[0, :left] = 0
     if right:
         mask[-1, seq - right:] = 0
-    return {"input_ids": models.ids(batch, seq, seed), "attention_mask": mask}
+    return {"input_ids": models.ids(batch, seq, seed).to(DEVICE), "attention_mask": mask.to(DEVICE)}
 
 
 def _check(model, passes="", inputs=None, fresh=None, calibration=None):
     inputs = inputs or _inputs(right=2)
-    conv = rewrite.convert(model, passes=passes, example_inputs=inputs, calibration=calibration, progress=False)
+    conv = rewrite.convert(_on(model), passes=passes, example_inputs=inputs, calibration=calibration,
+                           progress=False)
     tri = lower(conv, "triton")
     assert isinstance(tri, TritonModule) and tri.report.backend == "triton"
     fresh = fresh or inputs
@@ -47,8 +60,8 @@ def test_llama_gqa_causal_and_padding():
 
 
 def test_llama_causal_without_mask():
-    _check(models.llama(kv_heads=2, layers=1), inputs={"input_ids": models.ids(2, 8)},
-           fresh={"input_ids": models.ids(1, 13, seed=3)})
+    _check(models.llama(kv_heads=2, layers=1), inputs={"input_ids": models.ids(2, 8).to(DEVICE)},
+           fresh={"input_ids": models.ids(1, 13, seed=3).to(DEVICE)})
 
 
 def test_bert_padding():
@@ -69,15 +82,15 @@ def test_passes_lower(spec):
 def test_linear_attention_causal():
     if "lit" not in available():
         pytest.skip("pass lit not available yet")
-    tri = _check(models.llama(kv_heads=2, layers=1), "lit", inputs={"input_ids": models.ids(2, 8)},
-                 fresh={"input_ids": models.ids(3, 19, seed=4)})
+    tri = _check(models.llama(kv_heads=2, layers=1), "lit", inputs={"input_ids": models.ids(2, 8).to(DEVICE)},
+                 fresh={"input_ids": models.ids(3, 19, seed=4).to(DEVICE)})
     assert set(tri.report.extras["triton"]["sites"].values()) == {"linear"}
 
 
 def test_linear_attention_with_padding_is_refused():
     if "lit" not in available():
         pytest.skip("pass lit not available yet")
-    conv = rewrite.convert(models.bert(), passes="lit", example_inputs=_inputs(right=2), progress=False)
+    conv = rewrite.convert(_on(models.bert()), passes="lit", example_inputs=_inputs(right=2), progress=False)
     tri = lower_triton(conv)
     with pytest.raises(BackendError, match="encoder.layer.0.attention: key padding masks with linear attention"):
         tri(**_inputs(right=2))
@@ -117,7 +130,7 @@ def test_unknown_score_function_is_refused():
         def forward(self, op, q, k, v, mask):
             return torch.sigmoid(q @ k.transpose(-1, -2)) @ v
 
-    conv = rewrite.convert(models.bert(), passes="", example_inputs=_inputs(), progress=False)
+    conv = rewrite.convert(_on(models.bert()), passes="", example_inputs=_inputs(), progress=False)
     conv.sites[1].score_fn = Sigmoid()
     with pytest.raises(BackendError, match="site encoder.layer.1.attention: score function Sigmoid has no Triton"):
         lower_triton(conv)
@@ -130,13 +143,13 @@ def test_clipped_softmax_that_disagrees_is_refused():
         def forward(self, op, q, k, v, mask):
             return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
 
-    conv = rewrite.convert(models.bert(), passes="", example_inputs=_inputs(), progress=False)
+    conv = rewrite.convert(_on(models.bert()), passes="", example_inputs=_inputs(), progress=False)
     conv.sites[0].score_fn = Clipped()
     with pytest.raises(BackendError, match="Triton clipped kernel differs from the site's Clipped"):
         lower_triton(conv)
 
 
 def test_site_wrapper_keeps_the_op():
-    conv = rewrite.convert(models.bert(), passes="", example_inputs=_inputs(), progress=False)
+    conv = rewrite.convert(_on(models.bert()), passes="", example_inputs=_inputs(), progress=False)
     site = TritonSite(conv.sites[0])
     assert site.op is conv.sites[0] and site.kind == "softmax"

@@ -127,10 +127,11 @@ def test_load_balance_loss_is_E_times_sum_of_mean_prob_times_frequency_and_has_g
     out = sparse(input_ids=M.ids(2, 8), attention_mask=torch.ones(2, 8, dtype=torch.long)).logits
     loss = load_balance_loss(sparse)
     # zero router: P̄_i = 1/2, one head always chosen → l_aux = 2·(½·1 + ½·0) = 1 per site
-    assert float(loss) == pytest.approx(2 * 1.0)
+    assert float(loss.detach()) == pytest.approx(2 * 1.0)  # two sites
     (out.square().mean() + 0.01 * loss).backward()
     assert sparse.sites[0].head_gate.w_routed.grad.abs().sum() > 0
-    assert float(load_balance_loss(conv)) == pytest.approx(2 * 2 * 0.5)  # ratio 1: f̄ = 1 for both heads
+    conv(input_ids=M.ids(2, 8), attention_mask=torch.ones(2, 8, dtype=torch.long))
+    assert float(load_balance_loss(conv)) == pytest.approx(2 * 2.0)  # ratio 1: l_aux = 2·(½·1 + ½·1) per site
 
 
 def test_minilm_active_fraction_measured_on_calibration():
@@ -148,8 +149,8 @@ def test_minilm_active_fraction_measured_on_calibration():
     for site, st in stage["stats"].items():
         assert (st["shared_heads"], st["top_k"], st["active_heads"]) == (6, 5, 11)  # of 12 heads
         assert st["active_fraction"] == pytest.approx(11 / 12, abs=1e-3)
-        assert st["head_frequency"][:6] == [1.0] * 6 and sum(st["head_frequency"][6:]) == pytest.approx(5)
-        assert st["load_balance_loss"] >= 5 - 1e-6  # E·Σ P̄ f̄ ≥ K, equality when perfectly balanced
+        assert st["head_frequency"][:6] == [1.0] * 6 and sum(st["head_frequency"][6:]) == pytest.approx(5, abs=1e-3)
+        assert st["load_balance_loss"] >= 5 - 1e-3  # E·Σ P̄ f̄ ≥ K, equality when perfectly balanced
 
 
 def test_head_split_rounding():
