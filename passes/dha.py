@@ -146,13 +146,15 @@ class DHA(Pass):
     needs_calibration = True
     kv_ratio: Optional[float] = None
 
+    def __post_init__(self):
+        self.check_options()  # bad options fail when the spec is parsed, before any capture
+
     def check_options(self) -> None:
         if self.kv_ratio is None or not 0 < self.kv_ratio <= 1:
             raise SpecError(f"dha{{kv_ratio={self.kv_ratio}}}: kv_ratio must be in (0, 1], the fraction of KV "
                             "heads kept, e.g. dha{kv_ratio=0.5}")
 
     def run(self, gm, ctx):
-        self.check_options()
         if not ctx.calibration:
             raise PassError(f"{self.spec()} needs calibration data to fuse heads; pass calibration=[batches, ...]")
         ops = sites(gm)

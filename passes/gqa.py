@@ -4,15 +4,17 @@
 
 - ``mean`` (Ainslie et al.): T_j = I and contiguous groups of KV heads (biases pooled too).
 - ``aligned`` (Jin et al., "Align attention heads before merging them"; needs calibration): equal-size
-  groups of most-similar heads, then an exact re-expression T_j = R_j·A_j of every head (``rewrite.align``:
-  RoPE-commuting rotations for Q/K, any orthogonal/invertible map for V/O, the readers' W_q / W_o
-  compensate), query heads re-ordered so groups stay contiguous, then mean-pooling.
+  groups of the heads most similar after alignment (normalised constrained nuclear norm of the K and V
+  cross moments, pair-swap search), an exact rotation T_j = R_j of every head by generalised Procrustes
+  (``rewrite.align``: RoPE-commuting 2×2 rotations for Q/K, any orthogonal map for V/O; the readers'
+  W_q / W_o compensate), query heads re-ordered so groups stay contiguous, then mean-pooling.
 
 Cases handled:
  1. MHA and already-GQA sites: only whole KV heads are pooled (kv_heads must divide the KV head count);
  2. kv_heads equal to the current count: no change;
  3. kv_heads above the current count (and dividing the query heads): each query group gets its own copy (exact);
- 4. RoPE (rotate_half or interleaved, partial rotary), q/k biases, cross-attention (aligned whitens V only).
+ 4. RoPE (rotate_half or interleaved, partial rotary), q/k/v biases, seq-first layouts; with q/k norms
+    (Qwen3) or an unknown head transform the keys are pooled unrotated (values still aligned).
 Refused: kv_heads < 1 or an unknown method (SpecError); a site whose KV heads are not divisible into
 kv_heads groups, or whose K and V maps differ (a skip diagnostic; SpecError when no site can take it).
 """
@@ -26,7 +28,7 @@ from rewrite.calibrate import input_grams
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import duplicate_kv, pool_kv
-from rewrite.pass_base import Diagnostic, PassResult, SitePass, register
+from rewrite.pass_base import Diagnostic, Pass, PassResult, register
 
 __all__ = ["GQA", "merge_site"]
 
@@ -74,12 +76,15 @@ def merge_site(op, kv_heads: int, method: str, stats=None, seed: int = 0):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class GQA(SitePass):
+class GQA(Pass):
     """Grouped-query attention by pooling KV heads (see the module docstring)."""
 
     name = "gqa"
     kv_heads: Optional[int] = None
     method: str = "mean"
+
+    def __post_init__(self):
+        self.check_options()  # bad options fail when the spec is parsed, before any capture
 
     @property
     def needs_calibration(self) -> bool:
@@ -91,16 +96,17 @@ class GQA(SitePass):
         if self.kv_heads < 1:
             raise SpecError(f"gqa{{kv_heads={self.kv_heads}}}: kv_heads must be at least 1")
         if self.method not in METHODS:
-            raise SpecError(f"gqa{{method={self.method}}}: unknown method; valid: {', '.join(METHODS)}")
+            raise SpecError(f"{self.name}{{method={self.method}}}: unknown method; valid: {', '.join(METHODS)}")
 
-    def run(self, gm, ctx):
-        self.check_options()
+    def run(self, gm, ctx, spec: str = ""):
+        spec = spec or self.spec()
         stats = [None] * len(sites(gm))
         if self.method == "aligned":
             if not ctx.calibration:
-                raise PassError(f"{self.spec()}: gqa{{method=aligned}} needs calibration data to align heads; "
+                raise PassError(f"{spec}: {{method=aligned}} needs calibration data to align heads; "
                                 "pass calibration=[batches, ...] or use method=mean")
-            stats = input_grams(gm, ctx.call(gm), ctx.calibration, track=ctx.track)
+            if any(self.kv_heads < op.k_heads for op in sites(gm)):
+                stats = input_grams(gm, ctx.call(gm), ctx.calibration, track=ctx.track)
         replace, per_site, diags = {}, {}, []
         for i, op in enumerate(sites(gm)):
             new, st, dg = merge_site(op, self.kv_heads, self.method, stats[i])
@@ -111,5 +117,5 @@ class GQA(SitePass):
                 replace[i] = new
         skips = [d for d in diags if d.level == "skip"]
         if skips and len(skips) == len(sites(gm)):
-            raise SpecError(f"{self.spec()}: no site can take it: {skips[0].message}")
+            raise SpecError(f"{spec}: no site can take it: {skips[0].message}")
         return PassResult(with_sites(gm, replace), bool(replace), per_site, diags)

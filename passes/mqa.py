@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 
-from rewrite.pass_base import SitePass, register
+from rewrite.errors import SpecError
+from rewrite.pass_base import Pass, register
 
-from .gqa import GQA
+from .gqa import GQA, METHODS
 
 __all__ = ["MQA"]
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class MQA(SitePass):
+class MQA(Pass):
     """GQA with a single KV head per site."""
 
     name = "mqa"
     method: str = "mean"
+
+    def __post_init__(self):
+        self.check_options()
 
     @property
     def needs_calibration(self) -> bool:
@@ -32,7 +36,8 @@ class MQA(SitePass):
         return GQA(kv_heads=1, method=self.method)
 
     def check_options(self) -> None:
-        self.as_gqa().check_options()
+        if self.method not in METHODS:
+            raise SpecError(f"mqa{{method={self.method}}}: unknown method; valid: {', '.join(METHODS)}")
 
     def run(self, gm, ctx):
-        return self.as_gqa().run(gm, ctx)
+        return self.as_gqa().run(gm, ctx, spec=self.spec())

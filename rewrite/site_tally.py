@@ -54,7 +54,8 @@ class SiteTally:
             errs = [r["err"] for r in rows]
             out.append(Stage(
                 name=p.name if p else "original", spec=p.spec() if p else "", exact=p.exact if p else True,
-                sites_changed=sum(r["changed"] for r in rows), params=total_params - base + sum(r["numel"] for r in rows),
+                sites_changed=sum(r["changed"] for r in rows),
+                params=total_params - base + sum(r["numel"] for r in rows),
                 q_heads=[r["q"] for r in rows], kv_heads=[r["kv"] for r in rows],
                 kv_cache_bytes_per_token=sum(r["kvb"] for r in rows), attn_flops=sum(r["flops"] for r in rows),
                 max_abs_err=max(errs, default=0.0), cosine=ab / max((aa * bb) ** 0.5, 1e-30), seconds=self.seconds[s],

@@ -4,11 +4,12 @@
 
 How much of the model a pipeline needs at once decides how it runs (the report's extras say which):
 
-1. ``site`` -- every pass is a SitePass needing no calibration: streamed. For layer i only its attention
-   tensors are read (``shards.Checkpoint.load``), put into the template's op (``hf_checkpoint``), rewritten
-   pass by pass (``rewrite_site(i, op, ctx)``; a SitePass that only overrides ``run`` gets a graph holding
-   that one site) and written back. Every other tensor is copied byte for byte (``shards.write_folder``).
-   Peak memory: the attention tensors of one shard plus one layer, independent of the model's size.
+1. ``site`` -- every pass is site-local (a SitePass or in ``SITE_LOCAL``) and needs no calibration: streamed.
+   For layer i only its attention tensors are read (``shards.Checkpoint.load``), put into the template's op
+   (``hf_checkpoint``), rewritten pass by pass (``rewrite_site(i, op, ctx)``; a site-local pass without it
+   runs on a graph holding that one site) and written back. Every other tensor is copied byte for byte in
+   chunks (``shards.write_folder``). Peak memory: the template and one layer's attention (plus a layer
+   whose tensors straddle two shards), whatever the model's or the shards' size.
 2. ``attention`` -- a plain Pass (whole model) needing no calibration (prune-heads, masa): the attention
    weights of every layer are loaded (fp32) into a graph holding only the sites; the rest streams as above.
 3. ``model`` -- a pass needs calibration: the whole model is loaded in fp32 and ``rewrite.convert`` runs
@@ -43,13 +44,19 @@ from .site_tally import FLOP_TOKENS, SiteTally, streaming_extras
 __all__ = ["convert_folder", "tier_of", "site_graph"]
 
 TIERS = ("site", "attention", "model")
+# plain Passes whose result on a site depends only on that site and the options (without calibration);
+# a pass may say so itself with a ``site_local`` attribute, which wins over this table
+SITE_LOCAL = ("gqa", "mqa")
 
 
 def tier_of(p) -> str:
     """How much of the model pass ``p`` needs at once: "site" | "attention" | "model"."""
     if p.needs_calibration:
         return "model"
-    return "site" if isinstance(p, SitePass) else "attention"
+    local = getattr(p, "site_local", None)
+    if local is None:
+        local = isinstance(p, SitePass) or p.name in SITE_LOCAL
+    return "site" if local else "attention"
 
 
 def site_graph(ops: list) -> fx.GraphModule:
@@ -76,7 +83,7 @@ def _run(p, gm, ctx, where: str):
 
 def _rewrite_site(p, i: int, op, ctx):
     """(new op or None, stats, diagnostics) of a site-local pass on layer i."""
-    if type(p).rewrite_site is not SitePass.rewrite_site:
+    if getattr(type(p), "rewrite_site", SitePass.rewrite_site) is not SitePass.rewrite_site:
         try:
             return p.rewrite_site(i, op, ctx)
         except RewriteError:

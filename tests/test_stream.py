@@ -12,7 +12,7 @@ import transformers
 import rewrite
 from rewrite.errors import PassError, RewriteError
 from rewrite.shards import read_header
-from rewrite.stream import convert_folder
+from rewrite.stream import convert_folder, tier_of
 
 from models import VOCAB, gpt2, ids
 
@@ -152,6 +152,13 @@ def test_calibration_pass_loads_the_whole_model(folders, tmp_path):
         assert json.load(f)["num_key_value_heads"] == 2
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))  # side files are copied
     assert _logits(out, ids()).shape == (2, 8, VOCAB)
+
+
+def test_tiers():
+    specs = ("gqa{kv_heads=2}", "mqa", "gated-attention", "prune-heads{heads=0:1}", "masa",
+             "gqa{kv_heads=2,method=aligned}")
+    tiers = [tier_of(rewrite.parse_pipeline(spec)[0]) for spec in specs]
+    assert tiers == ["site", "site", "site", "attention", "attention", "model"]
 
 
 def test_refusals(folders, tmp_path, monkeypatch):

@@ -1,0 +1,186 @@
+"""lit: the linear-attention core against a direct sum; causal (llama, nanoGPT), padding (bert) and grid
+(vit) sites; weights inherited or re-initialised; error on the real MiniLM; refusals."""
+import pytest
+import torch
+from torch import nn
+
+import models as M
+import rewrite
+from rewrite.errors import SpecError
+from rewrite.heads import contiguous_map
+from rewrite.ir import Attention
+from rewrite.passes.lit import LinearAttention, classify_mask
+from test_roundtrip import _hf_inputs
+
+
+def _op(hq=4, hk=2, d=8, dim=16, causal=False):
+    g = torch.Generator().manual_seed(0)
+    w = lambda *s: torch.randn(*s, generator=g) / dim ** 0.5  # noqa: E731
+    return Attention(w(hq, d, dim), w(hk, d, dim), w(hk, d, dim), w(dim, hq, d), k_map=contiguous_map(hq, hk),
+                     scale=d ** -0.5, causal=causal)
+
+
+def _direct(q, k, v, keep, causal, eps=1e-6):
+    """O_t = Σ_j a_tj v_j / (Σ_j a_tj + ε), a_tj = relu(q_t)·relu(k_j) over the keys t may read."""
+    a = torch.relu(q) @ torch.relu(k).transpose(-1, -2)  # (B, H, Sq, Sk)
+    a = a * keep[:, None, None, :]
+    if causal:
+        a = a.tril()
+    return (a @ v) / (a.sum(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_core_matches_the_direct_sum_with_padding_and_gqa(causal):
+    op = _op(causal=causal)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 6, 8, generator=g) for h in (4, 2, 2))
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, 4:] = False  # right padding on the second row
+    mask = keep[:, None, None, :].expand(2, 1, 6, 6)
+    if causal:
+        mask = mask & torch.ones(6, 6, dtype=torch.bool).tril()
+    out = LinearAttention(causal=causal)(op, q, k, v, mask)
+    ref = _direct(q, op._expand(k, op.k_map, 2), op._expand(v, op.v_map, 2), keep.float(), causal)
+    assert torch.allclose(out, ref, atol=1e-5)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert torch.allclose(LinearAttention(causal=causal)(op, q, k, v, additive), ref, atol=1e-5)
+
+
+def test_mask_classification():
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0, 3:] = False
+    pad = keep[:, None, None, :].expand(2, 1, 5, 5)
+    tril = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert classify_mask(None) == "none"
+    assert classify_mask(pad) == "padding"
+    assert classify_mask(pad & tril) == "causal"
+    assert classify_mask(torch.zeros(2, 1, 5, 5).masked_fill(~(pad & tril), -1e9)) == "causal"
+    band = (torch.arange(5)[:, None] - torch.arange(5)[None, :]).abs() <= 1
+    assert classify_mask(band[None, None]) is None
+    assert classify_mask(torch.randn(1, 1, 5, 5)) is None  # an additive bias, not a mask
+
+
+def test_llama_is_causal_and_position_t_ignores_later_tokens():
+    torch.manual_seed(0)
+    model = M.llama(2)
+    conv = rewrite.convert(model, "lit", example_inputs=_hf_inputs(2, 8), progress=False)
+    stage = conv.report.to_json()["stages"][-1]
+    assert not stage["exact"] and stage["sites_changed"] == 2
+    assert all(s["causal"] and s["conv"] == "off" for s in stage["stats"].values())
+    assert stage["params"] == conv.report.stages[0].params  # same weights, no new ones
+    a = M.ids(2, 12, seed=3)
+    b = a.clone()
+    b[:, 7:] = M.ids(2, 5, seed=4)
+    ones = torch.ones_like(a)
+    with torch.no_grad():
+        la, lb = conv(input_ids=a, attention_mask=ones).logits, conv(input_ids=b, attention_mask=ones).logits
+    assert torch.isfinite(la).all()
+    assert torch.allclose(la[:, :7], lb[:, :7], atol=1e-5)
+    assert not torch.allclose(la[:, 7:], lb[:, 7:], atol=1e-3)
+
+
+def test_nanogpt_causal_mask_is_recognized():
+    conv = rewrite.convert(M.NanoGPT().eval(), "lit", example_inputs=(M.ids(),), progress=False)
+    stats = conv.report.to_json()["stages"][-1]["stats"]
+    assert [s["causal"] for s in stats.values()] == [True, True]
+
+
+def test_bert_padding_keys_contribute_nothing():
+    torch.manual_seed(0)
+    conv = rewrite.convert(M.bert(), "lit", example_inputs=_hf_inputs(2, 8), progress=False)
+    stats = conv.report.to_json()["stages"][-1]["stats"]
+    assert all(not s["causal"] and s["conv"] == "off" for s in stats.values())
+    x = _hf_inputs(3, 10, pad=True)
+    y = dict(x, input_ids=x["input_ids"].masked_fill(x["attention_mask"] == 0, 5))  # other ids under padding
+    with torch.no_grad():
+        a, b = conv(**x).last_hidden_state, conv(**y).last_hidden_state
+    kept = x["attention_mask"].bool()
+    assert torch.isfinite(a).all()
+    assert torch.allclose(a[kept], b[kept], atol=1e-5)
+
+
+def test_vit_gets_a_zero_initialised_conv_on_the_patch_grid():
+    torch.manual_seed(0)
+    model = M.vit()
+    px = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    conv = rewrite.convert(model, "lit", example_inputs=px, progress=False)
+    off = rewrite.convert(model, "lit{conv=off}", example_inputs=px, progress=False)
+    stage = conv.report.to_json()["stages"][-1]
+    assert [s["conv"] for s in stage["stats"].values()] == ["3x3 on 4x4 grid, 1 class tokens"] * 2
+    assert stage["params"] - off.report.stages[-1].params == 2 * 64 * (9 + 1)  # depthwise 3x3 + bias, 2 sites
+    with torch.no_grad():
+        assert torch.equal(conv(**px).last_hidden_state, off(**px).last_hidden_state)  # zero init: no-op
+        op = conv.sites[0]
+        nn.init.normal_(op.score_fn.conv.weight)
+        q, k, v = (torch.randn(2, 4, 17, 16) for _ in range(3))
+        with_conv = op.score_fn(op, q, k, v, None)
+        plain = off.sites[0].score_fn(op, q, k, v, None)
+    assert torch.equal(with_conv[:, :, 0], plain[:, :, 0])  # the class token gets no conv term
+    assert not torch.allclose(with_conv[:, :, 1:], plain[:, :, 1:])
+
+
+def test_inherit_false_reinitialises_with_a_seed():
+    torch.manual_seed(0)
+    model = M.llama(4)
+    ex = {"input_ids": M.ids()}
+    a = rewrite.convert(model, "lit{inherit=false,seed=3}", example_inputs=ex, progress=False).sites[0]
+    b = rewrite.convert(model, "lit{inherit=false,seed=3}", example_inputs=ex, progress=False).sites[0]
+    original = model.model.layers[0].self_attn.q_proj.weight.reshape(4, 16, 64)
+    assert torch.equal(a.wq, b.wq) and not torch.allclose(a.wq, original)
+    assert float(a.wq.abs().max()) <= 64 ** -0.5
+
+
+def test_minilm_error_is_bounded():
+    model = M.minilm()
+    conv = rewrite.convert(model, "lit", example_inputs=_hf_inputs(4, 12, pad=True), progress=False)
+    stage = conv.report.to_json()["stages"][-1]
+    assert stage["sites_changed"] == 6 and all(not s["causal"] for s in stage["stats"].values())
+    assert 0.3 < stage["cosine"] < 0.999  # linear attention is not softmax: lossy until distilled
+
+
+class CrossAttention(nn.Module):
+    """Self-attention over x, then cross-attention from x to a memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.cross = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.memory = nn.Linear(64, 64)
+
+    def forward(self, x, mem):
+        x = x + self.self_attn(x, x, x, need_weights=False)[0]
+        m = self.memory(mem)
+        return x + self.cross(x, m, m, need_weights=False)[0]
+
+
+class Banded(nn.Module):
+    """Self-attention with a sliding-window mask: neither causal nor padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        i = torch.arange(64)
+        self.register_buffer("far", (i[:, None] - i[None, :]).abs() > 2)
+
+    def forward(self, x):
+        s = x.shape[1]
+        return self.attn(x, x, x, attn_mask=self.far[:s, :s], need_weights=False)[0]
+
+
+def test_refusals():
+    with pytest.raises(SpecError, match="unknown feature map; valid: relu, elu"):
+        rewrite.parse_pipeline("lit{feature_map=tanh}")[0].check_options()
+    with pytest.raises(SpecError, match="conv must be auto, on or off"):
+        rewrite.convert(M.bert(), "lit{conv=maybe}", example_inputs=_hf_inputs(2, 8), progress=False)
+    conv = rewrite.convert(CrossAttention().eval(), "lit", example_inputs=(torch.randn(2, 8, 64), torch.randn(2, 5, 64)),
+                           progress=False)
+    assert [op.info.cross for op in conv.sites] == [False, True]
+    stage = conv.report.to_json()["stages"][-1]
+    assert stage["sites_changed"] == 1 and conv.sites[1].score_fn is None
+    assert stage["diagnostics"] == ["skip: cross: lit does not support cross-attention at cross"]
+    conv = rewrite.convert(Banded().eval(), "lit", example_inputs=(torch.randn(2, 8, 64),), progress=False)
+    assert conv.report.stages[-1].sites_changed == 0
+    assert "lit needs a causal or padding mask at attn" in conv.report.stages[-1].diagnostics[0]
+    conv = rewrite.convert(M.bert(), "lit{conv=on}", example_inputs=_hf_inputs(2, 8), progress=False)
+    assert conv.report.stages[-1].sites_changed == 0
+    assert "lit conv=on needs a 2-D token grid" in conv.report.stages[-1].diagnostics[0]
