@@ -109,7 +109,7 @@ def inspect(model: nn.Module, example_inputs) -> Inspection:
     return Inspection(out, refusals)
 
 
-def _stage(name, spec, exact, gm, changed, seconds, cmp, errs, dtype_bytes, diags=(), stats=None, tol=0.0):
+def _stage(name, spec, exact, gm, changed, seconds, cmp, errs, dtype_bytes, diags=(), stats=None):
     ops = sites(gm)
     names = [op.info.name for op in ops]
     return Stage(
@@ -118,7 +118,7 @@ def _stage(name, spec, exact, gm, changed, seconds, cmp, errs, dtype_bytes, diag
         kv_cache_bytes_per_token=sum(op.kv_cache_bytes_per_token(dtype_bytes) for op in ops if not op.info.cross),
         attn_flops=sum(op.attn_flops() for op in ops), max_abs_err=cmp.max_abs_err, cosine=cmp.cosine,
         seconds=seconds, site_names=names, site_errors=errs, diagnostics=[str(d) for d in diags],
-        stats=stats or {}, first_divergence=first_divergence(names, errs, tol) if exact else None)
+        stats=stats or {})
 
 
 def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None, backend: str = "eager",
@@ -181,13 +181,19 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
         seconds = time.perf_counter() - t
         new = result.graph
         cmp = compare_outputs(call_model, caller(new), check) if verify else _nan_cmp()
-        errs = site_errors(gm, caller(gm), new, check[:1]) if verify else []
+        errs = site_errors(gm, caller(gm), new, check[:1]) if verify else []  # vs the original, per site
         stage = _stage(p.name, p.spec(), p.exact, new, _changed(current, new), seconds, cmp, errs, dtype_bytes,
-                       result.diagnostics, result.stats, tol=EXACT_TOL * max(cmp.scale, 1.0))
+                       result.diagnostics, result.stats)
         report.stages.append(stage)
-        if verify and p.exact and not cmp.relative <= EXACT_TOL:
-            raise VerificationError(f"pass '{p.spec()}' claims to be exact but differs from the original: max "
-                                    f"abs error {cmp.max_abs_err:.3g}; first diverging site: {stage.first_divergence}")
+        if verify and p.exact:  # an exact pass must leave the previous stage's outputs unchanged
+            step = compare_outputs(caller(current), caller(new), check)
+            if not step.relative <= EXACT_TOL:
+                step_errs = site_errors(current, caller(current), new, check[:1])
+                stage.first_divergence = first_divergence(stage.site_names, step_errs,
+                                                          EXACT_TOL * max(step.scale, 1.0))
+                raise VerificationError(
+                    f"pass '{p.spec()}' claims to be exact but changes the previous stage's outputs: max abs error "
+                    f"{step.max_abs_err:.3g}; first diverging site: {stage.first_divergence}")
         done.append(p)
         current = new
     conv = Converted(current, cap, report, model)
