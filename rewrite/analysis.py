@@ -154,7 +154,8 @@ class _Moments:
         t = y.detach().double().permute(0, 2, 1, 3).flatten(0, 1)  # (B, H, S, d) -> (N, H, d)
         h, d = t.shape[1:]
         if self.total is None:
-            self.total, self.cross = torch.zeros(h, d, dtype=torch.float64), torch.zeros(h, h, d, d, dtype=torch.float64)
+            self.total = torch.zeros(h, d, dtype=torch.float64)
+            self.cross = torch.zeros(h, h, d, d, dtype=torch.float64)
         self.total += t.sum(0)
         flat = t.flatten(1)  # (N, H*d)
         self.cross += (flat.T @ flat).unflatten(0, (h, d)).unflatten(-1, (h, d)).permute(0, 2, 1, 3)

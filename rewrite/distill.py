@@ -27,6 +27,8 @@ from .graph import sites
 
 __all__ = ["distill", "trainable_parameters"]
 
+EVAL_BATCHES = 8  # the distill stage's max_abs_err and cosine are measured on the first batches of the data
+
 
 def trainable_parameters(student, params: str = "changed") -> list:
     """The student's parameters to train: those of sites changed since capture, or all of them."""
@@ -151,7 +153,7 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     call_teacher = (lambda kw: teacher(**kw, **student.fixed))
     call_student = (lambda kw: student.gm(**kw, **student.fixed))
     with torch.no_grad():
-        cmp = compare_outputs(call_teacher, call_student, batches)
+        cmp = compare_outputs(call_teacher, call_student, batches[:EVAL_BATCHES])
         captured = student._captured.gm
         errs = site_errors(captured, lambda kw: captured(**kw, **student.fixed), student.gm, batches[:1])
     dtype_bytes = next(iter(teacher.parameters())).element_size()

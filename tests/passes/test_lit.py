@@ -7,8 +7,10 @@ from torch import nn
 import models as M
 import rewrite
 from rewrite.errors import SpecError
+from rewrite.graph import count_params
 from rewrite.heads import contiguous_map
 from rewrite.ir import Attention
+from rewrite.pass_base import PassContext
 from rewrite.passes.lit import LinearAttention, classify_mask
 from test_roundtrip import _hf_inputs
 
@@ -18,6 +20,13 @@ def _op(hq=4, hk=2, d=8, dim=16, causal=False):
     w = lambda *s: torch.randn(*s, generator=g) / dim ** 0.5  # noqa: E731
     return Attention(w(hq, d, dim), w(hk, d, dim), w(hk, d, dim), w(dim, hq, d), k_map=contiguous_map(hq, hk),
                      scale=d ** -0.5, causal=causal)
+
+
+def _restage(conv, spec):
+    """Run ``spec`` on the captured graph of ``conv`` without capturing again: (ops, PassResult)."""
+    (p,) = rewrite.parse_pipeline(spec)
+    result = p.run(conv._captured.gm, PassContext(captured=conv._captured))
+    return rewrite.graph.sites(result.graph), result
 
 
 def _direct(q, k, v, keep, causal, eps=1e-6):
@@ -104,17 +113,18 @@ def test_vit_gets_a_zero_initialised_conv_on_the_patch_grid():
     model = M.vit()
     px = {"pixel_values": torch.randn(2, 3, 32, 32)}
     conv = rewrite.convert(model, "lit", example_inputs=px, progress=False)
-    off = rewrite.convert(model, "lit{conv=off}", example_inputs=px, progress=False)
+    _, off = _restage(conv, "lit{conv=off}")
     stage = conv.report.to_json()["stages"][-1]
     assert [s["conv"] for s in stage["stats"].values()] == ["3x3 on 4x4 grid, 1 class tokens"] * 2
-    assert stage["params"] - off.report.stages[-1].params == 2 * 64 * (9 + 1)  # depthwise 3x3 + bias, 2 sites
+    assert stage["params"] - count_params(off.graph) == 2 * 64 * (9 + 1)  # depthwise 3x3 + bias, 2 sites
     with torch.no_grad():
-        assert torch.equal(conv(**px).last_hidden_state, off(**px).last_hidden_state)  # zero init: no-op
+        plain_out = off.graph(**px, **conv.fixed).last_hidden_state
+        assert torch.equal(conv(**px).last_hidden_state, plain_out)  # zero init: a no-op
         op = conv.sites[0]
         nn.init.normal_(op.score_fn.conv.weight)
         q, k, v = (torch.randn(2, 4, 17, 16) for _ in range(3))
         with_conv = op.score_fn(op, q, k, v, None)
-        plain = off.sites[0].score_fn(op, q, k, v, None)
+        plain = rewrite.graph.sites(off.graph)[0].score_fn(op, q, k, v, None)
     assert torch.equal(with_conv[:, :, 0], plain[:, :, 0])  # the class token gets no conv term
     assert not torch.allclose(with_conv[:, :, 1:], plain[:, :, 1:])
 
@@ -122,12 +132,14 @@ def test_vit_gets_a_zero_initialised_conv_on_the_patch_grid():
 def test_inherit_false_reinitialises_with_a_seed():
     torch.manual_seed(0)
     model = M.llama(4)
-    ex = {"input_ids": M.ids()}
-    a = rewrite.convert(model, "lit{inherit=false,seed=3}", example_inputs=ex, progress=False).sites[0]
-    b = rewrite.convert(model, "lit{inherit=false,seed=3}", example_inputs=ex, progress=False).sites[0]
+    conv = rewrite.convert(model, [], example_inputs={"input_ids": M.ids()}, progress=False)
+    (a, _), _ = _restage(conv, "lit{inherit=false,seed=3}")
+    (b, _), _ = _restage(conv, "lit{inherit=false,seed=3}")
+    (c, _), _ = _restage(conv, "lit")
     original = model.model.layers[0].self_attn.q_proj.weight.reshape(4, 16, 64)
     assert torch.equal(a.wq, b.wq) and not torch.allclose(a.wq, original)
     assert float(a.wq.abs().max()) <= 64 ** -0.5
+    assert torch.equal(c.wq, original) and c.wq is not conv.sites[0].wq  # inherited: a copy
 
 
 def test_minilm_error_is_bounded():
@@ -171,7 +183,9 @@ def test_refusals():
     with pytest.raises(SpecError, match="unknown feature map; valid: relu, elu"):
         rewrite.parse_pipeline("lit{feature_map=tanh}")[0].check_options()
     with pytest.raises(SpecError, match="conv must be auto, on or off"):
-        rewrite.convert(M.bert(), "lit{conv=maybe}", example_inputs=_hf_inputs(2, 8), progress=False)
+        rewrite.parse_pipeline("lit{conv=maybe}")[0].check_options()
+    with pytest.raises(SpecError, match="eps must be positive"):
+        rewrite.parse_pipeline("lit{eps=0}")[0].check_options()
     conv = rewrite.convert(CrossAttention().eval(), "lit", example_inputs=(torch.randn(2, 8, 64), torch.randn(2, 5, 64)),
                            progress=False)
     assert [op.info.cross for op in conv.sites] == [False, True]
@@ -181,6 +195,7 @@ def test_refusals():
     conv = rewrite.convert(Banded().eval(), "lit", example_inputs=(torch.randn(2, 8, 64),), progress=False)
     assert conv.report.stages[-1].sites_changed == 0
     assert "lit needs a causal or padding mask at attn" in conv.report.stages[-1].diagnostics[0]
-    conv = rewrite.convert(M.bert(), "lit{conv=on}", example_inputs=_hf_inputs(2, 8), progress=False)
-    assert conv.report.stages[-1].sites_changed == 0
-    assert "lit conv=on needs a 2-D token grid" in conv.report.stages[-1].diagnostics[0]
+    conv = rewrite.convert(M.NanoGPT().eval(), [], example_inputs=(M.ids(),), progress=False)
+    _, result = _restage(conv, "lit{conv=on}")
+    assert not result.changed
+    assert "lit conv=on needs a 2-D token grid at blocks.0, but it is causal" in str(result.diagnostics[0])
