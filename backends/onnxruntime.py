@@ -75,8 +75,12 @@ def choose_provider(requested: str = "auto") -> str:
     return provider
 
 
-def make_session(path: str, provider: str = CPU, threads: Optional[int] = None):
-    """An ``InferenceSession`` with every graph optimization on, pinned to ``provider``."""
+def make_session(path: str, provider: str = CPU, threads: Optional[int] = None, spin: bool = True):
+    """An ``InferenceSession`` with every graph optimization on, pinned to ``provider``.
+
+    ``spin=False`` stops idle intra-op threads from busy-waiting after a run (they would take CPU
+    from whatever runs next in the process, e.g. PyTorch in a benchmark).
+    """
     import onnxruntime
 
     so = onnxruntime.SessionOptions()
@@ -86,6 +90,8 @@ def make_session(path: str, provider: str = CPU, threads: Optional[int] = None):
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [provider] if provider == CPU else [provider, CPU]
     session = onnxruntime.InferenceSession(path, sess_options=so, providers=providers)
     if session.get_providers()[0] != provider:
@@ -150,7 +156,7 @@ class OrtModule(nn.Module):
 
 
 def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = None, gqa: str = "auto",
-                      path: Optional[str] = None, check: bool = True) -> OrtModule:
+                      path: Optional[str] = None, check: bool = True, spin: bool = True) -> OrtModule:
     """``conv`` exported to ONNX and wrapped in an ONNX Runtime session.
 
     Args:
@@ -160,6 +166,7 @@ def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = Non
         gqa: "auto" | "native" | "expand" (see ``rewrite.backends.onnx.export_onnx``).
         path: where to write the ``.onnx`` file; default a temporary folder owned by the module.
         check: compare with PyTorch on fresh inputs (recorded in ``report.extras["onnx"]``).
+        spin: let idle ONNX Runtime threads busy-wait (lower latency; off for fair benchmarks).
     """
     from .onnx import check_file, choose_gqa, export_graph, has_native_gqa, onnx_summary
 
@@ -184,7 +191,7 @@ def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = Non
         folder = tempfile.TemporaryDirectory(prefix="rewrite-ort-")
         path = os.path.join(folder.name, "model.onnx")
     external = export_graph(conv, path, native_gqa=native)
-    session = make_session(path, chosen, threads or torch.get_num_threads())
+    session = make_session(path, chosen, threads or torch.get_num_threads(), spin)
     info = {"path": os.path.abspath(path), "opset": 23, "external_data": external,
             "gqa": ("native" if native else "expanded") if has_native_gqa(conv) else "none", **onnx_summary(path)}
     if check:

@@ -12,15 +12,13 @@ A random 4-layer, 512-wide LLaMA (8 heads of 64; MHA and GQA variants), 2 thread
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from rich.console import Console
 
 import rewrite
 from rewrite.backends.onnxruntime import lower_onnxruntime
-from rewrite.bench import bench
+from rewrite.bench import bench, interleaved_ms
 from rewrite.pipeline import available
 
 THREADS = 2
@@ -41,27 +39,16 @@ def example(batch: int = 2, seq: int = 32) -> tuple:
     return (torch.randint(0, 2048, (batch, seq), generator=torch.Generator().manual_seed(0)),)
 
 
-def median_ms(fn, repeats: int) -> float:
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def ort_vs_eager(console: Console, tokens: int, repeats: int) -> float:
     """(a): one converted GQA model, eager PyTorch vs ONNX Runtime CPU; returns the speedup."""
     torch.set_num_threads(THREADS)
     conv = rewrite.convert(llama(kv_heads=2), passes="", example_inputs=example(), progress=False)
-    ort = lower_onnxruntime(conv, provider="cpu", threads=THREADS)
+    ort = lower_onnxruntime(conv, provider="cpu", threads=THREADS, spin=False)  # no busy-wait between runs
     ids = torch.randint(0, 2048, (1, tokens), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         err = (ort(ids).logits - conv(ids).logits).abs().max().item()
-    eager_ms = median_ms(lambda: conv(ids), repeats)
-    ort_ms = median_ms(lambda: ort(ids), repeats)
+    ms = interleaved_ms({"eager": lambda: conv(ids), "ort": lambda: ort(ids)}, repeats)  # same load for both
+    eager_ms, ort_ms = ms["eager"], ms["ort"]
     info = conv.report.extras["onnx"]
     console.print(f"[bold](a)[/] GQA LLaMA (8 q / 2 kv heads), batch 1 x {tokens} tokens, {THREADS} threads each: "
                   f"eager PyTorch {eager_ms:.0f} ms, ONNX Runtime {ort_ms:.0f} ms -> [bold]{eager_ms / ort_ms:.2f}x[/] "

@@ -4,7 +4,8 @@
 
 printed beside the theoretical ratios of the report (original / converted): attention FLOPs
 (score and value matmuls, ∝ Hq) and KV-cache bytes per token (∝ Hk·dh + Hv·dv). Everything runs in
-one process with the same thread count for PyTorch and ONNX Runtime (``threads``, default 2).
+one process with the same thread count for PyTorch and ONNX Runtime (``threads``, default 2); the
+runs of the original and of every backend are interleaved so that all see the same machine load.
 A backend that cannot run here (no GPU for Triton, a refusal) becomes a row with the reason.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from .errors import RewriteError
 
-__all__ = ["bench", "BenchTable", "inputs_at"]
+__all__ = ["bench", "BenchTable", "inputs_at", "interleaved_ms"]
 
 
 @dataclasses.dataclass
@@ -89,18 +90,23 @@ def inputs_at(conv, seq_len: int) -> dict:
     return out
 
 
-def _median_ms(fn, repeats: int) -> float:
+def interleaved_ms(fns: dict, repeats: int, advance=lambda: None) -> dict:
+    """Median ms of each function; runs are interleaved (a, b, c, a, b, c, ...) so that all of them
+    see the same machine load, after one warm-up each (kernel compilation, ORT allocations)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = {k: [] for k in fns}
     with torch.no_grad():
-        fn()  # warm-up (kernel compilation, ORT allocations)
-        sync()
-        times = []
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
+        for fn in fns.values():
             fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        sync()
+        for _ in range(max(1, repeats)):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[k].append(time.perf_counter() - t0)
+            advance()
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def _lower(conv, backend: str, threads: int):
@@ -113,7 +119,7 @@ def _lower(conv, backend: str, threads: int):
         if backend == "onnxruntime":
             from rewrite.backends.onnxruntime import lower_onnxruntime
 
-            return lower_onnxruntime(conv, threads=threads), ""
+            return lower_onnxruntime(conv, threads=threads, spin=False), ""
         if backend == "triton":
             from rewrite.backends.triton._common import is_interpreted
             from rewrite.backends.triton.flash import _attn_fwd_kernel
@@ -172,20 +178,17 @@ def bench(model, passes, backends=("eager",), seq_lens=(128, 512, 1024), repeats
         def original(kw):
             return model(**kw, **conv.fixed)
 
-        work = [(s, b) for s in seq_lens for b in [None, *backends]]
-        with _progress(progress, len(work)) as advance:
-            base = {}
-            for s, b in work:
+        with _progress(progress, len(seq_lens) * max(1, repeats)) as advance:
+            for s in seq_lens:
                 kw = inputs[s]
-                if b is None:
-                    base[s] = _median_ms(lambda: original(kw), repeats)
-                else:
-                    module, note = lowered[b]
-                    ms = _median_ms(lambda: module(**kw), repeats) if module is not None else None
-                    table.rows.append({"backend": b, "seq_len": s, "original_ms": base[s], "converted_ms": ms,
-                                       "speedup": base[s] / ms if ms else None, "attn_flop_ratio": flop_ratio,
-                                       "kv_bytes_ratio": kv_ratio, "note": note or None})
-                advance(f"{b or 'original'} @ {s}")
+                fns = {None: lambda kw=kw: original(kw)}
+                fns.update({b: (lambda kw=kw, m=m: m(**kw)) for b, (m, _) in lowered.items() if m is not None})
+                ms = interleaved_ms(fns, repeats, lambda s=s: advance(f"{s} tokens"))
+                for b in backends:
+                    t = ms.get(b)
+                    table.rows.append({"backend": b, "seq_len": s, "original_ms": ms[None], "converted_ms": t,
+                                       "speedup": ms[None] / t if t else None, "attn_flop_ratio": flop_ratio,
+                                       "kv_bytes_ratio": kv_ratio, "note": lowered[b][1] or None})
         return table
     finally:
         torch.set_num_threads(before)
