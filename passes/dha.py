@@ -30,13 +30,13 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 
-from rewrite.align import (_diag_moments, _reader_sum, apply_head_maps, generalized_procrustes, head_distance,
-                           key_pairing, kv_moments, value_pairing)
+from rewrite.align import (apply_head_maps, equal_groups, generalized_procrustes, head_distance, head_self_moments,
+                           key_pairing, kv_moments, labels_of, reader_sum, value_pairing)
 from rewrite.calibrate import input_grams, record_site_inputs
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import pool_kv
-from rewrite.pass_base import Pass, PassResult, register
+from rewrite.pass_base import Diagnostic, Pass, PassResult, register
 
 __all__ = ["DHA", "allocate", "refine", "fusion_weights"]
 
@@ -94,35 +94,52 @@ class FusionCurve:
         self._d = d
         # Ward on √d merges so as to least increase Σ_g (1/|g|) Σ_{i<j∈g} d_ij
         self.tree = linkage(squareform(np.sqrt(d), checks=False), "ward") if self.h > 1 else None
-        self._errors, self._labels = {self.h: 0.0}, {}
+        self._errors, self._labels = {}, {}
 
-    def labels(self, n: int) -> torch.Tensor:
-        if n not in self._labels:
-            lab = cut_tree(self.tree, n_clusters=n)[:, 0] if self.h > 1 else np.zeros(1, dtype=np.int64)
-            self._labels[n] = torch.as_tensor(refine(self._d, lab), dtype=torch.long)
-        return self._labels[n]
+    def candidates(self, n: int) -> list:
+        """Groupings tried for n heads: the refined Ward cut, and equal-size groups when n divides H."""
+        lab = cut_tree(self.tree, n_clusters=n)[:, 0] if self.h > 1 else np.zeros(1, dtype=np.int64)
+        out = [torch.as_tensor(refine(self._d, lab), dtype=torch.long)]
+        if 1 < n < self.h and self.h % n == 0:
+            out.append(labels_of(equal_groups(self.dist, n), self.h))
+        return out
 
-    def fuse(self, n: int, iters: int = 15):
+    def fuse(self, n: int, labels: Optional[torch.Tensor] = None, iters: int = 15):
         """(groups, rotations [H, d, d], fusion weights per group) for n merged heads."""
-        lab = self.labels(n)
+        lab = self.labels(n) if labels is None else labels
         rot = generalized_procrustes(self.c, lab, self.pairing, self.pairwise, self.dist, iters=iters)
         groups = [(lab == g).nonzero().flatten().tolist() for g in range(n)]
         return groups, rot, fusion_weights(self.c, lab, rot, self.metric)
 
+    def labels(self, n: int) -> torch.Tensor:
+        if n not in self._labels:
+            self.error(n)
+        return self._labels[n]
+
     def error(self, n: int) -> float:
+        """Calibration reconstruction error with n heads (the best of the candidate groupings)."""
+        if n == self.h and n not in self._errors:  # every head kept: nothing merged
+            self._errors[n], self._labels[n] = 0.0, torch.arange(n)
         if n not in self._errors:
-            groups, rot, w = self.fuse(n, iters=3)
-            single = [[j] for j in range(self.op.v_heads if self.kind == "k" else self.op.k_heads)]
-            if self.kind == "k":
-                new = pool_kv(apply_head_maps(self.op, rot, None), groups, single, k_weights=w)
-            else:
-                new = pool_kv(apply_head_maps(self.op, None, rot), single, groups, v_weights=w)
-            self._errors[n] = self.probe(new)
+            best = None
+            for lab in self.candidates(n):
+                groups, rot, w = self.fuse(n, lab, iters=3)
+                single = [[j] for j in range(self.op.v_heads if self.kind == "k" else self.op.k_heads)]
+                if self.kind == "k":
+                    new = pool_kv(apply_head_maps(self.op, rot, None), groups, single, k_weights=w)
+                else:
+                    new = pool_kv(apply_head_maps(self.op, None, rot), single, groups, v_weights=w)
+                err = self.probe(new)
+                if best is None or err < best[0]:
+                    best = (err, lab)
+            self._errors[n], self._labels[n] = best
         return self._errors[n]
 
 
 def allocate(curves: list, budget: int) -> list:
     """Head counts per site: start at 1, give each next head to the largest error drop (greedy)."""
+    if budget >= sum(cv.h for cv in curves):
+        return [cv.h for cv in curves]
     counts = [1] * len(curves)
     heap = [(-(cv.error(1) - cv.error(2)), i) for i, cv in enumerate(curves) if cv.h > 1]
     heapq.heapify(heap)
@@ -166,17 +183,19 @@ class DHA(Pass):
                 probe = _site_probe(op, rec)
                 ck, cv = kv_moments(op, st)
                 wo = op.wo.detach().double().permute(1, 0, 2)  # (Hq, Do, dv)
-                k_curves.append(FusionCurve(op, "k", ck, _reader_sum(_diag_moments(op.wq, op.bq, st), op.k_map,
-                                                                    op.k_heads), probe))
-                v_curves.append(FusionCurve(op, "v", cv, _reader_sum(wo.transpose(1, 2) @ wo, op.v_map,
-                                                                    op.v_heads), probe))
+                k_metric = reader_sum(head_self_moments(op.wq, op.bq, st), op.k_map, op.k_heads)  # Σ E[q qᵀ]
+                v_metric = reader_sum(wo.transpose(1, 2) @ wo, op.v_map, op.v_heads)  # Σ W_oᵀ W_o
+                k_curves.append(FusionCurve(op, "k", ck, k_metric, probe))
+                v_curves.append(FusionCurve(op, "v", cv, v_metric, probe))
             nk = allocate(k_curves, max(len(ops), round(self.kv_ratio * sum(op.k_heads for op in ops))))
             nv = allocate(v_curves, max(len(ops), round(self.kv_ratio * sum(op.v_heads for op in ops))))
             replace, per_site = {}, {}
             for i, op in enumerate(ops):
                 if nk[i] < op.k_heads or nv[i] < op.v_heads:
                     replace[i], per_site[op.info.name] = _fuse(op, k_curves[i], v_curves[i], nk[i], nv[i])
-        return PassResult(with_sites(gm, replace), bool(replace), per_site, [])
+        note = Diagnostic("info", f"K heads per site {nk} (of {[op.k_heads for op in ops]}), V heads per site {nv} "
+                                  f"(of {[op.v_heads for op in ops]})")
+        return PassResult(with_sites(gm, replace), bool(replace), per_site, [note])
 
 
 def _site_probe(op, records):

@@ -50,6 +50,10 @@ def _refusal(op, kv_heads: int):
     return None
 
 
+def _has_state(module) -> bool:
+    return module is not None and any(True for _ in list(module.parameters()) + list(module.buffers()))
+
+
 def merge_site(op, kv_heads: int, method: str, stats=None, seed: int = 0):
     """(new op or None, stats, diagnostics) for one site."""
     hk = op.k_heads
@@ -65,13 +69,14 @@ def merge_site(op, kv_heads: int, method: str, stats=None, seed: int = 0):
         groups = [list(range(g * size, (g + 1) * size)) for g in range(kv_heads)]
         return pool_kv(op, groups), {"kv_heads_before": hk, "kv_heads_after": kv_heads, "groups": groups}, []
     diags = []
-    reorder = op.head_gate is None  # a per-head gate would need the same permutation
+    reorder = not any(_has_state(m) for m in (op.head_gate, op.score_fn))  # per-head state would need permuting
     if not reorder:
-        diags.append(Diagnostic("info", "kept the query-head order (head gate present): KV map is not contiguous",
-                                op.info.name))
-    aligned, groups, original = align_heads(op, stats, kv_heads, seed=seed, reorder=reorder)
-    st = {"kv_heads_before": hk, "kv_heads_after": kv_heads, "groups": original}
-    return pool_kv(aligned, groups), st, diags
+        diags.append(Diagnostic("info", "kept the query-head order (per-head gate or score state): the KV map is "
+                                "not contiguous", op.info.name))
+    al = align_heads(op, stats, kv_heads, seed=seed, reorder=reorder)
+    st = {"kv_heads_before": hk, "kv_heads_after": kv_heads, "groups": al.original_groups,
+          "k_residual_mean_vs_aligned": al.residual["k"], "v_residual_mean_vs_aligned": al.residual["v"]}
+    return pool_kv(al.op, al.groups), st, diags
 
 
 @register

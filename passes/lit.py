@@ -2,8 +2,9 @@
 
     softmax(Q Kᵀ/√d) V  →  O_t = φ(q_t) (Σ_j φ(k_j)ᵀ v_j) / (φ(q_t) · Σ_j φ(k_j) + ε),   φ = ReLU
 
-per query head, in fp32. Causal sites sum over j ≤ t (prefix sums, bottom-right aligned when
-Sq < Sk); key positions a padding mask drops contribute nothing. On a 2-D token grid an optional
+per query head, in fp32. Causal sites sum over j ≤ t in chunks of 64 (a masked block inside the chunk
+plus prefix sums of the chunk states; bottom-right aligned prefix sums when Sq < Sk); key positions a
+padding mask drops contribute nothing. On a 2-D token grid an optional
 depthwise convolution over V (zero-initialised, so it starts as a no-op) is added to the output:
 O += DWConv(V on the H×W patch grid), class/register tokens excluded.
 
@@ -39,6 +40,7 @@ __all__ = ["Lit", "LinearAttention", "classify_mask"]
 
 FEATURE_MAPS = {"relu": F.relu, "elu": lambda x: F.elu(x) + 1.0}
 MASKED = -1e3  # additive mask entries below this drop the key
+CHUNK = 64  # causal chunk length: C×C scores per chunk plus one d×dv state per chunk
 
 
 def key_keep(mask: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,9 @@ class LinearAttention(nn.Module):
         vf = op._expand(v, op.v_map, op._v_group).float()  # (B, Hq, Sk, dv)
         if mask is not None:
             fk = fk * key_keep(mask)
-        if self.causal:
+        if self.causal and q.shape[2] == k.shape[2]:
+            num, den = _causal_chunked(fq, fk, vf)
+        elif self.causal:  # fewer queries than keys (decoding): bottom-right aligned prefix sums
             sq, sk = q.shape[2], k.shape[2]
             kv = torch.cumsum(fk.unsqueeze(-1) * vf.unsqueeze(-2), dim=2)[:, :, sk - sq:]  # (B, H, Sq, d, dv)
             z = torch.cumsum(fk, dim=2)[:, :, sk - sq:]  # (B, H, Sq, d)
@@ -94,6 +98,26 @@ class LinearAttention(nn.Module):
     def extra_repr(self) -> str:
         conv = f", conv={self.grid}x{self.grid}+{self.class_tokens} cls" if self.conv is not None else ""
         return f"phi={self.feature_map}, eps={self.eps:g}, causal={self.causal}{conv}"
+
+
+def _causal_chunked(fq, fk, v, chunk: int = CHUNK):
+    """Causal sums Σ_{j≤t} in chunks: a masked (φq φkᵀ) block inside each chunk plus the prefix state
+    Σ φkᵀv of all earlier chunks. Returns (numerator [B, H, S, dv], denominator [B, H, S, 1])."""
+    b, h, s, d = fq.shape
+    dv = v.shape[-1]
+    pad = (chunk - s % chunk) % chunk
+    fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
+    q = fq.reshape(b, h, -1, chunk, d)  # (B, H, n, C, d)
+    k = fk.reshape(b, h, -1, chunk, d)
+    vc = v.reshape(b, h, -1, chunk, dv)  # (B, H, n, C, dv)
+    state = torch.einsum("bhncd,bhnce->bhnde", k, vc)  # per-chunk Σ φkᵀv  (B, H, n, d, dv)
+    state = torch.cumsum(state, dim=2) - state  # exclusive prefix: earlier chunks only
+    zsum = k.sum(3)  # (B, H, n, d)
+    zsum = torch.cumsum(zsum, dim=2) - zsum
+    a = torch.einsum("bhncd,bhnmd->bhncm", q, k).tril()  # within the chunk, j ≤ t  (B, H, n, C, C)
+    num = torch.einsum("bhncm,bhnme->bhnce", a, vc) + torch.einsum("bhncd,bhnde->bhnce", q, state)
+    den = a.sum(-1) + torch.einsum("bhncd,bhnd->bhnc", q, zsum)
+    return num.reshape(b, h, -1, dv)[:, :, :s], den.reshape(b, h, -1, 1)[:, :, :s]
 
 
 def classify_mask(mask: Optional[torch.Tensor]) -> Optional[str]:

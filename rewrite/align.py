@@ -16,7 +16,7 @@ heads then loses Σ_m E‖t_g − R_m y_m‖² instead of Σ_m E‖ȳ − y_m‖
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from .ir import Attention
 
 __all__ = ["Pairing", "key_pairing", "value_pairing", "procrustes", "kv_moments", "head_distance",
            "equal_groups", "generalized_procrustes", "group_residual", "apply_head_maps", "permute_heads",
-           "align_heads", "labels_of"]
+           "align_heads", "Alignment", "labels_of", "head_self_moments", "reader_sum"]
 
 _NO_PAIRS = torch.zeros(0, 2, dtype=torch.long)
 
@@ -97,7 +97,7 @@ def procrustes(m: torch.Tensor, p: Pairing):
     return rot, value
 
 
-def _diag_moments(w, b, st: InputStats) -> torch.Tensor:
+def head_self_moments(w, b, st: InputStats) -> torch.Tensor:
     """E[y_h y_hᵀ] for every head at once, y_h = W_h x + b_h: [H, d, d] (fp64)."""
     w = w.detach().double()
     m = torch.einsum("hdk,kl,hel->hde", w, st.gram, w) / max(st.count, 1)
@@ -108,7 +108,7 @@ def _diag_moments(w, b, st: InputStats) -> torch.Tensor:
     return m
 
 
-def _reader_sum(per_reader: torch.Tensor, kv_map: torch.Tensor, n_kv: int) -> torch.Tensor:
+def reader_sum(per_reader: torch.Tensor, kv_map: torch.Tensor, n_kv: int) -> torch.Tensor:
     """Σ over the query heads reading each KV head: [Hq, ...] -> [n_kv, ...]."""
     return per_reader.new_zeros(n_kv, *per_reader.shape[1:]).index_add_(0, kv_map, per_reader)
 
@@ -245,12 +245,18 @@ def permute_heads(op: Attention, kv_order: Sequence[int]) -> Attention:
                    k_map=inv[op.k_map[q_order]], v_map=inv[op.v_map[q_order]])
 
 
+class Alignment(NamedTuple):
+    op: Attention  # aligned and re-ordered, not pooled: equals the original to round-off
+    groups: list  # in ``op``'s numbering (contiguous when re-ordered)
+    original_groups: list  # in the original numbering
+    residual: dict  # relative pooling residual Σ E‖t_g − R y‖² / Σ E‖y‖², K and V, without and with alignment
+
+
 @torch.no_grad()
-def align_heads(op: Attention, st: InputStats, n_groups: int, seed: int = 0, reorder: bool = True):
+def align_heads(op: Attention, st: InputStats, n_groups: int, seed: int = 0, reorder: bool = True) -> Alignment:
     """Group a site's KV heads (K and V share groups, equal sizes) and align each group, without pooling.
 
-    Returns (aligned op, groups in the aligned op's numbering, groups in the original numbering).
-    The aligned op equals ``op`` to round-off; ``pool_kv(aligned, groups)`` is the merge.
+    ``pool_kv(result.op, result.groups)`` is the merge.
     """
     ck, cv = kv_moments(op, st)
     kp, vp = key_pairing(op), value_pairing(op)
@@ -260,9 +266,14 @@ def align_heads(op: Attention, st: InputStats, n_groups: int, seed: int = 0, reo
     labels = labels_of(groups, op.k_heads)
     rk = generalized_procrustes(ck, labels, kp, pk, dk)
     rv = generalized_procrustes(cv, labels, vp, pv, dv)
+    residual = {}
+    for kind, c, r in (("k", ck, rk), ("v", cv, rv)):
+        energy = float(torch.einsum("iiaa->", c)) or 1.0
+        eye = torch.eye(c.shape[-1], dtype=c.dtype).expand_as(r)
+        residual[kind] = [round(group_residual(c, labels, t) / energy, 4) for t in (eye, r)]
     new = apply_head_maps(op, rk, rv)
     if not reorder:
-        return new, groups, groups
+        return Alignment(new, groups, groups, residual)
     size = op.k_heads // n_groups
     new = permute_heads(new, [j for members in groups for j in members])
-    return new, [list(range(g * size, (g + 1) * size)) for g in range(n_groups)], groups
+    return Alignment(new, [list(range(g * size, (g + 1) * size)) for g in range(n_groups)], groups, residual)

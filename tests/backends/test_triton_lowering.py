@@ -69,12 +69,13 @@ def test_bert_padding():
 
 
 @pytest.mark.parametrize("spec", ["clipped-softmax{zeta=1.1,gamma=-0.03}", "gated-attention{init=normal,std=0.1}",
-                                  "moh", "sqa{q_heads=2,kv_heads=1}"])
+                                  "moh", "sqa{q_heads=2,kv_heads=1}", "dha{kv_ratio=0.5}", "masa{atoms=1}"])
 def test_passes_lower(spec):
     if spec.split("{")[0] not in available():
         pytest.skip(f"pass {spec} not available yet")
     calib = [_inputs(seed=s) for s in range(2)]
-    tri = _check(models.llama(kv_heads=4, layers=1), spec, calibration=calib)
+    layers = 2 if spec.startswith("masa") else 1  # MASA shares weight atoms across layers
+    tri = _check(models.llama(kv_heads=4, layers=layers), spec, calibration=calib)
     if spec.startswith("clipped"):
         assert set(tri.report.extras["triton"]["sites"].values()) == {"clipped"}
 

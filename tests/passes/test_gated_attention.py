@@ -128,6 +128,14 @@ def test_width_not_divisible_by_heads_is_skipped_unless_all_features():
     assert torch.allclose(new(x), op(x), atol=1e-6)  # identity init is exact here too
 
 
+def test_shared_weights_stay_shared_after_gating():
+    conv = rewrite.convert(M.NanoGPT(), passes="masa,gated-attention", example_inputs=(M.ids(2, 8),),
+                           progress=False)
+    before, after = conv.report.stages[-2:]
+    assert after.exact and after.params - before.params == 2 * (64 + 4)  # only the gates are new
+    assert all(op.weights is not None and isinstance(op.head_gate, SigmoidHeadGate) for op in conv.sites)
+
+
 def test_a_gated_site_is_not_gated_twice():
     _, conv = converted("nanogpt")
     (p,) = rewrite.parse_pipeline("gated-attention")

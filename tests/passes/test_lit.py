@@ -186,8 +186,8 @@ def test_refusals():
         rewrite.parse_pipeline("lit{conv=maybe}")[0].check_options()
     with pytest.raises(SpecError, match="eps must be positive"):
         rewrite.parse_pipeline("lit{eps=0}")[0].check_options()
-    conv = rewrite.convert(CrossAttention().eval(), "lit", example_inputs=(torch.randn(2, 8, 64), torch.randn(2, 5, 64)),
-                           progress=False)
+    example = (torch.randn(2, 8, 64), torch.randn(2, 5, 64))
+    conv = rewrite.convert(CrossAttention().eval(), "lit", example_inputs=example, progress=False)
     assert [op.info.cross for op in conv.sites] == [False, True]
     stage = conv.report.to_json()["stages"][-1]
     assert stage["sites_changed"] == 1 and conv.sites[1].score_fn is None
