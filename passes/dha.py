@@ -14,7 +14,9 @@ reads key head π_k(i) and value head π_v(i) (arbitrary, non-contiguous maps, g
    z = R y, M_i the readers' metric (query second moment for K, W_oᵀW_o for V): a closed form from the moments.
 4. Budget: Σ_ℓ G^ℓ = round(kv_ratio × Σ_ℓ H^ℓ), separately for K and V. Every site starts at one head; the
    next head goes to the site whose calibration reconstruction error drops most (greedy). The error of a
-   site with n heads is ‖site output − original site output‖² / ‖site input‖² on recorded calibration inputs.
+   site with n heads is ‖site output − original site output‖² / ‖site input‖² on the recorded inputs of the
+   first PROBE_BATCHES calibration batches (only that site's K, or V, merged). On MiniLM this puts the
+   budget where the output feels it (the last layer keeps most heads) and beats uniform budgets by far.
 
 Cases handled: MHA and GQA sites, RoPE (2×2 rotations on frequency pairs), partial rotary, biases, sites
 already decoupled. Refused: kv_ratio outside (0, 1] (SpecError); no calibration data (PassError).
@@ -30,8 +32,8 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 
-from rewrite.align import (apply_head_maps, equal_groups, generalized_procrustes, head_distance, head_self_moments,
-                           key_pairing, kv_moments, labels_of, reader_sum, value_pairing)
+from rewrite.align import (apply_head_maps, generalized_procrustes, head_distance, head_self_moments, key_pairing,
+                           kv_moments, reader_sum, value_pairing)
 from rewrite.calibrate import input_grams, record_site_inputs
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
@@ -94,45 +96,32 @@ class FusionCurve:
         self._d = d
         # Ward on √d merges so as to least increase Σ_g (1/|g|) Σ_{i<j∈g} d_ij
         self.tree = linkage(squareform(np.sqrt(d), checks=False), "ward") if self.h > 1 else None
-        self._errors, self._labels = {}, {}
+        self._errors, self._labels = {self.h: 0.0}, {}  # every head kept: nothing merged
 
-    def candidates(self, n: int) -> list:
-        """Groupings tried for n heads: the refined Ward cut, and equal-size groups when n divides H."""
-        lab = cut_tree(self.tree, n_clusters=n)[:, 0] if self.h > 1 else np.zeros(1, dtype=np.int64)
-        out = [torch.as_tensor(refine(self._d, lab), dtype=torch.long)]
-        if 1 < n < self.h and self.h % n == 0:
-            out.append(labels_of(equal_groups(self.dist, n), self.h))
-        return out
+    def labels(self, n: int) -> torch.Tensor:
+        """The refined Ward cut into n groups."""
+        if n not in self._labels:
+            lab = cut_tree(self.tree, n_clusters=n)[:, 0] if self.h > 1 else np.zeros(1, dtype=np.int64)
+            self._labels[n] = torch.as_tensor(refine(self._d, lab), dtype=torch.long)
+        return self._labels[n]
 
-    def fuse(self, n: int, labels: Optional[torch.Tensor] = None, iters: int = 15):
+    def fuse(self, n: int, iters: int = 15):
         """(groups, rotations [H, d, d], fusion weights per group) for n merged heads."""
-        lab = self.labels(n) if labels is None else labels
+        lab = self.labels(n)
         rot = generalized_procrustes(self.c, lab, self.pairing, self.pairwise, self.dist, iters=iters)
         groups = [(lab == g).nonzero().flatten().tolist() for g in range(n)]
         return groups, rot, fusion_weights(self.c, lab, rot, self.metric)
 
-    def labels(self, n: int) -> torch.Tensor:
-        if n not in self._labels:
-            self.error(n)
-        return self._labels[n]
-
     def error(self, n: int) -> float:
-        """Calibration reconstruction error with n heads (the best of the candidate groupings)."""
-        if n == self.h and n not in self._errors:  # every head kept: nothing merged
-            self._errors[n], self._labels[n] = 0.0, torch.arange(n)
+        """Calibration reconstruction error of the site with only these heads merged into n."""
         if n not in self._errors:
-            best = None
-            for lab in self.candidates(n):
-                groups, rot, w = self.fuse(n, lab, iters=3)
-                single = [[j] for j in range(self.op.v_heads if self.kind == "k" else self.op.k_heads)]
-                if self.kind == "k":
-                    new = pool_kv(apply_head_maps(self.op, rot, None), groups, single, k_weights=w)
-                else:
-                    new = pool_kv(apply_head_maps(self.op, None, rot), single, groups, v_weights=w)
-                err = self.probe(new)
-                if best is None or err < best[0]:
-                    best = (err, lab)
-            self._errors[n], self._labels[n] = best
+            groups, rot, w = self.fuse(n, iters=3)
+            single = [[j] for j in range(self.op.v_heads if self.kind == "k" else self.op.k_heads)]
+            if self.kind == "k":
+                new = pool_kv(apply_head_maps(self.op, rot, None), groups, single, k_weights=w)
+            else:
+                new = pool_kv(apply_head_maps(self.op, None, rot), single, groups, v_weights=w)
+            self._errors[n] = self.probe(new)
         return self._errors[n]
 
 

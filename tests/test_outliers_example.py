@@ -6,6 +6,7 @@ fp32 models' output shapes.
 import importlib.util
 import math
 import os
+import sys
 
 import onnx
 
@@ -15,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _example():
     spec = importlib.util.spec_from_file_location("outliers_example", os.path.join(ROOT, "examples", "outliers.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
