@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Optional
 
 import torch
 

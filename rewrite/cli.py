@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("demo", help="convert the bundled MiniLM, verify, export ONNX, write the report")
-    sp.add_argument("--passes", default="gqa{kv_heads=4},gated-attention")
+    sp.add_argument("--passes", default="gqa{kv_heads=4,method=aligned},gated-attention")
     sp.add_argument("--out", default="out")
     sp.add_argument("--no-onnx", action="store_true")
     sp.set_defaults(func=cmd_demo)

@@ -24,7 +24,7 @@ def _example():
 def test_quick_run_gives_three_finite_rows_and_runnable_int8_models(tmp_path, capsys):
     rows = _example().main(["--quick", "--out", str(tmp_path)])
     assert [r["variant"] for r in rows] == ["vanilla", "clipped-softmax", "gated-attention"]
-    assert [r["pipeline"] for r in rows] == ["(none)", "clipped-softmax{alpha=4}", "gated-attention"]
+    assert [r["pipeline"] for r in rows] == ["(none)", "clipped-softmax{alpha=4.0}", "gated-attention"]
     numbers = ("loss", "copy_acc", "max_inf_norm", "max_attn_out", "kurtosis", "int8_loss", "int8_max_err",
                "int8_mean_err")
     for r in rows:
