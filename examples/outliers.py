@@ -2,27 +2,21 @@
 
     python examples/outliers.py [--steps 1000] [--quick] [--out DIR]
 
-Bondarenko et al. (NeurIPS 2023, METHODS.md card 8) trace the activation outliers that break INT8
-quantization to attention heads that learn to "do nothing" by attending to a sink token. They fix it
-with clipped softmax (a head can give exact zeros) or a gate (a head can switch itself off). Here the
-two fixes are ``rewrite`` passes applied to the untrained model before training:
+Bondarenko et al. (NeurIPS 2023, METHODS.md card 8) trace the outliers that break INT8 quantization to
+heads that "do nothing" by attending to a sink token, and fix them with clipped softmax (exact zeros) or
+a gate (a head switches itself off). Here the fixes are ``rewrite`` passes applied before training:
+``passes=[]`` (vanilla), ``"clipped-softmax{alpha=4}"`` (γ = −α/T, T = the training length) and
+``"gated-attention"`` (gates exactly 1 at init), all from one initialisation.
 
-    vanilla          rewrite.convert(model, passes=[])            (captured as is)
-    clipped softmax  rewrite.convert(model, "clipped-softmax{alpha=4}")   γ = −α/T, T = training length
-    gated attention  rewrite.convert(model, "gated-attention")   gates exactly 1 at init
+Task: bigram-backcopy (Guo et al. 2024, active-dormant heads): a BOS token, then a random bigram model,
+except that after a "trigger" token the next token copies the token before the trigger. The copy head
+is needed only after triggers and is dormant (parked on BOS) elsewhere — the attention-sink mechanism.
 
-Task: the bigram-backcopy task of the active-dormant-heads paper (Guo et al. 2024): sequences start
-with a BOS token and follow a random bigram model, except that after one of a few "trigger" tokens the
-next token copies the token before the trigger. A copy head is needed only after triggers and is
-dormant (parked on BOS) everywhere else — the mechanism behind attention sinks and massive activations.
-
-Per variant: task loss, copy accuracy, the largest activation ‖x‖∞ of the residual stream and of the
-attention outputs, the kurtosis of the residual stream (mean over layers; 3 for a Gaussian), and the
-error of ONNX Runtime static INT8 quantization of its ONNX export (QDQ, per-tensor MinMax calibration;
-weights, linear-layer inputs/outputs and the residual stream in int8) against the fp32 ONNX model: the
-max/mean abs error of the logits and the INT8 task loss. Attention cores and gates stay fp32 in every
-variant (ONNX Runtime does not quantize the standard ``Attention`` node), so all three are compared on
-the same quantized operators.
+Per variant: task loss, copy accuracy, the largest ‖x‖∞ of the residual stream and of the attention
+outputs, the residual stream's kurtosis (mean over layers; 3 for a Gaussian), and the error of ONNX
+Runtime static INT8 quantization (QDQ, per-tensor MinMax; weights, linear-layer inputs/outputs and the
+residual stream in int8; attention cores and gates fp32 in every variant, as ONNX Runtime leaves the
+standard ``Attention`` node unquantized) against the fp32 ONNX model: logits max/mean abs error, loss.
 """
 from __future__ import annotations
 
@@ -30,15 +24,19 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,11 +84,6 @@ class BigramBackcopy:
             drawn = torch.multinomial(self.table[prev], 1, generator=gen).squeeze(1)
             x[:, t] = torch.where((prev >= 1) & (prev <= s.triggers), x[:, t - 2], drawn)
         return x
-
-    def copy_positions(self, x: torch.Tensor) -> torch.Tensor:
-        """Where the next token is a copy: inputs at a trigger (bool over x[:, :-1])."""
-        prev = x[:, :-1]
-        return (prev >= 1) & (prev <= self.s.triggers)
 
 
 # ---- the model (plain PyTorch) -------------------------------------------------------------------
@@ -165,7 +158,7 @@ def measure(conv, task, batches) -> dict:
                 logits, stream = conv(x)
                 losses.append(float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                     x[:, 1:].reshape(-1))))
-                where = task.copy_positions(x)
+                where = (x[:, :-1] >= 1) & (x[:, :-1] <= task.s.triggers)  # the next token is a copy
                 hits += int((logits[:, :-1].argmax(-1) == x[:, 1:])[where].sum())
                 copies += int(where.sum())
                 inf_norm = max(inf_norm, float(stream.abs().max()))
@@ -184,8 +177,7 @@ def export(conv, path: str) -> str:
         conv.export_onnx(path)
         return "rewrite"
     except Exception:  # noqa: BLE001 - fall back to the plain exporter
-        kw = {**conv.example_inputs, **conv.fixed}
-        torch.onnx.export(conv.gm, (), path, kwargs=kw, dynamo=True, verbose=False)
+        torch.onnx.export(conv.gm, (), path, kwargs={**conv.example_inputs, **conv.fixed}, dynamo=True)
         return "torch.onnx"
 
 
@@ -220,11 +212,7 @@ def quantize(fp32: str, int8: str, calibration: list) -> None:
 def int8_error(fp32: str, int8: str, batches: list, vocab: int) -> dict:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    # Basic optimizations only: Q/DQ pairs stay explicit (int8 rounding, float arithmetic). ONNX Runtime 1.32's
-    # extended level propagates a Q/DQ pair through the gate's Reshape with a mismatched zero-point type
-    # and cannot load the gated model; the same level for every variant keeps the comparison fair.
+    opts = ort.SessionOptions()  # basic level, Q/DQ explicit: ORT 1.32's extended level breaks the gated model
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     ref, q = (ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for p in (fp32, int8))
     max_err, sum_err, n, losses, shapes_match = 0.0, 0.0, 0, [], True
@@ -239,7 +227,6 @@ def int8_error(fp32: str, int8: str, batches: list, vocab: int) -> dict:
             "int8_shapes_match": bool(shapes_match), "int8_outputs": len(b)}
 
 
-# ---- the three runs --------------------------------------------------------------------------------
 def run(s: Setup, out: str, log=print) -> list:
     torch.manual_seed(0)
     task = BigramBackcopy(s)
@@ -267,9 +254,7 @@ def run(s: Setup, out: str, log=print) -> list:
     return rows
 
 
-def table(rows: list, s: Setup):
-    from rich.table import Table
-
+def table(rows: list, s: Setup) -> Table:
     t = Table(title=f"bigram-backcopy, {s.layers} layers × {s.heads} heads × {s.width}, {s.steps} steps; "
                     "INT8 = ONNX Runtime static QDQ vs the fp32 ONNX model")
     cols = [("variant", "variant", "{}"), ("loss", "loss", "{:.3f}"), ("copy acc", "copy_acc", "{:.3f}"),
@@ -294,15 +279,17 @@ def main(argv=None) -> list:
         s.steps = args.steps
     out = args.out or tempfile.mkdtemp(prefix="outliers-")
     os.makedirs(out, exist_ok=True)
-    from rich.console import Console
-
     console = Console(width=None if sys.stdout.isatty() else 132)
-    threads = torch.get_num_threads()
+    threads, level = torch.get_num_threads(), logging.getLogger().level
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's "consider pre-processing" advice
     try:
-        rows = run(s, out, log=lambda m: console.log(m))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation notes while copying
+            rows = run(s, out, log=console.log)
     finally:
         torch.set_num_threads(threads)
+        logging.getLogger().setLevel(level)
     console.print(table(rows, s))
     console.print(f"ONNX files and outliers.json in {out}")
     return rows
