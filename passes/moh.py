@@ -19,11 +19,17 @@ Training: ``load_balance_loss(conv)`` sums l_aux = E·Σ_i P̄_i f̄_i over the 
 (β = 0.01 in the paper). With calibration data the stats give, per site, the measured fraction of
 active heads and each head's activation frequency.
 
-Cases handled: every site, any layout, GQA/DHA (gates act on query heads; the KV cache is unchanged).
-Refused: active_ratio or shared_ratio outside their range, shared_ratio ≥ active_ratio, an unknown
-router (SpecError); per site (skipped with a diagnostic): a head gate already present, or a head count
-that leaves no routed head active after rounding.
-Pitfall: heads are masked, not skipped — compute falls only with gather/varlen kernels.
+Cases handled:
+1. every site, either layout (``BSD``/seq-first ``SBD``), self- and cross-attention (the router reads the
+   query-side input), any score function, shared weights (MASA) kept shared;
+2. GQA/DHA: gates act on query heads; the KV heads and the KV cache are unchanged.
+Refused:
+1. active_ratio outside (0, 1], shared_ratio outside [0, 1), shared_ratio ≥ active_ratio, an unknown
+   router (SpecError);
+2. per site, skipped with a diagnostic: a head gate already present; a head count that leaves no routed
+   head active after rounding.
+Pitfalls: heads are masked, not skipped (compute falls only with gather/varlen kernels); padding tokens
+count in the load-balance statistics; in decode the gate applies to the new token only.
 """
 from __future__ import annotations
 
