@@ -91,3 +91,43 @@ def test_fused_qkv_weights_are_split_per_head():
 def test_seq_first_multihead_attention_layout():
     conv = rewrite.convert(M.BareMHA(), passes=[], example_inputs=(torch.randn(8, 2, 64),), progress=False)
     assert conv.sites[0].info.layout == "SBD"
+
+
+class CrossMHA(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+
+    def forward(self, x, mem):
+        return self.a(x, mem, mem, need_weights=False)[0]
+
+
+def test_cross_attention_multihead():
+    model = CrossMHA().eval()
+    conv = rewrite.convert(model, passes=[], example_inputs=(torch.randn(2, 8, 64), torch.randn(2, 5, 64)),
+                           progress=False)
+    assert conv.sites[0].info.cross
+    x, mem = torch.randn(3, 11, 64), torch.randn(3, 7, 64)
+    assert torch.allclose(conv(x, mem), model(x, mem), atol=1e-5)
+
+
+def test_bert_decoder_with_cross_attention():
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=M.VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=128, is_decoder=True, add_cross_attention=True)
+    model = transformers.BertModel(cfg).eval()
+    conv = rewrite.convert(model, passes=[], example_inputs={"input_ids": M.ids(2, 8),
+                                                             "encoder_hidden_states": torch.randn(2, 6, 64)},
+                           progress=False)
+    assert [op.info.cross for op in conv.sites] == [False, True]
+    ids, enc = M.ids(3, 11), torch.randn(3, 9, 64)
+    ref = model(input_ids=ids, encoder_hidden_states=enc, use_cache=False)[0]
+    assert torch.allclose(conv(input_ids=ids, encoder_hidden_states=enc)[0], ref, atol=1e-5)
+
+
+def test_multihead_attention_weights_discarded_by_caller():
+    model = M.BareMHA(need_weights=True)
+    conv = rewrite.convert(model, passes=[], example_inputs=(torch.randn(8, 2, 64),), progress=False)
+    x = torch.randn(11, 3, 64)
+    assert len(conv.sites) == 1 and torch.allclose(conv(x), model(x), atol=1e-5)
