@@ -4,6 +4,24 @@ from __future__ import annotations
 BACKENDS = ("eager", "triton", "onnxruntime")
 
 
+class LoweredMixin:
+    """What a lowered module keeps of the ``Converted`` API; ``self.converted`` is the eager model."""
+
+    @property
+    def report(self):
+        return self.converted.report
+
+    @property
+    def sites(self):
+        return self.converted.sites
+
+    def save(self, path: str) -> None:
+        self.converted.save(path)
+
+    def export_onnx(self, path: str, **kwargs):
+        return self.converted.export_onnx(path, **kwargs)
+
+
 def lower(conv, backend: str):
     """Return ``conv`` running on ``backend``."""
     from rewrite.errors import BackendError

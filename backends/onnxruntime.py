@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from rewrite.backends import LoweredMixin
 from rewrite.errors import BackendError
 
 __all__ = ["lower_onnxruntime", "OrtModule", "make_session", "run_session", "attention_problem",
@@ -116,7 +117,7 @@ def run_session(session, inputs: dict) -> list:
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
 
-class OrtModule(nn.Module):
+class OrtModule(LoweredMixin, nn.Module):
     """Runs the exported file in ONNX Runtime; called like, and returning the same structure as, ``conv``."""
 
     def __init__(self, conv, session, folder, out_spec, template: list, provider: str):
@@ -128,20 +129,6 @@ class OrtModule(nn.Module):
         self._out_spec = out_spec
         self._template = template  # flat output leaves; tensors are replaced by ORT outputs
 
-    # the Converted API, delegated
-    @property
-    def report(self):
-        return self.converted.report
-
-    @property
-    def sites(self):
-        return self.converted.sites
-
-    def save(self, path: str) -> None:
-        self.converted.save(path)
-
-    def export_onnx(self, path: str, **kwargs):
-        return self.converted.export_onnx(path, **kwargs)
 
     @property
     def onnx_path(self) -> str:

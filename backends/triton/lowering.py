@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from rewrite.backends import LoweredMixin
 from rewrite.errors import BackendError
 from rewrite.graph import sites, with_sites
 
@@ -154,7 +155,7 @@ def _confirm(site: TritonSite) -> None:
                            f"{type(op.score_fn).__name__} by {err:.3g} on a random input; it cannot be lowered")
 
 
-class TritonModule(nn.Module):
+class TritonModule(LoweredMixin, nn.Module):
     """The converted model with every attention core in Triton; same calls, outputs and API as ``conv``."""
 
     def __init__(self, conv, gm):
@@ -162,19 +163,6 @@ class TritonModule(nn.Module):
         self.converted = conv
         self.gm = gm
 
-    @property
-    def report(self):
-        return self.converted.report
-
-    @property
-    def sites(self):
-        return self.converted.sites
-
-    def save(self, path: str) -> None:
-        self.converted.save(path)
-
-    def export_onnx(self, path: str, **kwargs):
-        return self.converted.export_onnx(path, **kwargs)
 
     def forward(self, *args, **kwargs):
         return self.gm(**self.converted.bind(args, kwargs), **self.converted.fixed)
