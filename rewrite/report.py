@@ -84,7 +84,8 @@ class Report:
 
         t = Table(title=f"rewrite: {self.pipeline or '(capture only)'}")
         for c in self.COLUMNS:
-            t.add_column(c, justify="right" if c not in ("stage", "q heads", "kv heads") else "left")
+            t.add_column(c, justify="right" if c not in ("stage", "q heads", "kv heads") else "left",
+                         min_width=len(max((s.name for s in self.stages), key=len, default="")) if c == "stage" else None)
         for r in self._rows():
             t.add_row(*r)
         return t
