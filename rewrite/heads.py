@@ -23,6 +23,9 @@ def rebuild(op: Attention, **fields) -> Attention:
     names = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_map", "v_map")
     cur = {n: getattr(op, n) for n in names}
     cur.update(fields)
+    if cur["wq"].shape[0] != op.q_heads and op.head_gate is not None:
+        raise ValueError(f"{op.info.name}: its head gate ({type(op.head_gate).__name__}) is sized for "
+                         f"{op.q_heads} query heads; run head-count passes before gated-attention or moh")
     new = Attention(**{n: (v.detach() if isinstance(v, torch.Tensor) else v) for n, v in cur.items()},
                     scale=op.scale, causal=op.causal, info=copy.deepcopy(op.info),
                     q_transform=op.q_transform, k_transform=op.k_transform)

@@ -189,3 +189,14 @@ def test_minilm_taylor_beats_random():
     rand = sum(fidelity(f"prune-heads{{ratio=0.25,importance=random,seed={s}}}") for s in range(3)) / 3
     assert taylor > rand + 0.03, (taylor, rand)
     assert taylor > 0.9
+
+
+def test_head_count_change_after_a_gate_is_refused():
+    import models as M
+    import rewrite
+    from rewrite.errors import PassError
+
+    inputs = {"input_ids": M.ids(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with pytest.raises(PassError, match="run head-count passes before gated-attention or moh"):
+        rewrite.convert(M.llama(4), passes="gated-attention,prune-heads{heads={0:1}}", example_inputs=inputs,
+                        progress=False)
