@@ -125,3 +125,28 @@ def minilm():
 def ids(batch=2, seq=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def first_output(m, inputs):
+    """Call ``m`` with a tuple of args or a dict of kwargs; the first tensor of its output."""
+    out = m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def rel_err(model, conv, inputs):
+    """(max abs error relative to max(1, output scale), converted output) on ``inputs``."""
+    with torch.no_grad():
+        ref, out = first_output(model, inputs), first_output(conv, inputs)
+    return float((ref - out).abs().max()) / max(1.0, float(ref.abs().max())), out
+
+
+def restage(conv, spec, calibration=None):
+    """Run ``spec`` on the captured (stage-0) graph of ``conv`` without capturing again."""
+    import rewrite
+    from rewrite.api import Converted
+    from rewrite.pass_base import PassContext
+
+    cap = conv._captured
+    (p,) = rewrite.parse_pipeline(spec)
+    result = p.run(cap.gm, PassContext(calibration=calibration, captured=cap))
+    return Converted(result.graph, cap, conv.report), result

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import models as M
+from models import rel_err, restage
 import rewrite
-from rewrite.api import Converted
 from rewrite.errors import SpecError
 from rewrite.ir import Attention
 from rewrite.pass_base import PassContext
@@ -18,31 +18,12 @@ TOL = 1e-5
 MATRIX = [n for n in CASES if n != "minilm"]
 
 
-def _call(m, inputs):
-    out = m(**inputs) if isinstance(inputs, dict) else m(*inputs)
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def _rel_err(model, conv, inputs):
-    with torch.no_grad():
-        ref, out = _call(model, inputs), _call(conv, inputs)
-    return float((ref - out).abs().max()) / max(1.0, float(ref.abs().max())), out
-
-
 @functools.lru_cache(maxsize=None)
 def converted(name):
     factory, make, _ = CASES[name]
     torch.manual_seed(0)
     model = factory()
     return model, rewrite.convert(model, passes="clipped-softmax", example_inputs=make(2, 8), progress=False)
-
-
-def restage(conv, spec):
-    """Run ``spec`` on the captured (stage-0) graph of ``conv`` without capturing again."""
-    cap = conv._captured
-    (p,) = rewrite.parse_pipeline(spec)
-    result = p.run(cap.gm, PassContext(captured=cap))
-    return Converted(result.graph, cap, conv.report), result
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -54,7 +35,7 @@ def test_identity_setting_is_exact_at_other_shapes_with_padding(name):
     assert all(isinstance(op.score_fn, ClippedSoftmax) for op in conv.sites)
     make = CASES[name][1]
     for pad in (False, True):
-        err, _ = _rel_err(model, conv, make(3, 13, pad) if name != "vit" else make(3, 13))
+        err, _ = rel_err(model, conv, make(3, 13, pad) if name != "vit" else make(3, 13))
         assert err <= TOL, (name, pad, err)
 
 
@@ -67,7 +48,7 @@ def test_lossy_settings_run_and_are_finite(name):
     for site, st in result.stats.items():
         assert st["T"] == example_len and st["gamma"] == pytest.approx(-4 / example_len)  # γ = −α/T
     make = CASES[name][1]
-    err, out = _rel_err(model, lossy, make(3, 13, True) if name != "vit" else make(3, 13))
+    err, out = rel_err(model, lossy, make(3, 13, True) if name != "vit" else make(3, 13))
     assert torch.isfinite(out).all() and err > 0
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import models as M
+from models import rel_err, restage
 import rewrite
-from rewrite.api import Converted
 from rewrite.errors import SpecError
 from rewrite.graph import sites
 from rewrite.heads import select_query_heads
@@ -21,31 +21,12 @@ TOL = 1e-5
 MATRIX = [n for n in CASES if n != "minilm"]
 
 
-def _call(m, inputs):
-    out = m(**inputs) if isinstance(inputs, dict) else m(*inputs)
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def _rel_err(model, conv, inputs):
-    with torch.no_grad():
-        ref, out = _call(model, inputs), _call(conv, inputs)
-    return float((ref - out).abs().max()) / max(1.0, float(ref.abs().max())), out
-
-
 @functools.lru_cache(maxsize=None)
 def converted(name):
     factory, make, _ = CASES[name]
     torch.manual_seed(0)
     model = factory()
     return model, rewrite.convert(model, passes="moh{active_ratio=1}", example_inputs=make(2, 8), progress=False)
-
-
-def restage(conv, spec, calibration=None):
-    """Run ``spec`` on the captured (stage-0) graph of ``conv`` without capturing again."""
-    cap = conv._captured
-    (p,) = rewrite.parse_pipeline(spec)
-    result = p.run(cap.gm, PassContext(calibration=calibration, captured=cap))
-    return Converted(result.graph, cap, conv.report), result
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -59,7 +40,7 @@ def test_all_heads_active_is_exact_at_other_shapes_with_padding(name):
     assert stages[-1]["params"] - stages[0]["params"] == n_sites * 3 * 2 * 64
     make = CASES[name][1]
     for pad in (False, True):
-        err, _ = _rel_err(model, conv, make(3, 13, pad) if name != "vit" else make(3, 13))
+        err, _ = rel_err(model, conv, make(3, 13, pad) if name != "vit" else make(3, 13))
         assert err <= TOL, (name, pad, err)
 
 
@@ -74,7 +55,7 @@ def test_partial_routing_runs_finite_for_both_routers(name):
         assert not result.diagnostics and all(st["router_params"] == per_site for st in result.stats.values())
         grown = sum(p.numel() for p in sparse.gm.parameters()) - sum(p.numel() for p in conv._captured.gm.parameters())
         assert grown == per_site * len(sparse.sites)
-        err, out = _rel_err(model, sparse, inputs)
+        err, out = rel_err(model, sparse, inputs)
         assert torch.isfinite(out).all() and err > 0
 
 
@@ -84,7 +65,7 @@ def test_qnorm_router_exact_at_ratio_one():
     conv = rewrite.convert(model, passes="moh{active_ratio=1,router=qnorm}", example_inputs=make(2, 8),
                            progress=False)
     assert conv.report.stages[-1].exact and conv.report.stages[-1].params == conv.report.stages[0].params
-    assert _rel_err(model, conv, make(3, 13, True))[0] <= TOL
+    assert rel_err(model, conv, make(3, 13, True))[0] <= TOL
 
 
 @pytest.mark.parametrize("layout", ["BSD", "SBD"])
