@@ -1,6 +1,7 @@
 """The support matrix: small random-weight models of every family, built from configs (no hub)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -150,3 +151,34 @@ def restage(conv, spec, calibration=None):
     (p,) = rewrite.parse_pipeline(spec)
     result = p.run(cap.gm, PassContext(calibration=calibration, captured=cap))
     return Converted(result.graph, cap, conv.report), result
+
+
+def out_proj(model, layer):
+    """(weight, input dim of the head columns) of a layer's attention output projection."""
+    if hasattr(model, "model") and hasattr(model.model, "layers"):  # llama, qwen2
+        return model.model.layers[layer].self_attn.o_proj.weight, 1
+    if hasattr(model, "transformer"):  # gpt2: Conv1D stores [in, out]
+        return model.transformer.h[layer].attn.c_proj.weight, 0
+    if hasattr(model, "encoder") and hasattr(model.encoder, "layer"):  # bert
+        return model.encoder.layer[layer].attention.output.dense.weight, 1
+    if hasattr(model, "blocks"):  # nanoGPT
+        return model.blocks[layer].c_proj.weight, 1
+    return model.layers[layer].self_attn.out_proj.weight, 1  # nn.TransformerEncoder
+
+
+def masked(model, heads: dict, head_dim=16):
+    """A copy of ``model`` whose listed heads are zeroed in the output projection (ξ_h = 0)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, hs in heads.items():
+            w, dim = out_proj(ref, layer)
+            for h in hs:
+                w.narrow(dim, h * head_dim, head_dim).zero_()
+    return ref
+
+
+def first_tensor(out):
+    """The logits or last hidden state of a model output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out["logits"] if "logits" in out else out["last_hidden_state"]

@@ -17,13 +17,7 @@ from rewrite.passes.gqa import GQA  # noqa: E402
 from tests import models  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls and SVDs: intra-op threads cost more than they give (and thrash on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from rewrite.passes.gqa import GQA, merge_site  # noqa: E402
 from tests import models  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls and SVDs: intra-op threads cost more than they give (and thrash on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FACTORIES = {"llama": lambda: models.llama(4), "qwen2": models.qwen2,
              "gpt2": models.gpt2, "bare": models.BareMHA}

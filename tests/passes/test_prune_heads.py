@@ -1,11 +1,11 @@
 """prune-heads: structure on the support matrix, equality with the head-masked original, refusals, and
 Taylor beating random on the real MiniLM."""
-import copy
 
 import pytest
 import torch
 
 import models as M
+from models import first_tensor, masked
 import rewrite
 from rewrite.api import canonicalize
 from rewrite.capture import capture
@@ -13,36 +13,6 @@ from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites
 from rewrite.pass_base import PassContext
 from rewrite.pipeline import parse
-
-
-def _out_proj(model, layer):
-    """(weight, input dim of the head columns) of a layer's attention output projection."""
-    if hasattr(model, "model") and hasattr(model.model, "layers"):  # llama, qwen2
-        return model.model.layers[layer].self_attn.o_proj.weight, 1
-    if hasattr(model, "transformer"):  # gpt2: Conv1D stores [in, out]
-        return model.transformer.h[layer].attn.c_proj.weight, 0
-    if hasattr(model, "encoder") and hasattr(model.encoder, "layer"):  # bert
-        return model.encoder.layer[layer].attention.output.dense.weight, 1
-    if hasattr(model, "blocks"):  # nanoGPT
-        return model.blocks[layer].c_proj.weight, 1
-    return model.layers[layer].self_attn.out_proj.weight, 1  # nn.TransformerEncoder
-
-
-def masked(model, heads: dict, head_dim=16):
-    """A copy of ``model`` whose listed heads are zeroed in the output projection (ξ_h = 0)."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer, hs in heads.items():
-            w, dim = _out_proj(ref, layer)
-            for h in hs:
-                w.narrow(dim, h * head_dim, head_dim).zero_()
-    return ref
-
-
-def _first(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    return out["logits"] if "logits" in out else out["last_hidden_state"]
 
 
 MATRIX = {
@@ -83,7 +53,7 @@ def test_heads_structure_and_equal_to_masked_original(family):
     # equal to the original with those heads masked, at a batch/sequence other than the traced one
     x = inputs(3, 13)
     with torch.no_grad():
-        want, got = _first(masked(model, HEADS)(*x)), _first(conv(*x))
+        want, got = first_tensor(masked(model, HEADS)(*x)), first_tensor(conv(*x))
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
@@ -113,7 +83,7 @@ def test_ratio_global_and_layer_scopes_keep_one_head(llama_graph):
 
 
 @pytest.mark.parametrize("method", ["taylor", "magnitude", "entropy"])
-def test_a_dead_head_goes_first(llama_graph, method):
+def test_a_dead_head_goesfirst_tensor(llama_graph, method):
     gm, ctx = llama_graph
     result = _run(f"prune-heads{{ratio=0.125,importance={method}}}", gm, ctx)
     if method == "entropy":  # entropy does not look at W_o: it only has to run and remove one head

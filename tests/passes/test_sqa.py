@@ -1,11 +1,11 @@
 """sqa: structure on the support matrix (keep / pool / duplicate), exactness of what must be exact,
 refusals, and embedding fidelity on the real MiniLM."""
-import copy
 
 import pytest
 import torch
 
 import models as M
+from models import first_tensor, masked
 import rewrite
 from rewrite.api import canonicalize
 from rewrite.capture import capture
@@ -14,36 +14,6 @@ from rewrite.graph import sites, with_sites
 from rewrite.heads import rebuild
 from rewrite.pass_base import PassContext
 from rewrite.pipeline import parse
-
-
-def _out_proj(model, layer):
-    """(weight, input dim of the head columns) of a layer's attention output projection."""
-    if hasattr(model, "model") and hasattr(model.model, "layers"):  # llama, qwen2
-        return model.model.layers[layer].self_attn.o_proj.weight, 1
-    if hasattr(model, "transformer"):  # gpt2: Conv1D stores [in, out]
-        return model.transformer.h[layer].attn.c_proj.weight, 0
-    if hasattr(model, "encoder") and hasattr(model.encoder, "layer"):  # bert
-        return model.encoder.layer[layer].attention.output.dense.weight, 1
-    if hasattr(model, "blocks"):  # nanoGPT
-        return model.blocks[layer].c_proj.weight, 1
-    return model.layers[layer].self_attn.out_proj.weight, 1  # nn.TransformerEncoder
-
-
-def masked(model, heads: dict, head_dim=16):
-    """A copy of ``model`` whose listed heads are zeroed in the output projection (ξ_h = 0)."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer, hs in heads.items():
-            w, dim = _out_proj(ref, layer)
-            for h in hs:
-                w.narrow(dim, h * head_dim, head_dim).zero_()
-    return ref
-
-
-def _first(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    return out["logits"] if "logits" in out else out["last_hidden_state"]
 
 
 def ids_inputs(b, s):
@@ -97,8 +67,8 @@ def test_structure_and_numerics(family):
         x = inputs(3, 13)
         fixed = cap.fixed
         with torch.no_grad():
-            want = _first(masked(model, drop)(*x))
-            got = _first(result.graph(**dict(zip(cap.kwargs, x)), **fixed))
+            want = first_tensor(masked(model, drop)(*x))
+            got = first_tensor(result.graph(**dict(zip(cap.kwargs, x)), **fixed))
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
