@@ -18,6 +18,9 @@ Cases handled:
     through their ordinary torch ops.
  4. ONNX Runtime 1.23.0 computes GQA in ``Attention`` wrongly on CPU: with ``gqa="auto"`` case 1 falls
     back to case 2 (KV heads expanded), and the report says so.
+ 5. ``causal_chunks=n > 1`` and a causal self-attention site (``is_causal``, or a mask recognition saw
+    hide every later key): ``n`` ``Attention`` nodes over query chunks, each reading only the keys up
+    to its last query (≈ (n+1)/2n of the work; ONNX Runtime's CPU kernel computes masked blocks too).
 Refused: ``gqa="native"`` checked with a runtime known to compute it wrongly (``BackendError``).
 """
 from __future__ import annotations
@@ -38,11 +41,11 @@ __all__ = ["export_onnx", "attention_node", "export_graph", "check_file", "onnx_
 log = logging.getLogger(__name__)
 
 TWO_GB = 2 * 1024 ** 3
-_state = {"native_gqa": True}  # read by attention_node while an export runs
+_state = {"native_gqa": True, "causal_chunks": 1}  # read by attention_node while an export runs
 
 
 def attention_node(op, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-    """The softmax core of ``op`` as one ONNX ``Attention`` node; ``(B, Hq, Sq, dv)``."""
+    """The softmax core of ``op`` as ONNX ``Attention`` node(s); ``(B, Hq, Sq, dv)``."""
     native = (_state["native_gqa"] and op._k_group is not None and op._v_group is not None
               and op.k_heads == op.v_heads)
     if not native:  # (B, Hk, S, d) -> (B, Hq, S, d): Gather for arbitrary maps
@@ -50,23 +53,54 @@ def attention_node(op, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=N
         v = op._expand(v, op.v_map, op._v_group)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)  # ONNX wants an additive mask in Q's type
-    y, _, _, _ = torch.onnx.ops.attention(
-        q, k, v, attn_mask=mask, is_causal=bool(op.causal and mask is None),
-        q_num_heads=op.q_heads, kv_num_heads=k.shape[1], scale=op.scale)
+    causal = op.causal if mask is None else op.info.causal_mask
+    if _state["causal_chunks"] > 1 and causal and not op.info.cross:
+        return _causal_chunks(op, q, k, v, mask, _state["causal_chunks"])
+    return _attention(op, q, k, v, mask, is_causal=bool(op.causal and mask is None))
+
+
+def _attention(op, q, k, v, mask, is_causal: bool = False) -> torch.Tensor:
+    y, _, _, _ = torch.onnx.ops.attention(q, k, v, attn_mask=mask, is_causal=is_causal, q_num_heads=op.q_heads,
+                                          kv_num_heads=k.shape[1], scale=op.scale)
     return y
 
 
+def _causal_chunks(op, q, k, v, mask, n: int) -> torch.Tensor:
+    """Causal attention as ``n`` query chunks, chunk ``[lo, hi)`` reading keys ``[0, hi)`` only.
+
+        Y[lo:hi] = Attention(Q[lo:hi+1], K[:hi+1], V[:hi+1], M[lo:hi+1, :hi+1])[:hi-lo]
+
+    Same result (the keys left out are hidden from those queries), ≈ (n+1)/2n of the score and value
+    work: ONNX Runtime's CPU kernel computes every block of the score matrix, masked or not. Each chunk
+    also takes row ``hi`` so that none is empty for sequences shorter than ``n``; that row is dropped.
+    ``M`` is the site's mask, or the causal triangle when the site has none.
+    """
+    s = q.shape[2]
+    outs = []
+    for i in range(n):
+        lo, hi = i * s // n, (i + 1) * s // n
+        qi, ki, vi = q[:, :, lo:hi + 1], k[:, :, :hi + 1], v[:, :, :hi + 1]
+        if mask is not None:
+            mi = mask[..., lo:hi + 1, :hi + 1]
+        else:  # bottom-right triangle: query lo + r sees keys [0, lo + r]
+            rows = torch.arange(qi.shape[2], device=q.device)[:, None] + lo
+            mi = torch.arange(ki.shape[2], device=q.device)[None, :] <= rows
+        y = _attention(op, qi, ki, vi, mi)
+        outs.append(y[:, :, :hi - lo] if i < n - 1 else y)
+    return torch.cat(outs, dim=2)
+
+
 @contextlib.contextmanager
-def _export_mode(native_gqa: bool):
+def _export_mode(native_gqa: bool, causal_chunks: int = 1):
     """The GQA choice for the duration of one export (restored afterwards), export chatter silenced.
 
     The captured graph module was traced in eval mode; its ``eval()`` is not callable (torch.export),
     hence the training-mode warning is dropped too.
     """
-    before = _state["native_gqa"]
+    before = dict(_state)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
     level = registry_log.level
-    _state["native_gqa"] = native_gqa
+    _state.update(native_gqa=native_gqa, causal_chunks=int(causal_chunks))
     registry_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
@@ -74,7 +108,7 @@ def _export_mode(native_gqa: bool):
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             yield
     finally:
-        _state["native_gqa"] = before
+        _state.update(before)
         registry_log.setLevel(level)
 
 
@@ -94,8 +128,13 @@ def has_native_gqa(conv) -> bool:
 
 
 def export_graph(conv, path: str, opset: int = 23, native_gqa: bool = True,
-                 external_data: Optional[bool] = None) -> bool:
-    """Write ``conv.gm`` to ``path`` with dynamic batch/sequence axes; returns whether weights are external."""
+                 external_data: Optional[bool] = None, causal_chunks: int = 1) -> bool:
+    """Write ``conv.gm`` to ``path`` with dynamic batch/sequence axes; returns whether weights are external.
+
+    ``causal_chunks > 1`` splits each causal site into that many query chunks (see ``_causal_chunks``).
+    """
+    if not isinstance(causal_chunks, int) or causal_chunks < 1:
+        raise BackendError(f"causal_chunks={causal_chunks!r}: expected an int >= 1 (1 = one Attention node per site)")
     from torch.export import Dim
 
     kw = {**conv.example_inputs, **conv.fixed}
@@ -105,7 +144,7 @@ def export_graph(conv, path: str, opset: int = 23, native_gqa: bool = True,
         external_data = _param_bytes(conv.gm) > TWO_GB * 0.9  # protobuf's 2 GB limit covers the graph too
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with _export_mode(native_gqa), torch.no_grad():
+    with _export_mode(native_gqa, causal_chunks), torch.no_grad():
         try:
             program = torch.onnx.export(conv.gm, (), None, kwargs=kw, dynamo=True, opset_version=opset,
                                         dynamic_shapes=dyn, verbose=False, external_data=external_data)
@@ -224,7 +263,7 @@ def choose_gqa(conv, gqa: str, provider: str, check: bool) -> tuple:
 
 
 def export_onnx(conv, path: str, opset: int = 23, check: bool = True, external_data: Optional[bool] = None,
-                gqa: str = "auto", provider: str = "CPUExecutionProvider") -> dict:
+                gqa: str = "auto", provider: str = "CPUExecutionProvider", causal_chunks: int = 1) -> dict:
     """Export ``conv`` (a ``rewrite.Converted``) to ``path`` and check it in ONNX Runtime.
 
     Args:
@@ -236,6 +275,8 @@ def export_onnx(conv, path: str, opset: int = 23, check: bool = True, external_d
         external_data: weights in a side file; default: only for models over 2 GB.
         gqa: "auto" (native GQA unless the installed runtime computes it wrongly), "native", "expand".
         provider: the ONNX Runtime execution provider used for the check.
+        causal_chunks: split causal sites into this many query chunks that skip the hidden key blocks
+            (faster on ONNX Runtime's CPU kernel, which computes them all; 8 is a good choice there).
     Returns:
         the summary also stored in ``conv.report.extras["onnx"]``.
     """
@@ -243,8 +284,8 @@ def export_onnx(conv, path: str, opset: int = 23, check: bool = True, external_d
     if opset < 23:
         log.warning("opset %d has no standard Attention op: attention is exported as MatMul/Softmax", opset)
     native, note = choose_gqa(conv, gqa, provider, check)
-    external = export_graph(conv, path, opset, native, external_data)
-    info = {"path": os.path.abspath(path), "opset": opset, "external_data": external,
+    external = export_graph(conv, path, opset, native, external_data, causal_chunks)
+    info = {"path": os.path.abspath(path), "opset": opset, "external_data": external, "causal_chunks": causal_chunks,
             "gqa": ("native" if native else "expanded") if has_native_gqa(conv) else "none", **onnx_summary(path)}
     if note:
         info["note"] = note

@@ -15,7 +15,7 @@ from .capture import Captured, capture, flat_inputs, normalize_inputs, resize_in
 from .errors import NoAttentionError, PassError, RewriteError, VerificationError
 from .graph import count_params, eliminate_dead_code, install, sites
 from .pass_base import PassContext
-from .recognize import find_sites, run_with_env
+from .recognize import find_sites, mark_causal_masks, run_with_env, scramble_inputs
 from .report import Report, Stage
 from .verify import compare_outputs, first_divergence, site_errors
 
@@ -83,6 +83,14 @@ def canonicalize(cap: Captured, check_shapes: bool = True):
     probe_env = run_with_env(cap.gm, flat_inputs(cap, resize_inputs(cap, cap.kwargs))) \
         if check_shapes and cap.symbol_sizes else None
     matches, refusals = find_sites(cap.gm, env, probe_env)
+    if any(m.masks and m.kv is None for m in matches):
+        try:  # values the model may not accept (a 0/1 input used as an index): no site is marked causal
+            scrambled = run_with_env(cap.gm, flat_inputs(cap, scramble_inputs(resize_inputs(cap, cap.kwargs))))
+        except Exception:  # noqa: BLE001 - marking is an optimization, never a reason to fail
+            scrambled = None
+        if scrambled is not None:
+            mark_causal_masks(matches, [env, probe_env, scrambled])
+        del scrambled
     del env, probe_env
     if not matches:
         why = "; ".join(str(r) for r in refusals)

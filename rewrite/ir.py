@@ -43,6 +43,7 @@ class SiteInfo:
     qk_norm: bool = False
     cross: bool = False
     mask_kind: Optional[str] = None  # "bool" (True = keep) | "additive" | None
+    causal_mask: bool = False  # the mask hides every later key (seen on example, resized and scrambled inputs)
     q_len: int = 0  # sequence lengths seen in the example inputs (for FLOP counts)
     kv_len: int = 0
     # where each weight came from in the original model, for writing checkpoints back:

@@ -25,7 +25,8 @@ from torch import fx
 
 from .ir import Attention, HeadTransform, SiteInfo
 
-__all__ = ["Refusal", "Match", "find_sites", "run_with_env", "combine_masks"]
+__all__ = ["Refusal", "Match", "find_sites", "run_with_env", "combine_masks", "hidden", "mark_causal_masks",
+           "scramble_inputs"]
 
 aten = torch.ops.aten
 
@@ -748,9 +749,61 @@ def combine_masks(kinds: tuple, *masks):
     return m
 
 
-def _check(m: Match, env) -> tuple:
+DROP = -1e4  # additive mask entries at or below this hide their key (exp underflows to 0)
+
+
+def hidden(mask: torch.Tensor) -> torch.Tensor:
+    """Where an SDPA mask (bool keep, or additive) hides the key."""
+    return ~mask if mask.dtype == torch.bool else mask <= DROP
+
+
+def _mask_of(m: Match, env) -> Optional[torch.Tensor]:
     masks = [env[n] for _, n in m.masks]
-    mask = combine_masks(tuple(k for k, _ in m.masks), *masks) if masks else None
+    return combine_masks(tuple(k for k, _ in m.masks), *masks) if masks else None
+
+
+def _hides_future(mask: torch.Tensor) -> bool:
+    """Every key after its query is hidden: ``mask[..., i, j]`` hidden for all ``j > i`` (square masks only)."""
+    s = mask.shape[-1]
+    if mask.dim() < 2 or mask.shape[-2] != s:
+        return False
+    future = torch.ones(s, s, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(hidden(mask)[..., future].all())
+
+
+def scramble_inputs(kwargs: dict) -> dict:
+    """Example inputs with their values replaced: floats by noise, 0/1 masks by random keep patterns.
+
+    A 0/1 mask keeps its first key in every row, so no query is left without a key. Other integer
+    inputs (token ids, positions) are kept: they would not say more about the mask's structure.
+    """
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, t in kwargs.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t = torch.randn(t.shape, generator=g, dtype=t.dtype)
+        elif isinstance(t, torch.Tensor) and t.numel() and bool(((t == 0) | (t == 1)).all()) and t.dim() >= 1:
+            keep = torch.randint(0, 2, t.shape, generator=g).to(t.dtype)
+            keep[..., 0] = 1
+            t = keep
+        out[name] = t
+    return out
+
+
+def mark_causal_masks(matches: list, envs: list) -> None:
+    """Set ``info.causal_mask`` on self-attention sites whose mask hides every later key in all ``envs``.
+
+    Backends may then skip the hidden upper blocks (e.g. the chunked ONNX lowering). ``envs`` should
+    include inputs with scrambled values, so that a mask passed in by the caller is not taken for causal.
+    """
+    for m in matches:
+        if m.kv is not None or not m.masks:
+            continue
+        m.op.info.causal_mask = all(_hides_future(_mask_of(m, e)) for e in envs if e is not None)
+
+
+def _check(m: Match, env) -> tuple:
+    mask = _mask_of(m, env)
     with torch.no_grad():
         y = m.op(env[m.x], env[m.kv] if m.kv is not None else None, mask, *[env[s] for s in m.sides])
         ref = env[m.out_node]

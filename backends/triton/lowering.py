@@ -27,6 +27,7 @@ from torch import nn
 from rewrite.backends import LoweredMixin
 from rewrite.errors import BackendError
 from rewrite.graph import sites, with_sites
+from rewrite.recognize import DROP
 
 from ._common import is_interpreted
 from .flash import _attn_fwd_kernel, attention_forward
@@ -34,7 +35,6 @@ from .linear import FEATURE_MAPS, linear_attention_forward
 
 __all__ = ["lower_triton", "TritonModule", "TritonSite", "split_mask", "site_kind"]
 
-DROP = -1e4  # additive mask entries at or below this are "masked" (exp underflows to 0)
 
 
 def _is_linear(fn) -> bool:
