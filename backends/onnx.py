@@ -152,25 +152,80 @@ def export_graph(conv, path: str, opset: int = 23, native_gqa: bool = True,
             raise BackendError(f"ONNX export (opset {opset}) failed: {type(e).__name__}: "
                                f"{str(e).strip().splitlines()[0][:400]}") from e
     program.save(path, external_data=external_data)
-    _broadcast_rope_caches(path)
+    _tidy_file(path, fold=not external_data)
     return external_data
 
 
-def _broadcast_rope_caches(path: str) -> None:
+def _tidy_file(path: str, fold: bool) -> None:
+    """Fix the exporter's RoPE caches and fold weight layouts in the saved file (rewritten if changed)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    changed = _broadcast_rope_caches(model.graph)
+    if fold:
+        changed = _fold_weight_layouts(model.graph) > 0 or changed
+    if changed:
+        onnx.save(model, path)
+
+
+def _fold_weight_layouts(graph) -> int:
+    """``Reshape``/``Transpose`` of a stored weight become a stored weight; the number folded.
+
+        MatMul(x, Transpose(Reshape(W, shape)))  ->  MatMul(x, W')   with W' computed once
+
+    The canonical op keeps per-head weights ``[H, d, D]``; the exporter writes the layout ops out, which
+    runtimes fold on load but quantizers and other tools do not: they look for ``MatMul(x, W)``. The
+    originals are dropped when nothing else reads them, so the file does not grow. Computed weights
+    (MASA atoms) are left alone: only layout ops are folded.
+    """
+    from collections import Counter
+
+    from onnx import helper, numpy_helper
+
+    stored = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    readers = Counter(i for n in graph.node for i in n.input) + Counter(o.name for o in graph.output)
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Reshape", "Transpose") or node.input[0] not in stored:
+            continue
+        w = numpy_helper.to_array(stored[node.input[0]])
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Transpose":
+            w = w.transpose(attrs.get("perm") or list(range(w.ndim))[::-1])
+        else:
+            shape = next((numpy_helper.to_array(stored[n]) if n in stored else consts.get(n)
+                          for n in node.input[1:2]), None)
+            if shape is None:
+                continue
+            if not attrs.get("allowzero", 0):
+                shape = [w.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+            w = w.reshape([int(d) for d in shape])
+        new = numpy_helper.from_array(np.ascontiguousarray(w), node.output[0])
+        graph.initializer.append(new)
+        stored[new.name] = new
+        graph.node.remove(node)
+        for name in node.input:
+            readers[name] -= 1
+            if readers[name] == 0 and name in stored:
+                graph.initializer.remove(stored.pop(name))
+        folded += 1
+    return folded
+
+
+def _broadcast_rope_caches(graph) -> bool:
     """Expand the cos/sin inputs of fused ``RotaryEmbedding`` nodes to the batch of ``x``.
 
     The exporter's opset-23 fusion feeds HF's ``(1, S, d/2)`` caches straight into ``RotaryEmbedding``,
     whose spec (and ONNX Runtime) wants ``(B, S, d/2)`` when no position ids are given: such files fail
     for batch > 1. ``Expand(cache, [B, 1, 1])`` fixes that and is a no-op when the batch is already there.
     """
-    import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(path, load_external_data=False)
-    graph = model.graph
     ropes = [n for n in graph.node if n.op_type == "RotaryEmbedding" and (len(n.input) < 4 or not n.input[3])]
     if not ropes:
-        return
+        return False
     ones = "rewrite_rope_ones"
     graph.initializer.append(numpy_helper.from_array(np.array([1, 1], dtype=np.int64), ones))
     nodes = []
@@ -187,7 +242,7 @@ def _broadcast_rope_caches(path: str) -> None:
         nodes.append(n)
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.save(model, path)
+    return True
 
 
 def onnx_summary(path: str) -> dict:

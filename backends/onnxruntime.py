@@ -28,9 +28,10 @@ from rewrite.backends import LoweredMixin
 from rewrite.errors import BackendError
 
 __all__ = ["lower_onnxruntime", "OrtModule", "make_session", "run_session", "attention_problem",
-           "ort_version", "choose_provider"]
+           "ort_version", "choose_provider", "quantize_int8", "QUANTIZE"]
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+QUANTIZE = (None, "int8")
 CPU_CAUSAL_CHUNKS = 8  # 1024 tokens, 8 heads: 15.2 ms -> 8.1 ms per causal GQA site on 2 cores
 
 
@@ -118,6 +119,39 @@ def run_session(session, inputs: dict) -> list:
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
 
+def weight_matmuls(model) -> list:
+    """Names of the ``MatMul`` nodes of an ONNX model whose right operand is a stored weight."""
+    weights = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def quantize_int8(path: str, out: str) -> int:
+    """Dynamic INT8 quantization of every weight ``MatMul`` of ``path`` into ``out``; the count.
+
+        X W ≈ s_x (q_x - z_x) · (q_w ⊙ s_w),   q_w = round(W / s_w) ∈ int8, s_w per output channel (stored),
+                                                q_x = round(X / s_x) + z_x ∈ uint8, per run from X's range
+
+    Attention cores, softmax and norms stay fp32. Lossy: the error is measured, not assumed.
+    """
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(path, load_external_data=False)
+    nodes = weight_matmuls(model)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's "consider pre-processing" advice
+    try:
+        quantize_dynamic(path, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True,
+                         nodes_to_quantize=nodes, use_external_data_format=any(
+                             t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer))
+    finally:
+        root.setLevel(level)
+    return len(nodes)
+
+
 class OrtModule(LoweredMixin, nn.Module):
     """Runs the exported file in ONNX Runtime; called like, and returning the same structure as, ``conv``."""
 
@@ -145,7 +179,7 @@ class OrtModule(LoweredMixin, nn.Module):
 
 def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = None, gqa: str = "auto",
                       path: Optional[str] = None, check: bool = True, spin: bool = True,
-                      causal_chunks: Optional[int] = None) -> OrtModule:
+                      causal_chunks: Optional[int] = None, quantize: Optional[str] = None) -> OrtModule:
     """``conv`` exported to ONNX and wrapped in an ONNX Runtime session.
 
     Args:
@@ -158,10 +192,17 @@ def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = Non
         spin: let idle ONNX Runtime threads busy-wait (lower latency; off for fair benchmarks).
         causal_chunks: query chunks per causal site (``export_onnx``); default 8 on CPU, whose kernel
             computes the hidden upper blocks too, and 1 on CUDA.
+        quantize: None, or "int8": weight matmuls quantized dynamically (``quantize_int8``; CPU only).
+            Lossy: ``report.extras["onnx"]["max_abs_err"]`` then measures the quantization error.
     """
     from .onnx import check_file, choose_gqa, export_graph, has_native_gqa, onnx_summary
 
+    if quantize not in QUANTIZE:
+        raise BackendError(f"quantize={quantize!r}: expected None or 'int8' (dynamic INT8 weight matmuls)")
     chosen = choose_provider(provider)
+    if quantize and chosen != CPU:
+        raise BackendError(f"quantize={quantize!r} runs on the CPU provider only (ONNX Runtime's dynamic INT8 "
+                           f"matmul kernels); use provider='cpu'")
     notes = []
     ops = conv.sites
     dtype = ops[0].wq.dtype if ops else torch.float32
@@ -184,9 +225,15 @@ def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = Non
     if causal_chunks is None:
         causal_chunks = CPU_CAUSAL_CHUNKS if chosen == CPU else 1
     external = export_graph(conv, path, native_gqa=native, causal_chunks=causal_chunks)
+    extra = {}
+    if quantize:
+        fp32, path = path, path[:-len(".onnx")] + ".int8.onnx" if path.endswith(".onnx") else path + ".int8"
+        extra = {"quantize": quantize, "quantized_matmuls": quantize_int8(fp32, path), "fp32_path": fp32}
+        notes.append(f"{quantize}: {extra['quantized_matmuls']} weight matmuls quantized dynamically (lossy)")
     session = make_session(path, chosen, threads or torch.get_num_threads(), spin)
     info = {"path": os.path.abspath(path), "opset": 23, "external_data": external, "causal_chunks": causal_chunks,
-            "gqa": ("native" if native else "expanded") if has_native_gqa(conv) else "none", **onnx_summary(path)}
+            "gqa": ("native" if native else "expanded") if has_native_gqa(conv) else "none", **extra,
+            **onnx_summary(path)}
     if check:
         info.update(check_file(conv, session))
     import onnxruntime
@@ -196,7 +243,7 @@ def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = Non
     conv.report.extras["onnxruntime"] = {"provider": chosen, "version": onnxruntime.__version__,
                                          "threads": session.get_session_options().intra_op_num_threads,
                                          "notes": notes}
-    conv.report.backend = "onnxruntime"
+    conv.report.backend = "onnxruntime" + (f"-{quantize}" if quantize else "")
     with torch.no_grad():
         out = conv(**conv.example_inputs)
     template, spec = pytree.tree_flatten(out)

@@ -115,10 +115,14 @@ def _lower(conv, backend: str, threads: int):
     try:
         if backend == "eager":
             return conv, ""
-        if backend == "onnxruntime":
+        if backend in ("onnxruntime", "onnxruntime-int8"):
             from rewrite.backends.onnxruntime import lower_onnxruntime
 
-            return lower_onnxruntime(conv, threads=threads, spin=False), ""
+            quantize = "int8" if backend.endswith("int8") else None
+            module = lower_onnxruntime(conv, provider="cpu" if quantize else "auto", threads=threads, spin=False,
+                                       quantize=quantize)
+            err = conv.report.extras["onnx"].get("max_abs_err")
+            return module, f"lossy: max abs err {err:.2g} vs PyTorch fp32" if quantize and err is not None else ""
         if backend == "triton":
             from rewrite.backends.triton._common import is_interpreted
             from rewrite.backends.triton.flash import _attn_fwd_kernel
@@ -144,7 +148,8 @@ def bench(model, passes, backends=("eager",), seq_lens=(128, 512, 1024), repeats
     Args:
         model: the PyTorch model (never mutated).
         passes: pipeline spec (string or list), as for ``rewrite.convert``.
-        backends: any of "eager", "onnxruntime", "triton".
+        backends: any of "eager", "onnxruntime", "triton", and "onnxruntime-int8" (weight matmuls
+            quantized dynamically: lossy, its error is in the ``note``).
         seq_lens: sequence lengths; inputs are the example's tokens repeated to that length.
         repeats: timed runs per measurement (after one warm-up); the median is reported.
         example: example inputs (tuple or dict) for the conversion; batch size stays the example's.
@@ -156,11 +161,12 @@ def bench(model, passes, backends=("eager",), seq_lens=(128, 512, 1024), repeats
     import rewrite
     from rewrite.backends import BACKENDS
 
+    valid = BACKENDS + ("onnxruntime-int8",)
     if example is None:
         raise RewriteError("bench needs example inputs (a tuple of args or a dict of kwargs for the model)")
-    unknown = [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b not in valid]
     if unknown:
-        raise RewriteError(f"unknown backend(s) {unknown}; valid backends: {', '.join(BACKENDS)}")
+        raise RewriteError(f"unknown backend(s) {unknown}; valid backends: {', '.join(valid)}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="time original vs converted per backend and sequence length")
     model_args(sp)
     sp.add_argument("--passes", default="")
-    sp.add_argument("--backend", default="eager", help="comma list: eager,onnxruntime,triton")
+    sp.add_argument("--backend", default="eager", help="comma list: eager,onnxruntime,triton,onnxruntime-int8")
     sp.add_argument("--seq-lens", default="128,512,1024")
     sp.add_argument("--repeats", type=int, default=5)
     sp.set_defaults(func=cmd_bench)
