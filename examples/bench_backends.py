@@ -3,9 +3,10 @@
 A random 4-layer, 512-wide LLaMA (8 heads of 64; MHA and GQA variants), 2 threads for each runtime:
 
   (a) the same converted model (GQA, 2 KV heads) run by eager PyTorch and by ONNX Runtime at
-      1024 tokens, median of repeated runs (the target is ONNX Runtime >= 1.5x faster);
+      1024 tokens, median of repeated runs (the target is ONNX Runtime >= 1.5x faster): fp32 with one
+      Attention node per site, fp32 with 8 causal query chunks (the CPU default), INT8 weight matmuls;
   (b) ``rewrite bench`` of the MHA model for ``gqa{kv_heads=2}`` and ``sqa{q_heads=4,kv_heads=2}``
-      (eager and ONNX Runtime; Triton when a GPU is there).
+      (eager, ONNX Runtime fp32 and INT8; Triton when a GPU is there).
 
     python examples/bench_backends.py [--seq-lens 128,512,1024] [--repeats 5]
 """
@@ -40,27 +41,38 @@ def example(batch: int = 2, seq: int = 32) -> tuple:
 
 
 def ort_vs_eager(console: Console, tokens: int, repeats: int) -> float:
-    """(a): one converted GQA model, eager PyTorch vs ONNX Runtime CPU; returns the speedup."""
+    """(a): one converted GQA model, eager PyTorch vs ONNX Runtime CPU; returns the fp32 speedup.
+
+    ONNX Runtime three ways: one Attention node per site (``causal_chunks=1``), the CPU default of 8
+    causal query chunks, and the same with INT8 weight matmuls (lossy; its error is printed).
+    """
     torch.set_num_threads(THREADS)
     conv = rewrite.convert(llama(kv_heads=2), passes="", example_inputs=example(), progress=False)
-    ort = lower_onnxruntime(conv, provider="cpu", threads=THREADS, spin=False)  # no busy-wait between runs
     ids = torch.randint(0, 2048, (1, tokens), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        err = (ort(ids).logits - conv(ids).logits).abs().max().item()
-    ms = interleaved_ms({"eager": lambda: conv(ids), "ort": lambda: ort(ids)}, repeats)  # same load for both
-    eager_ms, ort_ms = ms["eager"], ms["ort"]
+    variants = {"ort, 1 node per site": dict(causal_chunks=1), "ort, 8 causal chunks": {},
+                "ort int8, 8 causal chunks": dict(quantize="int8")}
+    fns, errs = {"eager": lambda: conv(ids)}, {}
+    for name, kw in variants.items():  # no busy-wait between runs: it would slow the next eager run
+        m = lower_onnxruntime(conv, provider="cpu", threads=THREADS, spin=False, **kw)
+        with torch.no_grad():
+            want = conv(ids).logits
+            errs[name] = ((m(ids).logits - want).abs().max().item(), want.abs().max().item())
+        fns[name] = lambda m=m: m(ids)
+    ms = interleaved_ms(fns, repeats)  # same load for all
     info = conv.report.extras["onnx"]
-    console.print(f"[bold](a)[/] GQA LLaMA (8 q / 2 kv heads), batch 1 x {tokens} tokens, {THREADS} threads each: "
-                  f"eager PyTorch {eager_ms:.0f} ms, ONNX Runtime {ort_ms:.0f} ms -> [bold]{eager_ms / ort_ms:.2f}x[/] "
-                  f"(target >= 1.5x); max abs err {err:.2g}; {info['attention_nodes']} Attention nodes, "
-                  f"kv_num_heads {info['kv_num_heads']}, onnxruntime {info['onnxruntime']}")
-    return eager_ms / ort_ms
+    console.print(f"[bold](a)[/] GQA LLaMA (8 q / 2 kv heads), batch 1 x {tokens} tokens, {THREADS} threads each, "
+                  f"median of {repeats}; onnxruntime {info['onnxruntime']}; eager PyTorch {ms['eager']:.0f} ms")
+    for name in variants:
+        err, scale = errs[name]
+        console.print(f"    {name:28s} {ms[name]:6.0f} ms  [bold]{ms['eager'] / ms[name]:.2f}x[/]  "
+                      f"max abs err {err:.2g} (logits up to {scale:.2g})")
+    return ms["eager"] / ms["ort, 8 causal chunks"]
 
 
 def tables(console: Console, seq_lens: list, repeats: int) -> None:
     """(b): ``rewrite bench`` of the MHA model per pipeline."""
     have = available()
-    backends = ["eager", "onnxruntime"] + (["triton"] if torch.cuda.is_available() else [])
+    backends = ["eager", "onnxruntime", "onnxruntime-int8"] + (["triton"] if torch.cuda.is_available() else [])
     for spec in ("gqa{kv_heads=2}", "sqa{q_heads=4,kv_heads=2}"):
         name = spec.split("{")[0]
         if name not in have:
