@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util as _ilu
 import os as _os
 import sys as _sys
+import warnings as _warnings
 
 from .errors import (BackendError, CaptureError, NoAttentionError, PassError, RewriteError, SpecError,
                      VerificationError)
@@ -37,6 +38,9 @@ def _mount(sub: str) -> None:
     setattr(_sys.modules[__name__], sub, module)
     spec.loader.exec_module(module)
 
+
+# torch's own pytree emits this when a captured graph is deep-copied (every stage); nothing for users to act on
+_warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
 
 from .api import Converted, convert, inspect, load  # noqa: E402
 from .pipeline import parse as parse_pipeline  # noqa: E402
