@@ -13,7 +13,7 @@ import torch
 
 from .graph import sites
 
-__all__ = ["SiteRecord", "InputStats", "record_site_inputs", "input_grams", "head_grams"]
+__all__ = ["SiteRecord", "InputStats", "record_site_inputs", "input_grams", "head_grams", "real_keys"]
 
 
 @dataclasses.dataclass
@@ -50,8 +50,23 @@ def record_site_inputs(gm, call: Callable, batches, track=None) -> list:
     return out
 
 
-def _tokens(x: torch.Tensor, mask_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+def real_keys(mask: Optional[torch.Tensor], batch: int, k_len: int) -> Optional[torch.Tensor]:
+    """``[B, Sk]``: keys some query may see under the SDPA ``mask`` (False = padding); None = all."""
+    from .recognize import hidden
+
+    if mask is None:
+        return None
+    keep = ~hidden(mask)
+    while keep.dim() < 4:
+        keep = keep.unsqueeze(0)
+    return keep.any(dim=2).any(dim=1).expand(batch, k_len)
+
+
+def _tokens(x: torch.Tensor, keep: Optional[torch.Tensor] = None, layout: str = "BSD") -> torch.Tensor:
+    """The rows of ``x`` (``[B, S, D]``, or ``[S, B, D]`` for "SBD") whose ``keep [B, S]`` is True."""
+    if keep is None:
+        return x.reshape(-1, x.shape[-1])
+    return (x.transpose(0, 1) if layout == "SBD" else x)[keep]
 
 
 @dataclasses.dataclass
@@ -62,24 +77,30 @@ class InputStats:
     total: torch.Tensor  # Σ x     [D]
     count: int
 
-    def add(self, x: torch.Tensor) -> None:
-        t = _tokens(x).double()
+    def add(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None, layout: str = "BSD") -> None:
+        """Add the tokens of ``x`` (only those where ``keep [B, S]`` is True, when given)."""
+        t = _tokens(x, keep, layout).double()
         self.gram += t.T @ t
         self.total += t.sum(0)
         self.count += t.shape[0]
 
 
 def input_grams(gm, call: Callable, batches, track=None) -> list:
-    """Per site: InputStats of the key/value input (queries read the same input for self-attention)."""
+    """Per site: InputStats of the key/value input (queries read the same input for self-attention).
+
+    Padding tokens (keys the site's mask hides from every query) are left out.
+    """
     ops = sites(gm)
     stats = [None] * len(ops)
 
     def on_site(i, args, _):
         x = args[1] if args[1] is not None else args[0]
+        layout = ops[i].info.layout
+        b, s = (x.shape[1], x.shape[0]) if layout == "SBD" else (x.shape[0], x.shape[1])
         if stats[i] is None:
             d = x.shape[-1]
             stats[i] = InputStats(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0)
-        stats[i].add(x)
+        stats[i].add(x, real_keys(args[2] if len(args) > 2 else None, b, s), layout)
 
     _each_batch(gm, call, batches, on_site, track, "calibration statistics")
     return stats
