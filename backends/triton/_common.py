@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 MAX_HEAD_DIM = 256
@@ -12,6 +13,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def is_interpreted(kernel) -> bool:
     """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (CPU interpreter)."""
     return not isinstance(kernel, JITFunction)
+
+
+@triton.jit
+def program_heads(pid_bh, Hq, KMAP, VMAP):
+    """(batch, query head, key head, value head) of a program over ``batch * Hq``; int64 for addressing."""
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    return b, h, tl.load(KMAP + h), tl.load(VMAP + h)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

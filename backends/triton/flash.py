@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_map, check_qkv, dot_precision, head_block, is_interpreted
+from ._common import check_map, check_qkv, dot_precision, head_block, is_interpreted, program_heads
 
 __all__ = ["attention_forward", "attention_reference"]
 
@@ -82,11 +82,7 @@ def _attn_fwd_kernel(
 ):
     """One program per (query tile, batch * query head)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = (pid_bh % Hq).to(tl.int64)
-    kh = tl.load(KMAP + h)
-    vh = tl.load(VMAP + h)
+    b, h, kh, vh = program_heads(tl.program_id(1), Hq, KMAP, VMAP)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_map, check_qkv, dot_precision, head_block, is_interpreted
+from ._common import check_map, check_qkv, dot_precision, head_block, is_interpreted, program_heads
 
 __all__ = ["linear_attention_forward", "linear_attention_reference"]
 
@@ -53,11 +53,7 @@ def _linear_attn_fwd_kernel(
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = (pid_bh % Hq).to(tl.int64)
-    kh = tl.load(KMAP + h)
-    vh = tl.load(VMAP + h)
+    b, h, kh, vh = program_heads(tl.program_id(1), Hq, KMAP, VMAP)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + kh * s_kh
     v_base = V + b * s_vb + vh * s_vh
