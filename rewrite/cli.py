@@ -5,6 +5,7 @@ MODEL is ``demo`` (the bundled all-MiniLM-L6-v2), a local Hugging Face folder, o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -81,7 +82,7 @@ def cmd_convert(args, console):
     conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib,
                            backend=args.backend)
     if args.onnx:
-        conv.export_onnx(args.onnx)
+        conv.export_onnx(args.onnx, causal_chunks=args.causal_chunks)
     conv.report.print(console)
     if args.report:
         conv.report.to_html(args.report)
@@ -89,6 +90,9 @@ def cmd_convert(args, console):
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(conv.report.to_markdown())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(conv.report.to_json(), f, indent=1)
     if args.save:
         conv.save(args.save)
         console.print(f"saved: {args.save}")
@@ -193,8 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--passes", default="", help='pipeline spec, e.g. "gqa{kv_heads=4},gated-attention"')
     sp.add_argument("--backend", default="eager", choices=["eager", "triton", "onnxruntime"])
     sp.add_argument("--onnx", help="export the converted model to this ONNX file")
+    sp.add_argument("--causal-chunks", type=int, default=1,
+                    help="ONNX: split causal sites into N query chunks that skip hidden key blocks "
+                         "(faster on ONNX Runtime's CPU kernel; 8 is a good choice there)")
     sp.add_argument("--report", help="write the HTML report here")
     sp.add_argument("--markdown", help="write the Markdown report here")
+    sp.add_argument("--json", help="write the JSON report here")
     sp.add_argument("--save", help="save the converted model (.pt2)")
     sp.add_argument("--out", help="stream a Hugging Face folder's weights into this output folder")
     sp.set_defaults(func=cmd_convert)

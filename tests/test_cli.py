@@ -21,6 +21,20 @@ def test_convert_factory_model_writes_reports(tmp_path, capsys):
     assert "| captured | yes | 0 |" in md.read_text()
 
 
+def test_convert_exports_causal_chunks(tmp_path, capsys):
+    """NanoGPT's two causal sites (mask from a buffer) as 3 query chunks each, checked in ONNX Runtime."""
+    import json
+
+    from rewrite.backends.onnx import onnx_summary
+
+    path, md = tmp_path / "m.onnx", tmp_path / "r.json"
+    code = main(["convert", "models:NanoGPT", "--passes", "", "--onnx", str(path), "--causal-chunks", "3",
+                 "--json", str(md)])
+    assert code == 0 and onnx_summary(str(path))["attention_nodes"] == 6
+    onnx = json.loads(md.read_text())["extras"]["onnx"]
+    assert onnx["causal_chunks"] == 3 and onnx["max_abs_err"] <= 1e-4
+
+
 def test_bad_model_spec_is_a_clear_error(capsys):
     assert main(["inspect", "no_such_module:factory"]) == 2
     assert "cannot import 'no_such_module:factory'" in capsys.readouterr().out
