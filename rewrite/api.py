@@ -11,11 +11,11 @@ import torch
 from torch import fx, nn
 
 from . import pipeline as _pipeline
-from .capture import Captured, capture, flat_inputs, normalize_inputs, resize_inputs
+from .capture import Captured, capture, flat_inputs, normalize_inputs, resize_inputs, scramble_inputs
 from .errors import NoAttentionError, PassError, RewriteError, VerificationError
 from .graph import count_params, eliminate_dead_code, install, sites
 from .pass_base import PassContext
-from .recognize import find_sites, mark_causal_masks, run_with_env, scramble_inputs
+from .recognize import find_sites, mark_causal_masks, run_with_env
 from .report import Report, Stage
 from .verify import compare_outputs, first_divergence, site_errors
 

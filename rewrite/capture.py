@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 
-__all__ = ["Captured", "capture", "normalize_inputs", "resize_inputs", "flat_inputs"]
+__all__ = ["Captured", "capture", "normalize_inputs", "resize_inputs", "flat_inputs", "scramble_inputs"]
 log = logging.getLogger(__name__)
 
 
@@ -191,5 +191,24 @@ def resize_inputs(cap: Captured, kwargs: dict, grow: int = 1) -> dict:
         for d, sym in dims.items():
             idx = torch.arange(new_size[sym]) % t.shape[d]
             t = t.index_select(d, idx.to(t.device))
+        out[name] = t
+    return out
+
+
+def scramble_inputs(kwargs: dict) -> dict:
+    """Example inputs with their values replaced: floats by noise, 0/1 masks by random keep patterns.
+
+    A 0/1 mask keeps its first key in every row, so no query is left without a key. Other integer
+    inputs (token ids, positions) are kept: they would not say more about the mask's structure.
+    """
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, t in kwargs.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t = torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
+        elif isinstance(t, torch.Tensor) and t.numel() and bool(((t == 0) | (t == 1)).all()) and t.dim() >= 1:
+            keep = torch.randint(0, 2, t.shape, generator=g).to(t.device, t.dtype)
+            keep[..., 0] = 1
+            t = keep
         out[name] = t
     return out

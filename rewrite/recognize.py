@@ -25,8 +25,7 @@ from torch import fx
 
 from .ir import Attention, HeadTransform, SiteInfo
 
-__all__ = ["Refusal", "Match", "find_sites", "run_with_env", "combine_masks", "hidden", "mark_causal_masks",
-           "scramble_inputs"]
+__all__ = ["Refusal", "Match", "find_sites", "run_with_env", "combine_masks", "hidden", "mark_causal_masks"]
 
 aten = torch.ops.aten
 
@@ -769,25 +768,6 @@ def _hides_future(mask: torch.Tensor) -> bool:
         return False
     future = torch.ones(s, s, dtype=torch.bool, device=mask.device).triu(1)
     return bool(hidden(mask)[..., future].all())
-
-
-def scramble_inputs(kwargs: dict) -> dict:
-    """Example inputs with their values replaced: floats by noise, 0/1 masks by random keep patterns.
-
-    A 0/1 mask keeps its first key in every row, so no query is left without a key. Other integer
-    inputs (token ids, positions) are kept: they would not say more about the mask's structure.
-    """
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for name, t in kwargs.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            t = torch.randn(t.shape, generator=g, dtype=t.dtype)
-        elif isinstance(t, torch.Tensor) and t.numel() and bool(((t == 0) | (t == 1)).all()) and t.dim() >= 1:
-            keep = torch.randint(0, 2, t.shape, generator=g).to(t.dtype)
-            keep[..., 0] = 1
-            t = keep
-        out[name] = t
-    return out
 
 
 def mark_causal_masks(matches: list, envs: list) -> None:
