@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -182,3 +183,141 @@ def first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
     return out["logits"] if "logits" in out else out["last_hidden_state"]
+
+
+# ---- inputs of the head-count matrix ------------------------------------------------------------------
+def ids_inputs(batch, seq):
+    """Token ids as a one-argument tuple: the inputs of the LM, BERT and nanoGPT families."""
+    return (ids(batch, seq),)
+
+
+def encoder_inputs(batch, seq):
+    """Random (B, S, 64) features seeded by ``seq``: the inputs of nn.TransformerEncoder."""
+    return (torch.randn(batch, seq, 64, generator=torch.Generator().manual_seed(seq)),)
+
+
+# family -> (factory, inputs(batch, seq)): the models the head-count passes (prune-heads, sqa) run on
+HEAD_FAMILIES = {
+    "llama_mha": (lambda: llama(4), ids_inputs),
+    "llama_gqa": (lambda: llama(2), ids_inputs),
+    "qwen2": (qwen2, ids_inputs),
+    "gpt2": (gpt2, ids_inputs),
+    "bert": (bert, ids_inputs),
+    "nanogpt": (NanoGPT, ids_inputs),
+    "encoder": (encoder, encoder_inputs),
+}
+
+
+def calibration_ids(n=4, seq=10):
+    """``n`` single sequences of ``seq`` token ids (seeds 1..n), each an args tuple: calibration batches."""
+    return [(ids(1, seq, seed),) for seed in range(1, n + 1)]
+
+
+# ---- converting -----------------------------------------------------------------------------------------
+def seeded_convert(factory, passes, example_inputs, **kwargs):
+    """(model, converted): ``factory()`` built under seed 0, then converted with ``passes``."""
+    import rewrite
+
+    torch.manual_seed(0)
+    model = factory()
+    return model, rewrite.convert(model, passes=passes, example_inputs=example_inputs, progress=False, **kwargs)
+
+
+def support_matrix():
+    """The case names of test_roundtrip.CASES but the real MiniLM: what every pass is checked on."""
+    from test_roundtrip import CASES
+
+    return [n for n in CASES if n != "minilm"]
+
+
+def case_inputs(name, batch, seq, pad=False):
+    """Inputs of the support-matrix case ``name`` (test_roundtrip.CASES); cases without a mask ignore ``pad``."""
+    from test_roundtrip import CASES
+
+    return CASES[name][1](batch, seq, pad)
+
+
+@functools.lru_cache(maxsize=None)
+def converted_case(name, passes):
+    """(model, converted) of the support-matrix case ``name`` converted with ``passes`` at (2, 8); built once."""
+    from test_roundtrip import CASES
+
+    factory, make, _ = CASES[name]
+    return seeded_convert(factory, passes, make(2, 8))
+
+
+def padded_errors(name, model, conv):
+    """{pad: rel_err of ``conv`` against ``model``} on case ``name`` at (3, 13), without and with padding."""
+    return {pad: rel_err(model, conv, case_inputs(name, 3, 13, pad))[0] for pad in (False, True)}
+
+
+def added_params(conv, staged):
+    """How many parameters ``staged`` (a restage of ``conv``) has beyond the captured graph of ``conv``."""
+    from rewrite.graph import count_params
+
+    return count_params(staged.gm) - count_params(conv._captured.gm)
+
+
+def nanogpt_converted(passes):
+    """A fresh NanoGPT converted with ``passes`` at (2, 8) token ids: where option refusals surface."""
+    import rewrite
+
+    return rewrite.convert(NanoGPT(), passes=passes, example_inputs=(ids(2, 8),), progress=False)
+
+
+def pass_context(conv, batches=()):
+    """A PassContext on the captured stage of ``conv``, calibrated on ``batches`` (args tuples)."""
+    from rewrite.pass_base import PassContext
+
+    return PassContext(calibration=[conv.bind(b, {}) for b in batches], captured=conv._captured)
+
+
+def canonical_graph(model, example_inputs):
+    """(canonical graph, Captured) of ``model`` traced at ``example_inputs``, without a Converted around it."""
+    from rewrite.api import canonicalize
+    from rewrite.capture import capture
+
+    cap = capture(model, example_inputs)
+    gm, _ = canonicalize(cap)
+    return gm, cap
+
+
+# ---- the real MiniLM --------------------------------------------------------------------------------------
+def minilm_tokenizer(max_length):
+    """texts -> {input_ids, attention_mask} for MiniLM, padded to the longest and cut at ``max_length``."""
+    from rewrite.models import minilm_path, tokenizer_for
+
+    tok = tokenizer_for(minilm_path())
+
+    def encode(texts):
+        e = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
+
+    return encode
+
+
+def mean_pool(hidden, attention_mask):
+    """Sentence embeddings: ``hidden`` (B, S, D) averaged over the tokens ``attention_mask`` keeps."""
+    keep = attention_mask[..., None].float()
+    return (hidden * keep).sum(1) / keep.sum(1)
+
+
+def sentence_embeddings(graph, batches, fixed):
+    """Mean-pooled last hidden states of ``graph`` (a captured stage) over ``batches``, concatenated."""
+    with torch.no_grad():
+        return torch.cat([mean_pool(graph(**kw, **fixed)["last_hidden_state"], kw["attention_mask"])
+                          for kw in batches])
+
+
+def embedding_fidelity(gm, ctx, batches):
+    """spec -> mean cosine of the sentence embeddings of ``gm`` rewritten by that one-pass spec to those of ``gm``."""
+    from rewrite.pipeline import parse
+
+    fixed = ctx.captured.fixed
+    ref = sentence_embeddings(gm, batches, fixed)
+
+    def fidelity(spec):
+        return float(torch.cosine_similarity(sentence_embeddings(parse(spec)[0].run(gm, ctx).graph, batches, fixed),
+                                             ref).mean())
+
+    return fidelity

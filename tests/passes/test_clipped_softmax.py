@@ -1,7 +1,5 @@
 """clipped-softmax: exact at ζ=1, γ=0 on the whole support matrix; masked weights exactly zero; lossy
 settings finite; error on the real MiniLM measured and bounded; refusals."""
-import functools
-
 import pytest
 import torch
 
@@ -15,15 +13,11 @@ from rewrite.scores import ClippedSoftmax
 from test_roundtrip import CASES
 
 TOL = 1e-5
-MATRIX = [n for n in CASES if n != "minilm"]
+MATRIX = M.support_matrix()
 
 
-@functools.lru_cache(maxsize=None)
 def converted(name):
-    factory, make, _ = CASES[name]
-    torch.manual_seed(0)
-    model = factory()
-    return model, rewrite.convert(model, passes="clipped-softmax", example_inputs=make(2, 8), progress=False)
+    return M.converted_case(name, "clipped-softmax")
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -33,9 +27,7 @@ def test_identity_setting_is_exact_at_other_shapes_with_padding(name):
     assert stages[-1]["exact"] and stages[-1]["sites_changed"] == CASES[name][2]
     assert stages[-1]["params"] == stages[0]["params"]  # no new parameters
     assert all(isinstance(op.score_fn, ClippedSoftmax) for op in conv.sites)
-    make = CASES[name][1]
-    for pad in (False, True):
-        err, _ = rel_err(model, conv, make(3, 13, pad) if name != "vit" else make(3, 13))
+    for pad, err in M.padded_errors(name, model, conv).items():
         assert err <= TOL, (name, pad, err)
 
 
@@ -47,8 +39,7 @@ def test_lossy_settings_run_and_are_finite(name):
     example_len = 17 if name == "vit" else 8  # 16 patches + CLS
     for site, st in result.stats.items():
         assert st["T"] == example_len and st["gamma"] == pytest.approx(-4 / example_len)  # γ = −α/T
-    make = CASES[name][1]
-    err, out = rel_err(model, lossy, make(3, 13, True) if name != "vit" else make(3, 13))
+    err, out = rel_err(model, lossy, M.case_inputs(name, 3, 13, True))
     assert torch.isfinite(out).all() and err > 0
 
 
@@ -98,11 +89,9 @@ def test_dha_map_reads_the_mapped_kv_heads():
 
 
 def test_minilm_error_is_measured_and_bounded():
-    from rewrite.models import minilm_path, sentences, tokenizer_for
+    from rewrite.models import sentences
 
-    tok = tokenizer_for(minilm_path())
-    enc = lambda texts: {k: v for k, v in tok(texts, padding=True, truncation=True, max_length=32,  # noqa: E731
-                                                return_tensors="pt").items() if k in ("input_ids", "attention_mask")}
+    enc = M.minilm_tokenizer(32)
     model = M.minilm()
     conv = rewrite.convert(model, passes="clipped-softmax{gamma=-0.01}", example_inputs=enc(sentences()[:4]),
                            progress=False)
@@ -112,8 +101,7 @@ def test_minilm_error_is_measured_and_bounded():
     batch = enc(sentences()[100:132])
     with torch.no_grad():
         ref, out = model(**batch).last_hidden_state, conv(**batch).last_hidden_state
-    m = batch["attention_mask"][..., None].float()
-    ref_e, out_e = (ref * m).sum(1) / m.sum(1), (out * m).sum(1) / m.sum(1)  # sentence embeddings
+    ref_e, out_e = M.mean_pool(ref, batch["attention_mask"]), M.mean_pool(out, batch["attention_mask"])
     cos = torch.nn.functional.cosine_similarity(ref_e, out_e).min()
     assert cos > 0.9, float(cos)  # measured: min 0.958, mean 0.986 over 32 sentences
 
@@ -126,7 +114,7 @@ def test_minilm_error_is_measured_and_bounded():
 ])
 def test_refusals(spec, message):
     with pytest.raises(SpecError, match=message):
-        rewrite.convert(M.NanoGPT(), passes=spec, example_inputs=(M.ids(2, 8),), progress=False)
+        M.nanogpt_converted(spec)
 
 
 def test_exact_property_and_spec_round_trip():

@@ -1,20 +1,15 @@
 """dha{kv_ratio}: structure (decoupled K/V budgets, arbitrary maps), refusals, and the real-model
 acceptance of the KV-merging family on MiniLM: mean < aligned <= dha in sentence-embedding cosine."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import rewrite  # noqa: E402
-from rewrite.errors import PassError, SpecError  # noqa: E402
-from rewrite.pass_base import PassContext  # noqa: E402
-from rewrite.passes.dha import DHA, allocate, refine  # noqa: E402
-from rewrite.passes.gqa import GQA  # noqa: E402
-from tests import models  # noqa: E402
+import models
+import rewrite
+from rewrite.errors import PassError, SpecError
+from rewrite.pass_base import PassContext
+from rewrite.passes.dha import DHA, allocate, refine
+from rewrite.passes.gqa import GQA
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,12 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def llama_dha():
-    torch.manual_seed(0)
-    model = models.llama(4)
-    calib = [(models.ids(1, 10, seed),) for seed in range(1, 5)]
-    conv = rewrite.convert(model, "dha{kv_ratio=0.5}", example_inputs=(models.ids(2, 8),), calibration=calib,
-                           progress=False)
-    return model, conv
+    return models.seeded_convert(lambda: models.llama(4), "dha{kv_ratio=0.5}", (models.ids(2, 8),),
+                                 calibration=models.calibration_ids())
 
 
 def test_dha_meets_the_global_kv_budget(llama_dha):
@@ -49,11 +40,8 @@ def test_dha_meets_the_global_kv_budget(llama_dha):
 
 
 def test_dha_on_gqa_model_with_biases_and_full_budget():
-    torch.manual_seed(0)
-    model = models.qwen2()  # 2 KV heads per site
-    conv = rewrite.convert(model, passes=[], example_inputs=(models.ids(2, 8),), progress=False)
-    ctx = PassContext(calibration=[conv.bind((models.ids(1, 10, s),), {}) for s in range(1, 4)],
-                      captured=conv._captured)
+    _, conv = models.seeded_convert(models.qwen2, [], (models.ids(2, 8),))  # 2 KV heads per site
+    ctx = models.pass_context(conv, models.calibration_ids(3))
     half = DHA(kv_ratio=0.5).run(conv.gm, ctx)
     assert half.changed and [(op.k_heads, op.v_heads) for op in rewrite.graph.sites(half.graph)] == [(1, 1), (1, 1)]
     assert DHA(kv_ratio=1.0).run(conv.gm, ctx).changed is False  # every head kept: nothing to do
@@ -78,25 +66,19 @@ def test_refusals():
         with pytest.raises(SpecError, match=r"kv_ratio must be in \(0, 1\]"):
             rewrite.parse_pipeline(spec)
     with pytest.raises(PassError, match="needs calibration data"):
-        rewrite.convert(models.NanoGPT(), "dha{kv_ratio=0.5}", example_inputs=(models.ids(2, 8),), progress=False)
+        models.nanogpt_converted("dha{kv_ratio=0.5}")
 
 
 # ---- real model -------------------------------------------------------------------------------------
 def test_minilm_aligned_beats_mean_and_dha_matches_aligned():
     """MiniLM, 12 heads → 4 KV heads: cosine of mean-pooled sentence embeddings to the original's on 200
     sentences; calibration on 64 other sentences. mean ≈ 0.58 < aligned ≈ 0.83 <= dha ≈ 0.91."""
-    from rewrite.models import minilm_path, sentences, tokenizer_for
+    from rewrite.models import sentences
 
-    model, tok = models.minilm(), tokenizer_for(minilm_path())
+    model, enc = models.minilm(), models.minilm_tokenizer(64)
     text = sentences()
-    calib = [dict(tok([s], return_tensors="pt")) for s in text[:64]]  # one per batch: no padding in the stats
-    calib = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in calib]
+    calib = [enc([s]) for s in text[:64]]  # one per batch: no padding in the stats (none is longer than 64)
     held_out = sorted(text[64:264], key=len)  # similar lengths per batch: little padding
-
-    def enc(batch):
-        e = tok(batch, padding=True, truncation=True, max_length=64, return_tensors="pt")
-        return {k: e[k] for k in ("input_ids", "attention_mask")}
-
     batches = [enc(held_out[i:i + 50]) for i in range(0, len(held_out), 50)]
     conv = rewrite.convert(model, passes=[], example_inputs=batches[0], progress=False)
     ctx = PassContext(calibration=calib, captured=conv._captured)
@@ -105,8 +87,7 @@ def test_minilm_aligned_beats_mean_and_dha_matches_aligned():
         with torch.no_grad():
             out = []
             for b in batches:
-                h, m = fn(b)[0], b["attention_mask"][..., None].float()
-                out.append((h * m).sum(1) / m.sum(1))
+                out.append(models.mean_pool(fn(b)[0], b["attention_mask"]))
         return torch.cat(out)
 
     ref = embed(lambda b: model(**b))

@@ -1,7 +1,5 @@
 """gated-attention: exact at identity init on the whole support matrix; gate values per head and token
 in both layouts; lossy inits finite; error on the real MiniLM measured; refusals."""
-import functools
-
 import pytest
 import torch
 
@@ -16,15 +14,11 @@ from rewrite.scores import SigmoidHeadGate
 from test_roundtrip import CASES
 
 TOL = 1e-5
-MATRIX = [n for n in CASES if n != "minilm"]
+MATRIX = M.support_matrix()
 
 
-@functools.lru_cache(maxsize=None)
 def converted(name):
-    factory, make, _ = CASES[name]
-    torch.manual_seed(0)
-    model = factory()
-    return model, rewrite.convert(model, passes="gated-attention", example_inputs=make(2, 8), progress=False)
+    return M.converted_case(name, "gated-attention")
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -37,23 +31,19 @@ def test_identity_init_is_exact_at_other_shapes_with_padding(name):
     # per site: Hq weight vectors of D/Hq plus Hq biases = D + Hq = 64 + 4
     assert stages[-1]["params"] - stages[0]["params"] == n_sites * (64 + 4)
     assert all(isinstance(op.head_gate, SigmoidHeadGate) for op in conv.sites)
-    make = CASES[name][1]
-    for pad in (False, True):
-        err, _ = rel_err(model, conv, make(3, 13, pad) if name != "vit" else make(3, 13))
+    for pad, err in M.padded_errors(name, model, conv).items():
         assert err <= TOL, (name, pad, err)
 
 
 @pytest.mark.parametrize("name", MATRIX)
 def test_lossy_inits_run_finite_and_grow_params_exactly(name):
     model, conv = converted(name)
-    make = CASES[name][1]
-    inputs = make(3, 13, True) if name != "vit" else make(3, 13)
+    inputs = M.case_inputs(name, 3, 13, True)
     for spec, per_site in (("gated-attention{init=normal,std=0.05}", 64 + 4),
                            ("gated-attention{init=normal,all_features=true}", 64 * 4 + 4)):
         lossy, result = restage(conv, spec)
         assert not result.diagnostics and all(st["gate_params"] == per_site for st in result.stats.values())
-        grown = sum(p.numel() for p in lossy.gm.parameters()) - sum(p.numel() for p in conv._captured.gm.parameters())
-        assert grown == per_site * len(lossy.sites)
+        assert M.added_params(conv, lossy) == per_site * len(lossy.sites)
         err, out = rel_err(model, lossy, inputs)
         assert torch.isfinite(out).all() and 0 < err < 0.5, (spec, err)
 
@@ -82,11 +72,9 @@ def test_gradients_reach_the_gate_and_the_gate_changes_the_output():
 
 
 def test_minilm_error_is_measured():
-    from rewrite.models import minilm_path, sentences, tokenizer_for
+    from rewrite.models import sentences
 
-    tok = tokenizer_for(minilm_path())
-    enc = tok(sentences()[:8], padding=True, truncation=True, max_length=24, return_tensors="pt")
-    batch = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    batch = M.minilm_tokenizer(24)(sentences()[:8])
     conv = rewrite.convert(M.minilm(), passes="gated-attention{init=normal}", example_inputs=batch,
                            progress=False)
     stage = conv.report.to_json()["stages"][-1]
@@ -110,8 +98,7 @@ def test_width_not_divisible_by_heads_is_skipped_unless_all_features():
 
 
 def test_shared_weights_stay_shared_after_gating():
-    conv = rewrite.convert(M.NanoGPT(), passes="masa,gated-attention", example_inputs=(M.ids(2, 8),),
-                           progress=False)
+    conv = M.nanogpt_converted("masa,gated-attention")
     before, after = conv.report.stages[-2:]
     assert after.exact and after.params - before.params == 2 * (64 + 4)  # only the gates are new
     assert all(op.weights is not None and isinstance(op.head_gate, SigmoidHeadGate) for op in conv.sites)
@@ -131,7 +118,7 @@ def test_a_gated_site_is_not_gated_twice():
 ])
 def test_refusals(spec, message):
     with pytest.raises(SpecError, match=message):
-        rewrite.convert(M.NanoGPT(), passes=spec, example_inputs=(M.ids(2, 8),), progress=False)
+        M.nanogpt_converted(spec)
 
 
 def test_exact_property_and_spec():

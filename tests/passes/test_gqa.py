@@ -1,24 +1,19 @@
 """gqa{kv_heads, method=mean|aligned}: structure, exact cases (duplication, alignment before pooling, no-op),
 refusals. The lossy quality on the real MiniLM is asserted in test_dha.py (mean < aligned <= dha)."""
-import sys
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import rewrite  # noqa: E402
-from rewrite.align import align_heads, apply_head_maps  # noqa: E402
-from rewrite.calibrate import InputStats, input_grams  # noqa: E402
-from rewrite.errors import PassError, SpecError  # noqa: E402
-from rewrite.graph import sites, with_sites  # noqa: E402
-from rewrite.ir import Attention, HeadTransform, SiteInfo  # noqa: E402
-from rewrite.pass_base import PassContext  # noqa: E402
-from rewrite.passes.gqa import GQA, merge_site  # noqa: E402
-from tests import models  # noqa: E402
+import models
+import rewrite
+from rewrite.align import align_heads, apply_head_maps
+from rewrite.calibrate import InputStats, input_grams
+from rewrite.errors import PassError, SpecError
+from rewrite.graph import sites, with_sites
+from rewrite.ir import Attention, HeadTransform, SiteInfo
+from rewrite.passes.gqa import GQA, merge_site
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,13 +34,8 @@ def calibration(name):
 
 @lru_cache(maxsize=None)
 def captured(name):
-    torch.manual_seed(0)
-    model = FACTORIES[name]()
-    return model, rewrite.convert(model, passes=[], example_inputs=example(name), progress=False)
+    return models.seeded_convert(FACTORIES[name], [], example(name))
 
-
-def context(conv, batches):
-    return PassContext(calibration=[conv.bind(b, {}) for b in batches], captured=conv._captured)
 
 
 def first(out):
@@ -84,7 +74,7 @@ def test_mean_pools_contiguous_kv_heads_llama():
 
 def test_mean_on_gqa_model_pools_whole_kv_heads_with_biases():
     model, base = captured("qwen2")  # 4 query heads, 2 KV heads, q/k/v biases
-    new = GQA(kv_heads=1).run(base.gm, context(base, [])).graph
+    new = GQA(kv_heads=1).run(base.gm, models.pass_context(base, [])).graph
     op0, op1 = base.sites[0], sites(new)[0]
     assert (op1.k_heads, op1.q_heads, op1.k_map.tolist()) == (1, 4, [0, 0, 0, 0])
     assert torch.allclose(op1.bk[0], op0.bk.mean(0)) and torch.allclose(op1.bv[0], op0.bv.mean(0))
@@ -104,7 +94,7 @@ def test_more_kv_heads_duplicates_exactly():
 
 def test_same_kv_heads_is_a_no_op():
     model, base = captured("qwen2")
-    result = GQA(kv_heads=2).run(base.gm, context(base, []))
+    result = GQA(kv_heads=2).run(base.gm, models.pass_context(base, []))
     assert result.changed is False and result.stats == {}
     assert all(a is b for a, b in zip(base.sites, sites(result.graph)))
 
@@ -113,7 +103,7 @@ def test_same_kv_heads_is_a_no_op():
 def test_alignment_before_pooling_equals_the_original(name):
     """Rotations (RoPE-commuting on Q/K, orthogonal on V/O) and the query-head permutation are exact."""
     model, base = captured(name)
-    ctx = context(base, calibration(name))
+    ctx = models.pass_context(base, calibration(name))
     stats = input_grams(base.gm, ctx.call(base.gm), ctx.calibration)
     n_groups = 1 if name == "qwen2" else 2
     aligned = {i: align_heads(op, stats[i], n_groups).op for i, op in enumerate(base.sites)}
@@ -182,9 +172,9 @@ def test_refuses_kv_heads_that_do_not_divide():
     _, base = captured("llama")
     with pytest.raises(SpecError, match=r"model\.layers\.0\.self_attn: 4 KV heads are not divisible into "
                                         r"kv_heads=3 groups"):
-        GQA(kv_heads=3).run(base.gm, context(base, []))
+        GQA(kv_heads=3).run(base.gm, models.pass_context(base, []))
     with pytest.raises(SpecError, match="kv_heads=8 is more than its 4 query heads"):
-        GQA(kv_heads=8).run(base.gm, context(base, []))
+        GQA(kv_heads=8).run(base.gm, models.pass_context(base, []))
     new, stats, diags = merge_site(base.sites[0], 3, "mean")  # per site: a skip diagnostic
     assert new is None and diags[0].level == "skip" and "kv_heads=3" in diags[0].message
 
@@ -202,4 +192,4 @@ def test_aligned_needs_calibration():
     assert GQA(kv_heads=2, method="aligned").needs_calibration and not GQA(kv_heads=2).needs_calibration
     _, base = captured("llama")
     with pytest.raises(PassError, match=r"method=aligned\} needs calibration data"):
-        GQA(kv_heads=2, method="aligned").run(base.gm, context(base, []))
+        GQA(kv_heads=2, method="aligned").run(base.gm, models.pass_context(base, []))

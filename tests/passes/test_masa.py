@@ -1,12 +1,11 @@
 """masa: exact with atoms = layers on the whole support matrix; parameter counts with fewer atoms; shared
 atoms really shared; drift grouping; export; lossy error on the real MiniLM; refusals."""
-import functools
-
 import pytest
 import torch
 from torch import nn
 
 import models as M
+from models import first_output
 import rewrite
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import count_params
@@ -14,38 +13,25 @@ from rewrite.passes.masa import SharedAtoms, drift_groups, matrix_pca
 from test_roundtrip import CASES
 
 TOL = 1e-5
-MATRIX = [n for n in CASES if n != "minilm"]
+MATRIX = M.support_matrix()
 
 
-def _first(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def _call(m, inputs):
-    return _first(m(**inputs) if isinstance(inputs, dict) else m(*inputs))
-
-
-@functools.lru_cache(maxsize=None)
 def converted(name):
-    factory, make, n_sites = CASES[name]
-    torch.manual_seed(0)
-    model = factory()
-    return model, rewrite.convert(model, passes=f"masa{{atoms={n_sites}}}", example_inputs=make(2, 8), progress=False)
+    return M.converted_case(name, f"masa{{atoms={CASES[name][2]}}}")
 
 
 @pytest.mark.parametrize("name", MATRIX)
 def test_atoms_equal_to_layers_is_exact_at_other_shapes(name):
     model, conv = converted(name)
-    _, make, n_sites = CASES[name]
+    n_sites = CASES[name][2]
     stage = conv.report.to_json()["stages"][-1]
     if n_sites == 1:  # one layer: nothing to share, said so
         assert stage["sites_changed"] == 0 and "group 0-0 has one layer" in stage["diagnostics"][0]
         return
     assert stage["sites_changed"] == n_sites
-    inputs = make(3, 13, True) if name not in ("vit", "transformer-encoder", "multihead-attention", "nanogpt",
-                                                "llama-gqa-no-mask") else make(3, 13)
+    inputs = M.case_inputs(name, 3, 13, True)
     with torch.no_grad():
-        ref, out = _call(model, inputs), _call(conv, inputs)
+        ref, out = first_output(model, inputs), first_output(conv, inputs)
     assert float((ref - out).abs().max()) <= TOL * max(1.0, float(ref.abs().max())), name
     errs = [v for site in stage["stats"].values() if isinstance(site, dict) for k, v in site.items()
             if k.endswith("_rel_err")]

@@ -1,8 +1,6 @@
 """moh: exact at active_ratio=1 on the whole support matrix; gates, top-K and the q-norm router checked
 against hand computations; load-balance loss; active-head fractions on calibration data (real MiniLM);
 refusals."""
-import functools
-
 import pytest
 import torch
 
@@ -18,15 +16,11 @@ from rewrite.scores import MoHGate
 from test_roundtrip import CASES
 
 TOL = 1e-5
-MATRIX = [n for n in CASES if n != "minilm"]
+MATRIX = M.support_matrix()
 
 
-@functools.lru_cache(maxsize=None)
 def converted(name):
-    factory, make, _ = CASES[name]
-    torch.manual_seed(0)
-    model = factory()
-    return model, rewrite.convert(model, passes="moh{active_ratio=1}", example_inputs=make(2, 8), progress=False)
+    return M.converted_case(name, "moh{active_ratio=1}")
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -38,34 +32,29 @@ def test_all_heads_active_is_exact_at_other_shapes_with_padding(name):
     assert stages[-1]["kv_heads"] == stages[0]["kv_heads"]  # the KV cache is unchanged
     # 4 heads, shared_ratio 0.5: W_s [2, 64], W_r [2, 64], W_h [2, 64]
     assert stages[-1]["params"] - stages[0]["params"] == n_sites * 3 * 2 * 64
-    make = CASES[name][1]
-    for pad in (False, True):
-        err, _ = rel_err(model, conv, make(3, 13, pad) if name != "vit" else make(3, 13))
+    for pad, err in M.padded_errors(name, model, conv).items():
         assert err <= TOL, (name, pad, err)
 
 
 @pytest.mark.parametrize("name", MATRIX)
 def test_partial_routing_runs_finite_for_both_routers(name):
     model, conv = converted(name)
-    make = CASES[name][1]
-    inputs = make(3, 13, True) if name != "vit" else make(3, 13)
+    inputs = M.case_inputs(name, 3, 13, True)
     for spec, per_site in (("moh{active_ratio=0.5,shared_ratio=0.25}", (3 + 2) * 64),
                            ("moh{router=qnorm}", 0)):
         sparse, result = restage(conv, spec)
         assert not result.diagnostics and all(st["router_params"] == per_site for st in result.stats.values())
-        grown = sum(p.numel() for p in sparse.gm.parameters()) - sum(p.numel() for p in conv._captured.gm.parameters())
-        assert grown == per_site * len(sparse.sites)
+        assert M.added_params(conv, sparse) == per_site * len(sparse.sites)
         err, out = rel_err(model, sparse, inputs)
         assert torch.isfinite(out).all() and err > 0
 
 
 def test_qnorm_router_exact_at_ratio_one():
     model, _ = converted("qwen3-qk-norm")
-    make = CASES["qwen3-qk-norm"][1]
-    conv = rewrite.convert(model, passes="moh{active_ratio=1,router=qnorm}", example_inputs=make(2, 8),
-                           progress=False)
+    conv = rewrite.convert(model, passes="moh{active_ratio=1,router=qnorm}",
+                           example_inputs=M.case_inputs("qwen3-qk-norm", 2, 8), progress=False)
     assert conv.report.stages[-1].exact and conv.report.stages[-1].params == conv.report.stages[0].params
-    assert rel_err(model, conv, make(3, 13, True))[0] <= TOL
+    assert rel_err(model, conv, M.case_inputs("qwen3-qk-norm", 3, 13, True))[0] <= TOL
 
 
 @pytest.mark.parametrize("layout", ["BSD", "SBD"])
@@ -116,11 +105,9 @@ def test_load_balance_loss_is_E_times_sum_of_mean_prob_times_frequency_and_has_g
 
 
 def test_minilm_active_fraction_measured_on_calibration():
-    from rewrite.models import minilm_path, sentences, tokenizer_for
+    from rewrite.models import sentences
 
-    tok = tokenizer_for(minilm_path())
-    enc = lambda texts: {k: v for k, v in tok(texts, padding=True, truncation=True, max_length=24,  # noqa: E731
-                                                return_tensors="pt").items() if k in ("input_ids", "attention_mask")}
+    enc = M.minilm_tokenizer(24)
     model = M.minilm()
     conv = rewrite.convert(model, passes="moh{router=qnorm,active_ratio=0.9}", example_inputs=enc(sentences()[:4]),
                            calibration=[enc(sentences()[200:216])], progress=False)
@@ -157,4 +144,4 @@ def test_site_with_too_few_heads_is_skipped_with_a_reason():
 ])
 def test_refusals(spec, message):
     with pytest.raises(SpecError, match=message):
-        rewrite.convert(M.NanoGPT(), passes=spec, example_inputs=(M.ids(2, 8),), progress=False)
+        M.nanogpt_converted(spec)

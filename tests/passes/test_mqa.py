@@ -1,19 +1,13 @@
 """mqa{method}: gqa with one KV head per site: structure, equivalence with gqa{kv_heads=1}, refusals."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import rewrite  # noqa: E402
-from rewrite.errors import PassError, SpecError  # noqa: E402
-from rewrite.graph import sites  # noqa: E402
-from rewrite.pass_base import PassContext  # noqa: E402
-from rewrite.passes.gqa import GQA  # noqa: E402
-from rewrite.passes.mqa import MQA  # noqa: E402
-from tests import models  # noqa: E402
+import models
+import rewrite
+from rewrite.errors import PassError, SpecError
+from rewrite.graph import sites
+from rewrite.passes.gqa import GQA
+from rewrite.passes.mqa import MQA
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,12 +15,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def qwen2_mqa():
-    torch.manual_seed(0)
-    model = models.qwen2()  # 4 query heads, 2 KV heads, biases, RoPE
-    calib = [(models.ids(1, 10, seed),) for seed in range(1, 5)]
-    conv = rewrite.convert(model, "mqa{method=aligned}", example_inputs=(models.ids(2, 8),), calibration=calib,
-                           progress=False)
-    return model, conv
+    # 4 query heads, 2 KV heads, biases, RoPE
+    return models.seeded_convert(models.qwen2, "mqa{method=aligned}", (models.ids(2, 8),),
+                                 calibration=models.calibration_ids())
 
 
 def test_mqa_leaves_one_kv_head_per_site(qwen2_mqa):
@@ -44,10 +35,8 @@ def test_mqa_leaves_one_kv_head_per_site(qwen2_mqa):
 
 
 def test_mqa_is_gqa_with_one_kv_head():
-    torch.manual_seed(0)
-    model = models.gpt2()
-    conv = rewrite.convert(model, passes=[], example_inputs=(models.ids(2, 8),), progress=False)
-    ctx = PassContext(calibration=[], captured=conv._captured)
+    _, conv = models.seeded_convert(models.gpt2, [], (models.ids(2, 8),))
+    ctx = models.pass_context(conv)
     a, b = sites(MQA().run(conv.gm, ctx).graph), sites(GQA(kv_heads=1).run(conv.gm, ctx).graph)
     for x, y in zip(a, b):
         assert x.k_heads == 1 and torch.equal(x.wk, y.wk) and torch.equal(x.bv, y.bv)
@@ -61,4 +50,4 @@ def test_refusals():
         rewrite.parse_pipeline("mqa{kv_heads=2}")
     assert MQA(method="aligned").needs_calibration and not MQA().needs_calibration
     with pytest.raises(PassError, match="needs calibration data"):
-        rewrite.convert(models.NanoGPT(), "mqa{method=aligned}", example_inputs=(models.ids(2, 8),), progress=False)
+        models.nanogpt_converted("mqa{method=aligned}")

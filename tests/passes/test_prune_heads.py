@@ -7,23 +7,13 @@ import torch
 import models as M
 from models import first_tensor, masked
 import rewrite
-from rewrite.api import canonicalize
-from rewrite.capture import capture
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites
 from rewrite.pass_base import PassContext
 from rewrite.pipeline import parse
 
 
-MATRIX = {
-    "llama_mha": (lambda: M.llama(4), lambda b, s: (M.ids(b, s),)),
-    "llama_gqa": (lambda: M.llama(2), lambda b, s: (M.ids(b, s),)),
-    "qwen2": (M.qwen2, lambda b, s: (M.ids(b, s),)),
-    "gpt2": (M.gpt2, lambda b, s: (M.ids(b, s),)),
-    "bert": (M.bert, lambda b, s: (M.ids(b, s),)),
-    "nanogpt": (M.NanoGPT, lambda b, s: (M.ids(b, s),)),
-    "encoder": (M.encoder, lambda b, s: (torch.randn(b, s, 64, generator=torch.Generator().manual_seed(s)),)),
-}
+MATRIX = M.HEAD_FAMILIES
 HEADS = {0: (0, 1), 1: (3,)}  # layer 0 loses a whole GQA group
 
 
@@ -60,9 +50,7 @@ def test_heads_structure_and_equal_to_masked_original(family):
 @pytest.fixture(scope="module")
 def llama_graph():
     """LLaMA with 4 heads per layer, captured once; head 2 of layer 0 zeroed in o_proj (a dead head)."""
-    model = masked(M.llama(4), {0: (2,)})
-    cap = capture(model, (M.ids(),))
-    gm, _ = canonicalize(cap)
+    gm, cap = M.canonical_graph(masked(M.llama(4), {0: (2,)}), (M.ids(),))
     ctx = PassContext(calibration=[{"input_ids": M.ids(2, 8, seed=s)} for s in range(2)], captured=cap)
     return gm, ctx
 
@@ -127,34 +115,14 @@ def test_graph_refusals(llama_graph, spec, error, message):
 # ---- the real model ------------------------------------------------------------------------------
 def test_minilm_taylor_beats_random():
     """25% of MiniLM's heads: Taylor importance keeps the sentence embeddings closer than random."""
-    from rewrite.models import minilm_path, sentences, tokenizer_for
+    from rewrite.models import sentences
 
-    model, tok, text = M.minilm(), tokenizer_for(minilm_path()), sentences()
-
-    def enc(batch):
-        e = tok(batch, padding=True, truncation=True, max_length=32, return_tensors="pt")
-        return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
-
-    cap = capture(model, enc(text[:2]))
-    gm, _ = canonicalize(cap)
+    enc, text = M.minilm_tokenizer(32), sentences()
+    gm, cap = M.canonical_graph(M.minilm(), enc(text[:2]))
     calib = [enc(text[i:i + 16]) for i in range(0, 32, 16)]
     held_out = sorted(text[100:300], key=len)  # 200 sentences, disjoint from the calibration
     batches = [enc(held_out[i:i + 100]) for i in range(0, 200, 100)]
-
-    def embed(g):
-        with torch.no_grad():
-            outs = []
-            for kw in batches:
-                h, keep = g(**kw, **cap.fixed)["last_hidden_state"], kw["attention_mask"][..., None].float()
-                outs.append((h * keep).sum(1) / keep.sum(1))  # mean pooling
-        return torch.cat(outs)
-
-    ctx = PassContext(calibration=calib, captured=cap)
-    ref = embed(gm)
-
-    def fidelity(spec):
-        return float(torch.cosine_similarity(embed(parse(spec)[0].run(gm, ctx).graph), ref).mean())
-
+    fidelity = M.embedding_fidelity(gm, PassContext(calibration=calib, captured=cap), batches)
     taylor = fidelity("prune-heads{ratio=0.25,importance=taylor}")
     rand = sum(fidelity(f"prune-heads{{ratio=0.25,importance=random,seed={s}}}") for s in range(3)) / 3
     assert taylor > rand + 0.03, (taylor, rand)

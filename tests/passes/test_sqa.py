@@ -7,8 +7,6 @@ import torch
 import models as M
 from models import first_tensor, masked
 import rewrite
-from rewrite.api import canonicalize
-from rewrite.capture import capture
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import rebuild
@@ -16,32 +14,25 @@ from rewrite.pass_base import PassContext
 from rewrite.pipeline import parse
 
 
-def ids_inputs(b, s):
-    return (M.ids(b, s),)
-
-
-def enc_inputs(b, s):
-    return (torch.randn(b, s, 64, generator=torch.Generator().manual_seed(s)),)
-
-
-# family -> (model, inputs, spec, expected kv step)
-CASES = {
-    "llama_mha": (lambda: M.llama(4), ids_inputs, "sqa{q_heads=2,kv_heads=2}", "keep"),
-    "llama_gqa": (lambda: M.llama(2), ids_inputs, "sqa{q_heads=2,kv_heads=1}", "keep"),
-    "qwen2": (M.qwen2, ids_inputs, "sqa{q_heads=2,kv_heads=2}", "keep"),
-    "gpt2": (M.gpt2, ids_inputs, "sqa{q_heads=2,kv_heads=1}", "pool"),
-    "bert": (M.bert, ids_inputs, "sqa{q_heads=2,kv_heads=2}", "keep"),
-    "nanogpt": (M.NanoGPT, ids_inputs, "sqa{q_heads=4,kv_heads=2}", "pool"),
-    "encoder": (M.encoder, enc_inputs, "sqa{q_heads=2,kv_heads=1}", "pool"),
+# family -> (spec, expected kv step)
+SPECS = {
+    "llama_mha": ("sqa{q_heads=2,kv_heads=2}", "keep"),
+    "llama_gqa": ("sqa{q_heads=2,kv_heads=1}", "keep"),
+    "qwen2": ("sqa{q_heads=2,kv_heads=2}", "keep"),
+    "gpt2": ("sqa{q_heads=2,kv_heads=1}", "pool"),
+    "bert": ("sqa{q_heads=2,kv_heads=2}", "keep"),
+    "nanogpt": ("sqa{q_heads=4,kv_heads=2}", "pool"),
+    "encoder": ("sqa{q_heads=2,kv_heads=1}", "pool"),
 }
+# family -> (model, inputs, spec, expected kv step)
+CASES = {family: (*M.HEAD_FAMILIES[family], *SPECS[family]) for family in SPECS}
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_structure_and_numerics(family):
     make, inputs, spec, step = CASES[family]
     model = make()
-    cap = capture(model, inputs(2, 8))
-    gm, _ = canonicalize(cap)
+    gm, cap = M.canonical_graph(model, inputs(2, 8))
     p = parse(spec)[0]
     result = p.run(gm, PassContext(captured=cap))
     old, new = sites(gm), sites(result.graph)
@@ -90,9 +81,7 @@ def test_report_and_duplicate_is_exact():
 
 @pytest.fixture(scope="module")
 def llama_gqa():
-    cap = capture(M.llama(2), (M.ids(),))
-    gm, _ = canonicalize(cap)
-    return gm, cap
+    return M.canonical_graph(M.llama(2), (M.ids(),))
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -124,29 +113,12 @@ def test_graph_refusals_and_skips(llama_gqa):
 
 def test_minilm_fidelity():
     """sSQA (12 -> 6/6) and SQA 6/3 on MiniLM: mean cosine of sentence embeddings to the original."""
-    from rewrite.models import minilm_path, sentences, tokenizer_for
+    from rewrite.models import sentences
 
-    model, tok, text = M.minilm(), tokenizer_for(minilm_path()), sentences()
-
-    def enc(batch):
-        e = tok(batch, padding=True, truncation=True, max_length=32, return_tensors="pt")
-        return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
-
-    cap = capture(model, enc(text[:2]))
-    gm, _ = canonicalize(cap)
+    enc, text = M.minilm_tokenizer(32), sentences()
+    gm, cap = M.canonical_graph(M.minilm(), enc(text[:2]))
     ctx = PassContext(calibration=[enc(text[i:i + 16]) for i in range(0, 32, 16)], captured=cap)
-    held_out = enc(text[100:164])
-
-    def embed(g):
-        with torch.no_grad():
-            h, keep = g(**held_out, **cap.fixed)["last_hidden_state"], held_out["attention_mask"][..., None].float()
-        return (h * keep).sum(1) / keep.sum(1)
-
-    ref = embed(gm)
-
-    def fidelity(spec):
-        return float(torch.cosine_similarity(embed(parse(spec)[0].run(gm, ctx).graph), ref).mean())
-
+    fidelity = M.embedding_fidelity(gm, ctx, [enc(text[100:164])])
     magnitude = fidelity("sqa{q_heads=6,kv_heads=6}")
     taylor = fidelity("sqa{q_heads=6,kv_heads=6,importance=taylor}")
     pooled = fidelity("sqa{q_heads=6,kv_heads=3}")  # KV heads also mean-pooled 6 -> 3
