@@ -39,6 +39,14 @@ def test_bench_eager_onnxruntime_triton_rows():
     assert "| backend | seq_len |" in table.to_markdown()
 
 
+def test_bench_int8_row_says_lossy():
+    table = bench(models.llama(kv_heads=2, layers=1), "", backends=["onnxruntime-int8"], seq_lens=[16],
+                  repeats=1, example=_example(), progress=False)
+    (row,) = table.rows
+    assert row["backend"] == "onnxruntime-int8" and row["converted_ms"] > 0
+    assert row["note"].startswith("lossy: max abs err ") and row["note"].endswith(" vs PyTorch fp32")
+
+
 def test_inputs_at_resizes_sequence_only():
     import rewrite
 
