@@ -9,28 +9,39 @@ Exact when S ≥ rank W, e.g. S = the group's size (``atoms`` unset). Every site
 one ``SharedAtoms`` module per projection type (counted once); its ``AtomWeights`` provider
 rebuilds W_ℓ once per forward (``Attention.use_weights``). Biases stay per layer.
 
+Local refinement (``refine_rank=r`` > 0; needs calibration), per layer ℓ and shared type, SVD-LLM style:
+
+    W'_ℓ = Ŵ_ℓ + A_ℓ B_ℓ,  (W_ℓ − Ŵ_ℓ) L_ℓ = U S Vᵀ,  A_ℓ = U_r S_r^½,  B_ℓ = S_r^½ V_rᵀ L_ℓ⁻¹,  L_ℓ L_ℓᵀ = Σxxᵀ + εI
+    r_Q = r_O = r,  r_K = ⌈r·Hk/Hq⌉,  r_V = ⌈r·Hv/Hq⌉  (each at most min(out, in))
+
+on the [out, in] matrix a projection applies (wq [H,dh,D] as [H·dh, D], wo [Do,Hq,dv] as [Do, Hq·dv]); Σxxᵀ
+(fp64, padding left out) is over its calibration input: x for Q, the key/value input for K and V, the (gated)
+per-head attention outputs for O. A B is the best rank-r fit of the residual in ‖(·)L‖_F, the error on those
+activations; full rank restores W_ℓ. A_ℓ, B_ℓ are the site's own Parameters in its ``AtomWeights``.
+
 Cases handled:
   1. ``group=all``: one dictionary per projection type over every site.
   2. ``group=auto``: consecutive sites grouped by low drift (cosine distance of the token-averaged
      site inputs of consecutive sites on calibration data); a group smaller than ``atoms + 1`` joins
      its neighbour across the smaller drift.
 Refused:
-  1. ``atoms < 1`` or an unknown ``group`` (SpecError).
+  1. ``atoms < 1``, ``refine_rank`` not an int ≥ 0 or an unknown ``group`` (SpecError).
   2. ``atoms`` larger than a group ("atoms=7 exceeds the 6 layers of group 0-5", SpecError).
-  3. Weights of one type whose shapes differ within a group: that type of that group stays
-     per layer (Diagnostic).
+  3. Weights of one type whose shapes differ within a group: that type of that group stays per layer (Diagnostic).
+  4. ``refine_rank`` > 0 or ``group=auto`` without calibration data (PassError).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from typing import Optional
 
 import torch
 from torch import nn
 
-from rewrite.calibrate import record_site_inputs
-from rewrite.errors import SpecError
+from rewrite.calibrate import InputStats, real_keys, record_site_inputs
+from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import rebuild
 from rewrite.ir import WEIGHT_NAMES
@@ -39,6 +50,8 @@ from rewrite.pass_base import Diagnostic, Pass, PassResult, register
 __all__ = ["Masa", "SharedAtoms", "AtomWeights", "matrix_pca"]
 
 RANK_TOL = 1e-12  # eigenvalues below this fraction of the largest are null directions
+RIDGE = 1e-6  # added to Σxxᵀ before Cholesky, relative to its mean diagonal: always positive definite
+INPUT_OF = {"wq": "x", "wk": "kv", "wv": "kv", "wo": "o"}  # which calibration input each projection reads
 
 
 class SharedAtoms(nn.Module):
@@ -54,16 +67,27 @@ class SharedAtoms(nn.Module):
 
 
 class AtomWeights(nn.Module):
-    """One site's ``(wq, wk, wv, wo)``: rebuilt from a group's atoms, or the site's own Parameter."""
+    """One site's ``(wq, wk, wv, wo)``: a group's atoms (+ the site's own refinement A B) or own Parameters."""
 
-    def __init__(self, shared: dict, layers: dict, own: dict):
+    def __init__(self, shared: dict, layers: dict, own: dict, refine: Optional[dict] = None):
         super().__init__()
         self.shared = nn.ModuleDict(shared)  # name -> SharedAtoms (the same module in every site of the group)
         self.layers = dict(layers)  # name -> this site's row in the coefficients
         self.own = nn.ParameterDict({n: nn.Parameter(w.detach().clone()) for n, w in own.items()})
+        # name_a [out, r], name_b [r, in]: this site's own factors, W' = Ŵ + A B on the weight's matrix view
+        self.refine = nn.ParameterDict({f"{n}_{k}": nn.Parameter(t.detach().clone())
+                                        for n, ab in (refine or {}).items() for k, t in zip("ab", ab)})
 
     def forward(self):
-        return tuple(self.shared[n](self.layers[n]) if n in self.shared else self.own[n] for n in WEIGHT_NAMES)
+        return tuple(self._weight(n) for n in WEIGHT_NAMES)
+
+    def _weight(self, name: str) -> torch.Tensor:
+        if name not in self.shared:
+            return self.own[name]
+        w = self.shared[name](self.layers[name])
+        if f"{name}_a" in self.refine:
+            w = w + (self.refine[f"{name}_a"] @ self.refine[f"{name}_b"]).reshape(w.shape)
+        return w
 
 
 def matrix_pca(weights: list, atoms: int):
@@ -89,12 +113,62 @@ def _relative_error(w: torch.Tensor, shared: SharedAtoms, layer: int) -> float:
         return float((shared(layer) - w).norm() / w.norm().clamp_min(1e-30))
 
 
+def as_matrix(name: str, w: torch.Tensor) -> torch.Tensor:
+    """The [out, in] matrix a projection applies to its input: wq/wk/wv [H, d, D] → [H·d, D], wo → [Do, Hq·dv]."""
+    return w.reshape(w.shape[0], -1) if name == "wo" else w.reshape(-1, w.shape[-1])
+
+
+def whitened_low_rank(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor, rank: int):
+    """(A [out, r], B [r, in], ‖(W − Ŵ)L‖/‖WL‖, ‖(W − Ŵ − AB)L‖/‖WL‖): the best rank-r fit of W − Ŵ in ‖(·)L‖_F."""
+    ridge = (RIDGE * gram.diagonal().mean()).clamp_min(1e-30)
+    chol = torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype))
+    u, s, vh = torch.linalg.svd((w - w_hat) @ chol, full_matrices=False)
+    root = s[:rank].sqrt()
+    a = u[:, :rank] * root
+    b = root[:, None] * torch.linalg.solve_triangular(chol, vh[:rank], upper=False, left=False)
+    scale = float((w @ chol).norm().clamp_min(1e-300))
+    return a, b, float(s.norm()) / scale, float(s[rank:].norm()) / scale
+
+
+def projection_grams(gm, ctx) -> list:
+    """Per site, fp64 InputStats of each projection's input: x, kv and o (the per-head outputs [Hq·dv], by the op's
+    own pieces), a calibration batch at a time. Padding (keys no query sees) is left out (self-attention queries too).
+    """
+    ops = sites(gm)
+    grams = [{} for _ in ops]
+    for batch in ctx.track(ctx.calibration, "MASA refinement statistics"):
+        for op, records, stats in zip(ops, record_site_inputs(gm, ctx.call(gm), [batch]), grams):
+            for rec in records:
+                for name, (t, keep, layout) in _projection_inputs(op, rec).items():
+                    if name not in stats:
+                        d, f64 = t.shape[-1], torch.float64
+                        stats[name] = InputStats(torch.zeros(d, d, dtype=f64), torch.zeros(d, dtype=f64), 0)
+                    stats[name].add(t, keep, layout)
+    return grams
+
+
+def _projection_inputs(op, rec) -> dict:
+    """{input: (tokens, keep [B, S] or None, layout)} of one recorded call of ``op``."""
+    x, kv, mask, side = rec.args[0], rec.args[1], rec.args[2] if len(rec.args) > 2 else None, rec.args[3:]
+    layout, seq_dim = op.info.layout, 0 if op.info.layout == "SBD" else 1
+    keep = real_keys(mask, rec.kv_input.shape[1 - seq_dim], rec.kv_input.shape[seq_dim])
+    with torch.no_grad():
+        q, k, v = op.project_qkv(x, kv, *side)
+        o = op.core(q, k, v, mask)
+        if op.head_gate is not None:
+            o = o * op.head_gate(op, x, q).unsqueeze(-1)
+    q_keep = keep if kv is None or kv is x else None
+    return {"x": (x, q_keep, layout), "kv": (rec.kv_input, keep, layout),
+            "o": (o.transpose(1, 2).flatten(-2), q_keep, "BSD")}
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class Masa(Pass):
     name = "masa"
     atoms: Optional[int] = None  # atoms per dictionary; None = the group's size (exact)
     group: str = "all"  # "all" | "auto"
+    refine_rank: int = 0  # rank of the whitened low-rank refinement of Q and O (less for K, V); 0 = none
 
     @property
     def exact(self) -> bool:
@@ -102,16 +176,22 @@ class Masa(Pass):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.group == "auto"
+        return self.group == "auto" or (isinstance(self.refine_rank, int) and self.refine_rank > 0)
 
     def check_options(self) -> None:
         if self.atoms is not None and self.atoms < 1:
             raise SpecError(f"masa{{atoms={self.atoms}}}: atoms must be at least 1")
+        if not isinstance(self.refine_rank, int) or isinstance(self.refine_rank, bool) or self.refine_rank < 0:
+            raise SpecError(f"masa{{refine_rank={self.refine_rank}}}: refine_rank={self.refine_rank} must be >= 0 "
+                            "and an int; use refine_rank=0 for no refinement or a rank such as refine_rank=8")
         if self.group not in ("all", "auto"):
             raise SpecError(f"masa{{group={self.group}}}: group must be 'all' or 'auto'")
 
     def run(self, gm, ctx):
         self.check_options()
+        if self.refine_rank and not ctx.calibration:
+            raise PassError(f"{self.spec()}: {{refine_rank={self.refine_rank}}} needs calibration data to whiten "
+                            "the residual; pass calibration=[batches, ...] or use refine_rank=0")
         ops = sites(gm)
         groups = self._groups(gm, ops, ctx)
         for members in groups:
@@ -139,6 +219,7 @@ class Masa(Pass):
                     shared_of[i][name] = (shared, row)
                     stats.setdefault(ops[i].info.name, {})[f"{name}_rel_err"] = _relative_error(ws[row], shared, row)
                     stats[ops[i].info.name][f"{name}_atoms"] = atoms.shape[0]
+        refine = self._refine(gm, ops, shared_of, ctx, stats) if self.refine_rank else [{} for _ in ops]
         replace = {}
         for i, op in enumerate(ops):
             if not shared_of[i]:
@@ -146,11 +227,30 @@ class Masa(Pass):
             new = rebuild(op)
             own = {n: getattr(op, n) for n in WEIGHT_NAMES if n not in shared_of[i]}
             new.use_weights(AtomWeights({n: s for n, (s, _) in shared_of[i].items()},
-                                        {n: r for n, (_, r) in shared_of[i].items()}, own))
+                                        {n: r for n, (_, r) in shared_of[i].items()}, own, refine[i]))
             replace[i] = new
         stats["groups"] = [_label(m) for m in groups]
-        stats["params_saved"] = saved
+        stats["params_saved"] = saved - stats.get("refine_params", 0)  # net of the refinement factors
         return PassResult(with_sites(gm, replace), bool(replace), stats, diags)
+
+    def _refine(self, gm, ops, shared_of, ctx, stats) -> list:
+        """Per site {name: (A, B)}; adds refine_params, refined_rel_err (whitened, atoms vs refined) and ranks."""
+        grams = projection_grams(gm, ctx)
+        refine, errors = [{} for _ in ops], {}
+        for i, op in enumerate(ops):
+            r = self.refine_rank  # r_Q = r_O = r, r_K = ⌈r·Hk/Hq⌉, r_V = ⌈r·Hv/Hq⌉: less for the shared K/V heads
+            ranks = {"wq": r, "wo": r, "wk": math.ceil(r * op.k_heads / op.q_heads),
+                     "wv": math.ceil(r * op.v_heads / op.q_heads)}
+            for name, (shared, row) in shared_of[i].items():
+                w, w_hat = (as_matrix(name, t.detach()) for t in (getattr(op, name), shared(row)))
+                a, b, before, after = whitened_low_rank(w.double(), w_hat.double(), grams[i][INPUT_OF[name]].gram,
+                                                        ranks[name])
+                refine[i][name] = (a.to(w.dtype), b.to(w.dtype))
+                errors.setdefault(op.info.name, {})[name] = {"atoms": before, "refined": after}
+                stats[op.info.name][f"{name}_refine_rank"] = a.shape[1]
+        stats["refine_params"] = sum(t.numel() for site in refine for ab in site.values() for t in ab)
+        stats["refined_rel_err"] = errors
+        return refine
 
     def _groups(self, gm, ops, ctx) -> list:
         n = len(ops)
