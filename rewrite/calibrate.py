@@ -79,7 +79,7 @@ class InputStats:
 
     def add(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None, layout: str = "BSD") -> None:
         """Add the tokens of ``x`` (only those where ``keep [B, S]`` is True, when given)."""
-        t = _tokens(x, keep, layout).double()
+        t = _tokens(x, keep, layout).to(self.gram.device, torch.float64)  # sums stay where they were made (CPU)
         self.gram += t.T @ t
         self.total += t.sum(0)
         self.count += t.shape[0]
