@@ -84,6 +84,8 @@ def cmd_convert(args, console):
     if args.onnx:
         conv.export_onnx(args.onnx, causal_chunks=args.causal_chunks)
     conv.report.print(console)
+    if args.onnx:
+        console.print(onnx_summary_line(conv.report.extras["onnx"]), soft_wrap=True)
     if args.report:
         conv.report.to_html(args.report)
         console.print(f"report: {args.report}")
@@ -160,17 +162,30 @@ def cmd_demo(args, console):
     found = rewrite.inspect(model, example)
     console.print(str(found))
     conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib)
+    if not args.no_onnx:  # before the reports are written, so that they hold the ONNX check
+        onnx_path = os.path.join(out, "model.onnx")
+        conv.export_onnx(onnx_path)
     conv.report.print(console)
     html_path = os.path.join(out, "report.html")
     conv.report.to_html(html_path)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(conv.report.to_markdown())
-    console.print(f"report: {html_path}")
+    console.print(f"report: {html_path} (and report.md)")
     if not args.no_onnx:
-        onnx_path = os.path.join(out, "model.onnx")
-        info = conv.export_onnx(onnx_path)
-        console.print(f"onnx: {onnx_path} {info if info else ''}")
+        console.print(onnx_summary_line(conv.report.extras["onnx"]), soft_wrap=True)
     return 0
+
+
+def onnx_summary_line(info: dict) -> str:
+    """One line on an exported file: where, its Attention nodes, and its check in ONNX Runtime."""
+    heads = sorted(set(zip(info["q_num_heads"], info["kv_num_heads"])))
+    line = (f"onnx: {info['path']}: {info['attention_nodes']} Attention nodes "
+            f"({', '.join(f'{q} q / {k} kv heads' for q, k in heads)}), opset {info['opset']}")
+    if "max_abs_err" in info:
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in info["checked_inputs"].items())
+        line += (f"; checked in ONNX Runtime {info['onnxruntime']} on new shapes ({shapes}): "
+                 f"max abs err {info['max_abs_err']:.2g}")
+    return line
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ def test_convert_exports_causal_chunks(tmp_path, capsys):
     code = main(["convert", "models:NanoGPT", "--passes", "", "--onnx", str(path), "--causal-chunks", "3",
                  "--json", str(md)])
     assert code == 0 and onnx_summary(str(path))["attention_nodes"] == 6
+    assert "6 Attention nodes (4 q / 4 kv heads), opset 23; checked in ONNX Runtime" in capsys.readouterr().out
     onnx = json.loads(md.read_text())["extras"]["onnx"]
     assert onnx["causal_chunks"] == 3 and onnx["max_abs_err"] <= 1e-4
 
