@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .graph import sites
+from .ir import hidden
 
 __all__ = ["SiteRecord", "InputStats", "record_site_inputs", "input_grams", "head_grams", "real_keys"]
 
@@ -52,8 +53,6 @@ def record_site_inputs(gm, call: Callable, batches, track=None) -> list:
 
 def real_keys(mask: Optional[torch.Tensor], batch: int, k_len: int) -> Optional[torch.Tensor]:
     """``[B, Sk]``: keys some query may see under the SDPA ``mask`` (False = padding); None = all."""
-    from .recognize import hidden
-
     if mask is None:
         return None
     keep = ~hidden(mask)

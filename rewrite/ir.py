@@ -16,7 +16,9 @@
   ``forward()`` returns ``(wq, wk, wv, wo)``, built once per forward (shared matrix atoms, MASA).
   ``op.wq`` etc. still read as tensors; ``heads.rebuild`` turns them back into owned Parameters.
 
-The eager path uses ``torch.nn.functional.scaled_dot_product_attention``.
+The eager path uses ``torch.nn.functional.scaled_dot_product_attention``; a mask that recognition saw
+hide every later key (``info.causal_mask``) and that holds no padding on this call is passed as
+``is_causal=True`` instead (the same function, without the hidden blocks).
 """
 from __future__ import annotations
 
@@ -27,9 +29,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attention", "HeadTransform", "SiteInfo"]
+__all__ = ["Attention", "HeadTransform", "SiteInfo", "hidden", "DROP"]
 
 WEIGHT_NAMES = ("wq", "wk", "wv", "wo")
+DROP = -1e4  # additive mask entries at or below this hide their key (exp underflows to 0)
+
+
+def hidden(mask: torch.Tensor) -> torch.Tensor:
+    """Where an SDPA mask (bool keep, or additive) hides the key."""
+    return ~mask if mask.dtype == torch.bool else mask <= DROP
+
+
+def _tracing() -> bool:
+    """Inside torch.export / torch.compile / jit tracing, where values cannot be inspected."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def only_causal(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
+    """The mask hides exactly the keys after each query (no padding): SDPA's ``is_causal`` does the same."""
+    if q_len != k_len or mask.shape[-1] != k_len or mask.dim() < 2 or mask.shape[-2] != q_len:
+        return False
+    future = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu(1)
+    return bool((hidden(mask) == future).all())
 
 
 @dataclasses.dataclass
@@ -212,8 +233,11 @@ class Attention(nn.Module):
             return attention_node(self, q, k, v, mask)
         k = self._expand(k, self.k_map, self._k_group)
         v = self._expand(v, self.v_map, self._v_group)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None, scale=self.scale)
+        causal = self.causal and mask is None
+        if (mask is not None and self.info.causal_mask and isinstance(mask, torch.Tensor) and not _tracing()
+                and only_causal(mask, q.shape[2], k.shape[2])):
+            mask, causal = None, True  # same function; SDPA then skips the hidden blocks
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
 
     def merge(self, o: torch.Tensor, wo: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, Hq, Sq, dv) -> output projection in the site's token layout."""

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from .ir import Attention, HeadTransform, SiteInfo
+from .ir import DROP, Attention, HeadTransform, SiteInfo, hidden  # noqa: F401 - DROP re-exported
 
 __all__ = ["Refusal", "Match", "find_sites", "run_with_env", "combine_masks", "hidden", "mark_causal_masks"]
 
@@ -746,14 +746,6 @@ def combine_masks(kinds: tuple, *masks):
     if m.dim() == 3:
         m = m.unsqueeze(1) if m.shape[0] != 1 else m.unsqueeze(0)
     return m
-
-
-DROP = -1e4  # additive mask entries at or below this hide their key (exp underflows to 0)
-
-
-def hidden(mask: torch.Tensor) -> torch.Tensor:
-    """Where an SDPA mask (bool keep, or additive) hides the key."""
-    return ~mask if mask.dtype == torch.bool else mask <= DROP
 
 
 def _mask_of(m: Match, env) -> Optional[torch.Tensor]:

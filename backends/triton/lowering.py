@@ -27,7 +27,7 @@ from torch import nn
 from rewrite.backends import LoweredMixin
 from rewrite.errors import BackendError
 from rewrite.graph import sites, with_sites
-from rewrite.recognize import DROP
+from rewrite.ir import DROP
 
 from ._common import is_interpreted
 from .flash import _attn_fwd_kernel, attention_forward
