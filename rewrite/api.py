@@ -5,7 +5,7 @@ import dataclasses
 import inspect as _inspect
 import json
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import fx, nn

@@ -10,12 +10,11 @@ import dataclasses
 import inspect
 import logging
 import traceback
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import fx
 from torch.export import Dim
-from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 

@@ -7,7 +7,7 @@ import torch
 from torch import fx
 
 from .ir import Attention
-from .recognize import Match, combine_masks
+from .recognize import combine_masks
 
 __all__ = ["SITES", "install", "eliminate_dead_code", "sites", "with_sites", "count_params", "remove_unused_attrs"]
 

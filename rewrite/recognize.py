@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import fx
 
-from .ir import DROP, Attention, HeadTransform, SiteInfo, hidden  # noqa: F401 - DROP re-exported
+from .ir import Attention, HeadTransform, SiteInfo, hidden
 
 __all__ = ["Refusal", "Match", "find_sites", "run_with_env", "combine_masks", "hidden", "mark_causal_masks"]
 

@@ -63,7 +63,7 @@ class Report:
                    f"{s.attn_flops / 1e9:.4g}", f"{s.max_abs_err:.3g}", f"{s.cosine:.6f}", f"{s.seconds:.2f}")
 
     def to_markdown(self) -> str:
-        lines = [f"# rewrite report", "", f"pipeline: `{self.pipeline or '(none)'}`", "",
+        lines = ["# rewrite report", "", f"pipeline: `{self.pipeline or '(none)'}`", "",
                  f"model: {self.model}  backend: {self.backend}", "",
                  "| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in self._rows()]

@@ -1,8 +1,4 @@
 """The rewrite CLI on the bundled default model and on a package.module:factory model."""
-import json
-
-import pytest
-
 from rewrite.cli import main
 
 

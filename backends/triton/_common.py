@@ -23,6 +23,16 @@ def program_heads(pid_bh, Hq, KMAP, VMAP):
     return b, h, tl.load(KMAP + h), tl.load(VMAP + h)
 
 
+def new_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """(out ``[B, Hq, Sq, dv]`` in q's dtype, done): done when there is nothing to launch (empty, or no keys → 0)."""
+    out = torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out, True
+    if k.shape[2] == 0:
+        return out.zero_(), True
+    return out, False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact-fp32 (``ieee``) products; half inputs use the tensor-core path."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_map, check_qkv, dot_precision, head_block, is_interpreted, program_heads
+from ._common import check_map, check_qkv, dot_precision, head_block, is_interpreted, new_output, program_heads
 
 __all__ = ["attention_forward", "attention_reference"]
 
@@ -225,11 +225,9 @@ def attention_forward(q, k, v, *, k_map, v_map, scale, causal=False, key_padding
                                        clip, head_scale, kernel)
     B, Hq, Sq, dh = q.shape
     Sk, dv = k.shape[2], v.shape[3]
-    out = torch.empty((B, Hq, Sq, dv), dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
+    out, done = new_output(q, k, v)
+    if done:
         return out
-    if Sk == 0:
-        return out.zero_()
 
     interpreted = is_interpreted(kernel)
     block_d, block_dv = head_block(dh), head_block(dv)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_map, check_qkv, dot_precision, head_block, is_interpreted, program_heads
+from ._common import check_map, check_qkv, dot_precision, head_block, is_interpreted, new_output, program_heads
 
 __all__ = ["linear_attention_forward", "linear_attention_reference"]
 
@@ -148,11 +148,9 @@ def linear_attention_forward(q, k, v, *, k_map, v_map, causal, eps=1e-6,
     k_map, v_map = _check_inputs(q, k, v, k_map, v_map, causal, eps, feature_map, kernel)
     B, Hq, Sq, dh = q.shape
     Sk, dv = k.shape[2], v.shape[3]
-    out = torch.empty((B, Hq, Sq, dv), dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
+    out, done = new_output(q, k, v)
+    if done:
         return out
-    if Sk == 0:
-        return out.zero_()
 
     interpreted = is_interpreted(kernel)
     block_d = head_block(dh)

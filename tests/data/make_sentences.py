@@ -1,5 +1,10 @@
 """Make rewrite/data/sentences.txt: a seeded sample of sentences from standard-library docstrings."""
-import inspect, pkgutil, random, re, importlib, warnings, sys
+import importlib
+import inspect
+import random
+import re
+import warnings
+
 warnings.simplefilter("ignore")
 mods = ["os", "json", "re", "collections", "itertools", "functools", "pathlib", "string", "textwrap", "random",
         "datetime", "calendar", "csv", "heapq", "bisect", "statistics", "fractions", "decimal", "shutil",
