@@ -156,6 +156,23 @@ def export_graph(conv, path: str, opset: int = 23, native_gqa: bool = True,
     return external_data
 
 
+def write_file(conv, path: str, opset: int = 23, native_gqa: bool = True, external_data: Optional[bool] = None,
+               causal_chunks: int = 1, quantize: Optional[str] = None) -> dict:
+    """Export ``conv`` to ``path`` (quantized when asked: fp32 first, at ``*.fp32.onnx``); the file's facts."""
+    extra = {}
+    if quantize:
+        from .onnxruntime import quantize_int8
+
+        fp32 = os.path.splitext(path)[0] + ".fp32.onnx"
+        external = export_graph(conv, fp32, opset, native_gqa, external_data, causal_chunks)
+        extra = {"quantize": quantize, "quantized_matmuls": quantize_int8(fp32, path), "fp32_path": os.path.abspath(fp32)}
+    else:
+        external = export_graph(conv, path, opset, native_gqa, external_data, causal_chunks)
+    gqa = ("native" if native_gqa else "expanded") if has_native_gqa(conv) else "none"
+    return {"path": os.path.abspath(path), "opset": opset, "external_data": external, "causal_chunks": causal_chunks,
+            "gqa": gqa, **extra, **onnx_summary(path)}
+
+
 def _tidy_file(path: str, fold: bool) -> None:
     """Fix the exporter's RoPE caches and fold weight layouts in the saved file (rewritten if changed)."""
     import onnx
@@ -318,7 +335,8 @@ def choose_gqa(conv, gqa: str, provider: str, check: bool) -> tuple:
 
 
 def export_onnx(conv, path: str, opset: int = 23, check: bool = True, external_data: Optional[bool] = None,
-                gqa: str = "auto", provider: str = "CPUExecutionProvider", causal_chunks: int = 1) -> dict:
+                gqa: str = "auto", provider: str = "CPUExecutionProvider", causal_chunks: int = 1,
+                quantize: Optional[str] = None) -> dict:
     """Export ``conv`` (a ``rewrite.Converted``) to ``path`` and check it in ONNX Runtime.
 
     Args:
@@ -332,16 +350,19 @@ def export_onnx(conv, path: str, opset: int = 23, check: bool = True, external_d
         provider: the ONNX Runtime execution provider used for the check.
         causal_chunks: split causal sites into this many query chunks that skip the hidden key blocks
             (faster on ONNX Runtime's CPU kernel, which computes them all; 8 is a good choice there).
+        quantize: None, or "int8": ``path`` holds the weight matmuls quantized dynamically
+            (``rewrite.backends.onnxruntime.quantize_int8``; lossy: the check measures the error).
     Returns:
         the summary also stored in ``conv.report.extras["onnx"]``.
     """
     t0 = time.perf_counter()
     if opset < 23:
         log.warning("opset %d has no standard Attention op: attention is exported as MatMul/Softmax", opset)
+    from .onnxruntime import check_quantize
+
+    check_quantize(quantize)
     native, note = choose_gqa(conv, gqa, provider, check)
-    external = export_graph(conv, path, opset, native, external_data, causal_chunks)
-    info = {"path": os.path.abspath(path), "opset": opset, "external_data": external, "causal_chunks": causal_chunks,
-            "gqa": ("native" if native else "expanded") if has_native_gqa(conv) else "none", **onnx_summary(path)}
+    info = {**write_file(conv, path, opset, native, external_data, causal_chunks, quantize), "opset": opset}
     if note:
         info["note"] = note
     if check:

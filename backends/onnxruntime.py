@@ -28,7 +28,7 @@ from rewrite.backends import LoweredMixin
 from rewrite.errors import BackendError
 
 __all__ = ["lower_onnxruntime", "OrtModule", "make_session", "run_session", "attention_problem",
-           "ort_version", "choose_provider", "quantize_int8", "QUANTIZE"]
+           "ort_version", "choose_provider", "quantize_int8", "check_quantize", "QUANTIZE"]
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 QUANTIZE = (None, "int8")
@@ -119,6 +119,11 @@ def run_session(session, inputs: dict) -> list:
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
 
+def check_quantize(quantize: Optional[str]) -> None:
+    if quantize not in QUANTIZE:
+        raise BackendError(f"quantize={quantize!r}: expected None or 'int8' (dynamic INT8 weight matmuls)")
+
+
 def weight_matmuls(model) -> list:
     """Names of the ``MatMul`` nodes of an ONNX model whose right operand is a stored weight."""
     weights = {t.name for t in model.graph.initializer}
@@ -195,10 +200,9 @@ def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = Non
         quantize: None, or "int8": weight matmuls quantized dynamically (``quantize_int8``; CPU only).
             Lossy: ``report.extras["onnx"]["max_abs_err"]`` then measures the quantization error.
     """
-    from .onnx import check_file, choose_gqa, export_graph, has_native_gqa, onnx_summary
+    from .onnx import check_file, choose_gqa, write_file
 
-    if quantize not in QUANTIZE:
-        raise BackendError(f"quantize={quantize!r}: expected None or 'int8' (dynamic INT8 weight matmuls)")
+    check_quantize(quantize)
     chosen = choose_provider(provider)
     if quantize and chosen != CPU:
         raise BackendError(f"quantize={quantize!r} runs on the CPU provider only (ONNX Runtime's dynamic INT8 "
@@ -224,16 +228,10 @@ def lower_onnxruntime(conv, provider: str = "auto", threads: Optional[int] = Non
         path = os.path.join(folder.name, "model.onnx")
     if causal_chunks is None:
         causal_chunks = CPU_CAUSAL_CHUNKS if chosen == CPU else 1
-    external = export_graph(conv, path, native_gqa=native, causal_chunks=causal_chunks)
-    extra = {}
+    info = write_file(conv, path, native_gqa=native, causal_chunks=causal_chunks, quantize=quantize)
     if quantize:
-        fp32, path = path, path[:-len(".onnx")] + ".int8.onnx" if path.endswith(".onnx") else path + ".int8"
-        extra = {"quantize": quantize, "quantized_matmuls": quantize_int8(fp32, path), "fp32_path": fp32}
-        notes.append(f"{quantize}: {extra['quantized_matmuls']} weight matmuls quantized dynamically (lossy)")
+        notes.append(f"{quantize}: {info['quantized_matmuls']} weight matmuls quantized dynamically (lossy)")
     session = make_session(path, chosen, threads or torch.get_num_threads(), spin)
-    info = {"path": os.path.abspath(path), "opset": 23, "external_data": external, "causal_chunks": causal_chunks,
-            "gqa": ("native" if native else "expanded") if has_native_gqa(conv) else "none", **extra,
-            **onnx_summary(path)}
     if check:
         info.update(check_file(conv, session))
     import onnxruntime

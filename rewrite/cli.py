@@ -82,7 +82,7 @@ def cmd_convert(args, console):
     conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib,
                            backend=args.backend)
     if args.onnx:
-        conv.export_onnx(args.onnx, causal_chunks=args.causal_chunks)
+        conv.export_onnx(args.onnx, causal_chunks=args.causal_chunks, quantize=args.quantize)
     conv.report.print(console)
     if args.onnx:
         console.print(onnx_summary_line(conv.report.extras["onnx"]), soft_wrap=True)
@@ -181,6 +181,8 @@ def onnx_summary_line(info: dict) -> str:
     heads = sorted(set(zip(info["q_num_heads"], info["kv_num_heads"])))
     line = (f"onnx: {info['path']}: {info['attention_nodes']} Attention nodes "
             f"({', '.join(f'{q} q / {k} kv heads' for q, k in heads)}), opset {info['opset']}")
+    if info.get("quantize"):
+        line += f", {info['quantized_matmuls']} weight matmuls in {info['quantize']}"
     if "max_abs_err" in info:
         shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in info["checked_inputs"].items())
         line += (f"; checked in ONNX Runtime {info['onnxruntime']} on new shapes ({shapes}): "
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--causal-chunks", type=int, default=1,
                     help="ONNX: split causal sites into N query chunks that skip hidden key blocks "
                          "(faster on ONNX Runtime's CPU kernel; 8 is a good choice there)")
+    sp.add_argument("--quantize", choices=["int8"], help="ONNX: weight matmuls quantized dynamically (lossy; the "
+                                                          "check measures the error)")
     sp.add_argument("--report", help="write the HTML report here")
     sp.add_argument("--markdown", help="write the Markdown report here")
     sp.add_argument("--json", help="write the JSON report here")

@@ -40,7 +40,7 @@ def test_int8_quantizes_every_weight_matmul(tmp_path):
     ort = lower_onnxruntime(conv, provider="cpu", quantize="int8", path=str(tmp_path / "m.onnx"))
     info = conv.report.extras["onnx"]
     assert info["quantize"] == "int8" and info["quantized_matmuls"] == 15
-    assert info["path"].endswith("m.int8.onnx") and info["fp32_path"].endswith("m.onnx")
+    assert info["path"].endswith("m.onnx") and info["fp32_path"].endswith("m.fp32.onnx")
     ops = [n.op_type for n in onnx.load(info["path"]).graph.node]
     assert sum(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops) == 15
     assert "MatMul" not in ops  # every matmul left is inside the Attention nodes
@@ -54,7 +54,22 @@ def test_int8_quantizes_every_weight_matmul(tmp_path):
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
 
 
-def test_quantize_refusals():
+def test_export_int8_file(tmp_path, capsys):
+    """``rewrite convert --onnx F --quantize int8``: F is the INT8 file, its error measured on new shapes."""
+    from rewrite.cli import main
+
+    path = tmp_path / "m.onnx"
+    assert main(["convert", "models:NanoGPT", "--passes", "", "--onnx", str(path), "--quantize", "int8"]) == 0
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert sum(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops) == 2 * 4 + 1  # q, k, v (c_attn split per head), c_proj; head
+    assert (tmp_path / "m.fp32.onnx").exists()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "9 weight matmuls in int8; checked in ONNX Runtime" in out
+
+
+def test_quantize_refusals(tmp_path):
+    with pytest.raises(BackendError, match=r"quantize='fp8': expected None or 'int8'"):
+        _llama().export_onnx(str(tmp_path / "x.onnx"), quantize="fp8")
     with pytest.raises(BackendError, match=r"quantize='int4': expected None or 'int8' \(dynamic INT8 weight matmuls\)"):
         lower_onnxruntime(_llama(), quantize="int4")
 
