@@ -2,7 +2,7 @@
 
 - ``rebuild(op, **fields)``: a copy with some weights/maps replaced (transforms, gates, info kept);
 - ``select_query_heads(op, keep)``: W_q rows and W_o columns of the kept query heads;
-  KV heads that no kept query head reads are dropped too;
+  KV heads that no kept query head reads are dropped too; a head gate with ``select`` follows;
 - ``pool_kv(op, groups, weights=None)``: W̃_k^g = Σ_{j∈S_g} ω_j W_k^j (mean when no weights), same for V;
 - ``duplicate_kv(op, kv_heads)``: give every group of query heads its own copy of its KV head (exact).
 """
@@ -18,19 +18,21 @@ from .ir import Attention
 __all__ = ["rebuild", "select_query_heads", "pool_kv", "duplicate_kv", "contiguous_map"]
 
 
-def rebuild(op: Attention, **fields) -> Attention:
-    """A new op with ``fields`` (wq, bq, wk, bk, wv, bv, wo, bo, k_map, v_map) replaced."""
+def rebuild(op: Attention, head_gate=None, **fields) -> Attention:
+    """A new op with ``fields`` (wq, bq, wk, bk, wv, bv, wo, bo, k_map, v_map) replaced (and ``head_gate``)."""
     names = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_map", "v_map")
     cur = {n: getattr(op, n) for n in names}
     cur.update(fields)
-    if cur["wq"].shape[0] != op.q_heads and op.head_gate is not None:
+    head_gate = op.head_gate if head_gate is None else head_gate
+    if head_gate is not None and head_gate is op.head_gate and cur["wq"].shape[0] != op.q_heads:
         raise ValueError(f"{op.info.name}: its head gate ({type(op.head_gate).__name__}) is sized for "
-                         f"{op.q_heads} query heads; run head-count passes before gated-attention or moh")
+                         f"{op.q_heads} query heads and cannot follow this change of heads; run head-count "
+                         "passes before moh")
     new = Attention(**{n: (v.detach() if isinstance(v, torch.Tensor) else v) for n, v in cur.items()},
                     scale=op.scale, causal=op.causal, info=copy.deepcopy(op.info),
                     q_transform=op.q_transform, k_transform=op.k_transform)
     new.score_fn = op.score_fn
-    new.head_gate = op.head_gate
+    new.head_gate = head_gate
     return new
 
 
@@ -55,7 +57,8 @@ def select_query_heads(op: Attention, keep: Sequence[int]) -> Attention:
         raise ValueError(f"{op.info.name}: cannot remove every query head")
     wk, bk, k_map = _compact(op.wk, op.bk, op.k_map[keep_t])
     wv, bv, v_map = _compact(op.wv, op.bv, op.v_map[keep_t])
-    return rebuild(op, wq=op.wq[keep_t], bq=op.bq[keep_t] if op.bq is not None else None,
+    gate = op.head_gate.select(keep_t) if hasattr(op.head_gate, "select") else None  # a gate that can follow
+    return rebuild(op, head_gate=gate, wq=op.wq[keep_t], bq=op.bq[keep_t] if op.bq is not None else None,
                    wo=op.wo[:, keep_t], wk=wk, bk=bk, wv=wv, bv=bv, k_map=k_map, v_map=v_map)
 
 

@@ -8,6 +8,7 @@ Head gates give per-head, per-token weights ``g [B, Hq, Sq]`` multiplied onto ea
 the output projection; they are called as ``head_gate(op, x, q)``:
 
 - ``SigmoidHeadGate``: g_i = sigmoid(G_i(x)) / π_init, G_i a Linear on head i's slice of x (or on all of x);
+  ``select(keep)`` gives the gate of a subset of heads (pruning after gating stays exact);
 - ``MoHGate``: Mixture-of-Head router, learned (shared + routed softmax, top-K) or parameter-free ‖q_i‖.
 
 Helpers: ``attach`` (a new op with a score function / gate set, sharing the old op's weights or weight
@@ -114,12 +115,26 @@ class SigmoidHeadGate(nn.Module):
         self.bias = nn.Parameter(torch.full((heads,), math.log(pi_init / (1.0 - pi_init))))
         self.all_features = all_features
         self.scale = 1.0 / pi_init
+        self.slices = None  # after select(): which of the original head slices of x each head reads
+        self.n_slices = heads
+
+    def select(self, keep: torch.Tensor) -> "SigmoidHeadGate":
+        """The gate of the query heads ``keep`` only (each still reads its own slice of x): exact."""
+        new = copy.deepcopy(self)
+        new.weight = nn.Parameter(self.weight.detach()[keep].clone())
+        new.bias = nn.Parameter(self.bias.detach()[keep].clone())
+        if not self.all_features:
+            slices = torch.arange(self.n_slices) if self.slices is None else self.slices
+            new.slices = slices[keep].clone()
+        return new
 
     def forward(self, op, x, q=None):
         if self.all_features:
             logits = F.linear(x, self.weight, self.bias)  # (.., D) -> (.., Hq)
         else:
-            xh = x.unflatten(-1, (self.weight.shape[0], self.weight.shape[1]))  # (.., Hq, D/Hq)
+            xh = x.unflatten(-1, (self.n_slices, self.weight.shape[1]))  # (.., H0, D/H0)
+            if self.slices is not None:
+                xh = xh.index_select(-2, self.slices.to(x.device))  # (.., Hq, D/H0)
             logits = (xh * self.weight).sum(-1) + self.bias  # (.., Hq)
         g = torch.sigmoid(logits)
         if self.scale != 1.0:

@@ -129,12 +129,37 @@ def test_minilm_taylor_beats_random():
     assert taylor > 0.9
 
 
-def test_head_count_change_after_a_gate_is_refused():
-    import models as M
-    import rewrite
-    from rewrite.errors import PassError
+@pytest.mark.parametrize("all_features", [False, True])
+def test_pruning_after_a_sigmoid_gate_slices_the_gate(all_features, tmp_path):
+    """gated-attention, then prune-heads: the gate keeps the kept heads' rows and their slices of x, so the
+    result equals the gated model with the pruned head's W_o columns zeroed (at another batch/seq)."""
+    from rewrite.graph import with_sites
+    from rewrite.heads import rebuild
 
     inputs = {"input_ids": M.ids(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
-    with pytest.raises(PassError, match="run head-count passes before gated-attention or moh"):
-        rewrite.convert(M.llama(4), passes="gated-attention,prune-heads{heads={0:1}}", example_inputs=inputs,
-                        progress=False)
+    gated = rewrite.convert(M.llama(4), passes=f"gated-attention{{init=normal,std=0.3,all_features={all_features}}}",
+                            example_inputs=inputs, progress=False)
+    (prune,) = parse("prune-heads{heads={0:1}}")
+    pruned = prune.run(gated.gm, PassContext(captured=gated._captured)).graph
+    op = sites(pruned)[0]
+    assert op.q_heads == 3 and op.head_gate.weight.shape[0] == 3
+    assert op.head_gate.slices is None if all_features else op.head_gate.slices.tolist() == [0, 2, 3]
+    ref_op = sites(gated.gm)[0]
+    wo = ref_op.wo.detach().clone()
+    wo[:, 1] = 0
+    reference = with_sites(gated.gm, {0: rebuild(ref_op, wo=wo)})
+    x = {"input_ids": M.ids(3, 13, seed=4), "attention_mask": torch.ones(3, 13, dtype=torch.long)}
+    with torch.no_grad():
+        want = first_tensor(reference(**x, **gated.fixed))
+        got = first_tensor(pruned(**x, **gated.fixed))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (got - first_tensor(gated(**x))).abs().max() > 1e-3  # the head mattered
+    from rewrite.api import Converted
+    info = Converted(pruned, gated._captured, gated.report).export_onnx(str(tmp_path / "p.onnx"))
+    assert info["max_abs_err"] <= 1e-4
+
+
+def test_head_count_change_after_moh_is_refused():
+    inputs = {"input_ids": M.ids(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with pytest.raises(PassError, match="cannot follow this change of heads; run head-count passes before moh"):
+        rewrite.convert(M.llama(4), passes="moh,prune-heads{heads={0:1}}", example_inputs=inputs, progress=False)
