@@ -203,31 +203,39 @@ def _fold_weight_layouts(graph) -> int:
     consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     readers = Counter(i for n in graph.node for i in n.input) + Counter(o.name for o in graph.output)
-    folded = 0
-    for node in list(graph.node):
+    folded, added, gone, dropped = 0, [], set(), set()
+    for index, node in enumerate(graph.node):
         if node.op_type not in ("Reshape", "Transpose") or node.input[0] not in stored:
             continue
-        w = numpy_helper.to_array(stored[node.input[0]])
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Reshape":
+            shape = next((numpy_helper.to_array(stored[n]) if n in stored else consts.get(n)
+                          for n in node.input[1:2]), None)
+            if shape is None:  # computed at run time: not a layout of the weight alone
+                continue
+        w = numpy_helper.to_array(stored[node.input[0]])
         if node.op_type == "Transpose":
             w = w.transpose(attrs.get("perm") or list(range(w.ndim))[::-1])
         else:
-            shape = next((numpy_helper.to_array(stored[n]) if n in stored else consts.get(n)
-                          for n in node.input[1:2]), None)
-            if shape is None:
-                continue
             if not attrs.get("allowzero", 0):
                 shape = [w.shape[i] if d == 0 else d for i, d in enumerate(shape)]
             w = w.reshape([int(d) for d in shape])
         new = numpy_helper.from_array(np.ascontiguousarray(w), node.output[0])
-        graph.initializer.append(new)
         stored[new.name] = new
-        graph.node.remove(node)
+        added.append(new)
+        gone.add(index)
         for name in node.input:
             readers[name] -= 1
             if readers[name] == 0 and name in stored:
-                graph.initializer.remove(stored.pop(name))
+                dropped.add(name)
         folded += 1
+    if folded:  # rebuilt once: removing from protobuf lists one by one is quadratic
+        kept_nodes = [n for i, n in enumerate(graph.node) if i not in gone]
+        kept_weights = [t for t in graph.initializer if t.name not in dropped] + [t for t in added if t.name not in dropped]
+        del graph.node[:]
+        graph.node.extend(kept_nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(kept_weights)
     return folded
 
 
