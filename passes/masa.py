@@ -51,6 +51,7 @@ __all__ = ["Masa", "SharedAtoms", "AtomWeights", "matrix_pca"]
 
 RANK_TOL = 1e-12  # eigenvalues below this fraction of the largest are null directions
 RIDGE = 1e-6  # added to Σxxᵀ before Cholesky, relative to its mean diagonal: always positive definite
+EXACT = 1e-6  # whitened relative residual below which a weight is not refined (rank 0)
 INPUT_OF = {"wq": "x", "wk": "kv", "wv": "kv", "wo": "o"}  # which calibration input each projection reads
 
 
@@ -131,19 +132,15 @@ def whitened_low_rank(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor, 
 
 
 def projection_grams(gm, ctx) -> list:
-    """Per site, fp64 InputStats of each projection's input: x, kv and o (the per-head outputs [Hq·dv], by the op's
-    own pieces), a calibration batch at a time. Padding (keys no query sees) is left out (self-attention queries too).
-    """
+    """Per site, fp64 InputStats of each projection's input: x, kv and o (per-head outputs [Hq·dv], by the op's own
+    pieces), a calibration batch at a time; padding (keys no query sees) left out, self-attention queries too."""
     ops = sites(gm)
     grams = [{} for _ in ops]
     for batch in ctx.track(ctx.calibration, "MASA refinement statistics"):
         for op, records, stats in zip(ops, record_site_inputs(gm, ctx.call(gm), [batch]), grams):
             for rec in records:
                 for name, (t, keep, layout) in _projection_inputs(op, rec).items():
-                    if name not in stats:
-                        d, f64 = t.shape[-1], torch.float64
-                        stats[name] = InputStats(torch.zeros(d, d, dtype=f64), torch.zeros(d, dtype=f64), 0)
-                    stats[name].add(t, keep, layout)
+                    stats.setdefault(name, InputStats.empty(t.shape[-1])).add(t, keep, layout)
     return grams
 
 
@@ -241,10 +238,15 @@ class Masa(Pass):
             r = self.refine_rank  # r_Q = r_O = r, r_K = ⌈r·Hk/Hq⌉, r_V = ⌈r·Hv/Hq⌉: less for the shared K/V heads
             ranks = {"wq": r, "wo": r, "wk": math.ceil(r * op.k_heads / op.q_heads),
                      "wv": math.ceil(r * op.v_heads / op.q_heads)}
+            if not grams[i]:
+                raise PassError(f"{self.spec()}: site {op.info.name} never ran on the calibration data; pass "
+                                "batches that reach every attention layer")
             for name, (shared, row) in shared_of[i].items():
                 w, w_hat = (as_matrix(name, t.detach()) for t in (getattr(op, name), shared(row)))
                 a, b, before, after = whitened_low_rank(w.double(), w_hat.double(), grams[i][INPUT_OF[name]].gram,
                                                         ranks[name])
+                if before <= EXACT:  # the atoms already give W: factors would only fit rounding noise
+                    a, b, after = a[:, :0], b[:0], before
                 refine[i][name] = (a.to(w.dtype), b.to(w.dtype))
                 errors.setdefault(op.info.name, {})[name] = {"atoms": before, "refined": after}
                 stats[op.info.name][f"{name}_refine_rank"] = a.shape[1]

@@ -76,6 +76,10 @@ class InputStats:
     total: torch.Tensor  # Σ x     [D]
     count: int
 
+    @classmethod
+    def empty(cls, dim: int) -> "InputStats":
+        return cls(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0)
+
     def add(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None, layout: str = "BSD") -> None:
         """Add the tokens of ``x`` (only those where ``keep [B, S]`` is True, when given)."""
         t = _tokens(x, keep, layout).to(self.gram.device, torch.float64)  # sums stay where they were made (CPU)
@@ -97,8 +101,7 @@ def input_grams(gm, call: Callable, batches, track=None) -> list:
         layout = ops[i].info.layout
         b, s = (x.shape[1], x.shape[0]) if layout == "SBD" else (x.shape[0], x.shape[1])
         if stats[i] is None:
-            d = x.shape[-1]
-            stats[i] = InputStats(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0)
+            stats[i] = InputStats.empty(x.shape[-1])
         stats[i].add(x, real_keys(args[2] if len(args) > 2 else None, b, s), layout)
 
     _each_batch(gm, call, batches, on_site, track, "calibration statistics")

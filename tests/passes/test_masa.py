@@ -196,6 +196,22 @@ def test_refinement_adds_rank_times_out_plus_in_per_layer_and_shared_type(llama4
     assert one.stats[staged.sites[0].info.name]["wk_refine_rank"] == 1  # ⌈1·2/4⌉: at least 1
 
 
+def test_refinement_skips_weights_the_atoms_already_give(llama4):
+    """atoms = layers reconstructs every weight: no factors are added (they would fit rounding noise)."""
+    _, conv, ctx = llama4
+    _, result = M.restage(conv, "masa{refine_rank=4}", ctx.calibration)
+    assert result.stats["refine_params"] == 0
+    assert all(result.stats[op.info.name][f"{n}_refine_rank"] == 0 for op in conv.sites for n in ("wq", "wo"))
+
+
+def test_refinement_needs_every_site_to_run(llama4, monkeypatch):
+    _, conv, ctx = llama4
+    monkeypatch.setattr(type(ctx), "call", lambda self, gm: (lambda kw: None))  # calibration that runs nothing
+    with pytest.raises(PassError, match=r"site model.layers.0.self_attn never ran on the calibration data; pass "
+                                        r"batches that reach every attention layer"):
+        M.restage(conv, "masa{atoms=1,refine_rank=4}", ctx.calibration)
+
+
 def _whitened_err(w, w_new, gram):
     """‖(W' − W) X‖_F / ‖W X‖_F from Σxxᵀ, W as [out, in]."""
     d = (w_new - w).double()
