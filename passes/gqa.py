@@ -26,9 +26,9 @@ from typing import Optional
 from rewrite.align import align_heads
 from rewrite.calibrate import input_grams
 from rewrite.errors import PassError, SpecError
-from rewrite.graph import sites, with_sites
+from rewrite.graph import sites
 from rewrite.heads import duplicate_kv, pool_kv
-from rewrite.pass_base import Diagnostic, Pass, PassResult, register
+from rewrite.pass_base import Diagnostic, Pass, register, rewrite_each_site
 
 __all__ = ["GQA", "merge_site"]
 
@@ -112,15 +112,8 @@ class GQA(Pass):
                                 "pass calibration=[batches, ...] or use method=mean")
             if any(self.kv_heads < op.k_heads for op in sites(gm)):
                 stats = input_grams(gm, ctx.call(gm), ctx.calibration, track=ctx.track)
-        replace, per_site, diags = {}, {}, []
-        for i, op in enumerate(sites(gm)):
-            new, st, dg = merge_site(op, self.kv_heads, self.method, stats[i])
-            diags.extend(dg)
-            if st:
-                per_site[op.info.name] = st
-            if new is not None:
-                replace[i] = new
-        skips = [d for d in diags if d.level == "skip"]
-        if skips and len(skips) == len(sites(gm)):
+        result = rewrite_each_site(gm, lambda i, op: merge_site(op, self.kv_heads, self.method, stats[i]))
+        skips = [d for d in result.diagnostics if d.level == "skip"]
+        if skips and len(skips) == len(stats):
             raise SpecError(f"{spec}: no site can take it: {skips[0].message}")
-        return PassResult(with_sites(gm, replace), bool(replace), per_site, diags)
+        return result

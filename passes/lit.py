@@ -32,9 +32,9 @@ from torch import nn
 
 from rewrite.calibrate import record_site_inputs
 from rewrite.errors import SpecError
-from rewrite.graph import SITES, sites, with_sites
+from rewrite.graph import SITES, sites
 from rewrite.heads import rebuild
-from rewrite.pass_base import Diagnostic, PassResult, SitePass, register
+from rewrite.pass_base import Diagnostic, SitePass, register, rewrite_each_site
 
 __all__ = ["Lit", "LinearAttention", "classify_mask"]
 
@@ -175,15 +175,7 @@ class Lit(SitePass):
         self.check_options()
         masks = _example_masks(gm, ctx)
         tokens = _static_token_counts(gm)
-        replace, stats, diags = {}, {}, []
-        for i, op in enumerate(sites(gm)):
-            new, st, dg = self._rewrite(i, op, masks[i], tokens.get(i))
-            diags.extend(dg)
-            if st:
-                stats[op.info.name] = st
-            if new is not None:
-                replace[i] = new
-        return PassResult(with_sites(gm, replace), bool(replace), stats, diags)
+        return rewrite_each_site(gm, lambda i, op: self._rewrite(i, op, masks[i], tokens.get(i)))
 
     def _rewrite(self, i, op, masks, static_tokens):
         site = op.info.name

@@ -7,7 +7,7 @@ mutates its input, prints or writes files.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from torch import fx
 
@@ -81,6 +81,21 @@ class Pass:
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
 
 
+def rewrite_each_site(gm, rewrite: Callable) -> PassResult:
+    """``rewrite(index, op) -> (new_op | None, stats, diagnostics)`` on every site, gathered into one result."""
+    from .graph import sites, with_sites
+
+    replace, stats, diags = {}, {}, []
+    for i, op in enumerate(sites(gm)):
+        new, st, dg = rewrite(i, op)
+        diags.extend(dg)
+        if st:
+            stats[op.info.name] = st
+        if new is not None:
+            replace[i] = new
+    return PassResult(with_sites(gm, replace), bool(replace), stats, diags)
+
+
 @dataclasses.dataclass(frozen=True)
 class SitePass(Pass):
     """A pass that rewrites each canonical Attention op on its own.
@@ -90,18 +105,8 @@ class SitePass(Pass):
     """
 
     def run(self, gm, ctx):
-        from .graph import sites, with_sites
-
         self.check_options()
-        replace, stats, diags = {}, {}, []
-        for i, op in enumerate(sites(gm)):
-            new, st, dg = self.rewrite_site(i, op, ctx)
-            diags.extend(dg)
-            if st:
-                stats[op.info.name] = st
-            if new is not None:
-                replace[i] = new
-        return PassResult(with_sites(gm, replace), bool(replace), stats, diags)
+        return rewrite_each_site(gm, lambda i, op: self.rewrite_site(i, op, ctx))
 
     def check_options(self) -> None:
         """Raise SpecError for bad options before any work."""
