@@ -19,13 +19,16 @@ def install(gm: fx.GraphModule, matches: list) -> fx.GraphModule:
     holder = torch.nn.Module()
     gm.add_module(SITES, holder)
     g = gm.graph
+    combined = {}  # one mask node per distinct (kinds, mask nodes): sites of one model share it
     for i, m in enumerate(matches):
         holder.add_module(str(i), m.op)
         with g.inserting_before(m.out_node):
             mask = None
             if m.masks:
-                kinds = tuple(k for k, _ in m.masks)
-                mask = g.call_function(combine_masks, (kinds, *[n for _, n in m.masks]))
+                key = (tuple(k for k, _ in m.masks), *[n for _, n in m.masks])
+                if key not in combined:
+                    combined[key] = g.call_function(combine_masks, key)
+                mask = combined[key]
             node = g.call_module(f"{SITES}.{i}", (m.x, m.kv, mask, *m.sides))
             node.meta["rewrite_site"] = m.name
             out = node

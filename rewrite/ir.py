@@ -46,11 +46,23 @@ def _tracing() -> bool:
 
 
 def only_causal(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
-    """The mask hides exactly the keys after each query (no padding): SDPA's ``is_causal`` does the same."""
-    if q_len != k_len or mask.shape[-1] != k_len or mask.dim() < 2 or mask.shape[-2] != q_len:
-        return False
-    future = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu(1)
-    return bool((hidden(mask) == future).all())
+    """The mask hides exactly the keys after each query (no padding): SDPA's ``is_causal`` does the same.
+
+    The verdict is kept on the mask tensor (per version), so the sites sharing one mask scan it once.
+    """
+    key = (mask._version, q_len, k_len)
+    cached = getattr(mask, "_rewrite_only_causal", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    verdict = (q_len == k_len and mask.dim() >= 2 and tuple(mask.shape[-2:]) == (q_len, k_len)
+               and bool((hidden(mask) == future_keys(q_len, mask.device)).all()))
+    mask._rewrite_only_causal = (key, verdict)
+    return verdict
+
+
+def future_keys(length: int, device=None) -> torch.Tensor:
+    """``[S, S]`` bool: True where key j comes after query i (j > i)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
 
 
 @dataclasses.dataclass

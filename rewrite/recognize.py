@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from .ir import Attention, HeadTransform, SiteInfo, hidden
+from .ir import Attention, HeadTransform, SiteInfo, future_keys, hidden
 
 __all__ = ["Refusal", "Match", "find_sites", "run_with_env", "combine_masks", "hidden", "mark_causal_masks"]
 
@@ -758,8 +758,7 @@ def _hides_future(mask: torch.Tensor) -> bool:
     s = mask.shape[-1]
     if mask.dim() < 2 or mask.shape[-2] != s:
         return False
-    future = torch.ones(s, s, dtype=torch.bool, device=mask.device).triu(1)
-    return bool(hidden(mask)[..., future].all())
+    return bool(hidden(mask)[..., future_keys(s, mask.device)].all())
 
 
 def mark_causal_masks(matches: list, envs: list) -> None:
