@@ -88,6 +88,39 @@ class LinearAttention(nn.Module):
             o = o + self._grid_conv(vf)
         return o.to(q.dtype)
 
+    @property
+    def recurrent(self) -> bool:
+        """Decoding keeps the fixed-size state (S, z) instead of keys and values (causal sites)."""
+        return self.causal and self.conv is None
+
+    def step(self, op, q, k, v, mask, cache):
+        """The new tokens' outputs from the state of the earlier ones, then the state moves on:
+
+            O_t = φ(q_t)(S + Σ_{new j≤t} φ(k_j)ᵀv_j) / (φ(q_t)·(z + Σ_{new j≤t} φ(k_j)) + ε)
+            S ← S + Σ_new φ(k_j)ᵀ v_j,   z ← z + Σ_new φ(k_j)
+
+        S and z are kept per distinct (key head, value head) pair, P of them (Hk for GQA, Hq for MHA).
+        """
+        phi = FEATURE_MAPS[self.feature_map]
+        layer = cache.state_layer()
+        sq, past = q.shape[2], layer.tokens
+        pair_of_q, k_of_pair, v_of_pair = _pairs(op)
+        fk = phi(k.float())  # (B, Hk, Sq, d)
+        if mask is not None:  # the new keys are columns past .. past+Sq of the mask
+            fk = fk * key_keep(mask[..., past:past + sq])
+        fk, vf = fk.index_select(1, k_of_pair), v.float().index_select(1, v_of_pair)  # (B, P, Sq, d|dv)
+        fq = phi(q.float())  # (B, Hq, Sq, d)
+        num, den = _causal_chunked(fq, fk.index_select(1, pair_of_q), vf.index_select(1, pair_of_q))
+        s0, z0 = layer.state()
+        s_new = torch.einsum("bpsd,bpse->bpde", fk, vf)  # (B, P, d, dv)
+        z_new = fk.sum(2)  # (B, P, d)
+        if s0 is not None:
+            num = num + torch.einsum("bhsd,bhde->bhse", fq, s0.index_select(1, pair_of_q))
+            den = den + torch.einsum("bhsd,bhd->bhs", fq, z0.index_select(1, pair_of_q)).unsqueeze(-1)
+            s_new, z_new = s0 + s_new, z0 + z_new
+        layer.absorb(s_new, z_new, sq)
+        return (num / (den + self.eps)).to(q.dtype)
+
     def _grid_conv(self, v: torch.Tensor) -> torch.Tensor:
         b, h, s, dv = v.shape
         patches = v[:, :, self.class_tokens:].transpose(2, 3)  # (B, H, dv, P)
@@ -98,6 +131,16 @@ class LinearAttention(nn.Module):
     def extra_repr(self) -> str:
         conv = f", conv={self.grid}x{self.grid}+{self.class_tokens} cls" if self.conv is not None else ""
         return f"phi={self.feature_map}, eps={self.eps:g}, causal={self.causal}{conv}"
+
+
+def _pairs(op):
+    """(pair index of each query head [Hq], key head of each pair [P], value head of each pair [P])."""
+    pairs = sorted(set(zip(op.k_map.tolist(), op.v_map.tolist())))
+    where = {p: i for i, p in enumerate(pairs)}
+    device = op.k_map.device
+    pair_of_q = torch.tensor([where[p] for p in zip(op.k_map.tolist(), op.v_map.tolist())], device=device)
+    return (pair_of_q, torch.tensor([p[0] for p in pairs], device=device),
+            torch.tensor([p[1] for p in pairs], device=device))
 
 
 def _causal_chunked(fq, fk, v, chunk: int = CHUNK):

@@ -236,6 +236,8 @@ class Converted(nn.Module):
         self.report = report
         self._signature = _inspect.signature(model.forward) if model is not None else None
         self._captured = cap
+        self.__dict__["_source"] = model  # the caller's model, read (never changed) by to_transformers
+        self.__dict__["_hf"] = None
 
     @property
     def sites(self) -> list:
@@ -261,6 +263,36 @@ class Converted(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.gm(**self.bind(args, kwargs), **self.fixed)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def to_transformers(self):
+        """A ``transformers.PreTrainedModel`` of the source family whose attention modules run this model's
+        canonical ops (the weights are shared): HF caches, ``generate``, ``Trainer`` and ``peft`` work on it."""
+        from .hf_adapter import to_transformers
+
+        return to_transformers(self)
+
+    def hf_model(self):
+        """The ``to_transformers()`` view of this model, built once and kept."""
+        if self.__dict__.get("_hf") is None:
+            self.__dict__["_hf"] = self.to_transformers()
+        return self.__dict__["_hf"]
+
+    def generate(self, input_ids, attention_mask=None, **generate_kwargs):
+        """As ``transformers`` ``generate`` (greedy, sampling, beam search, ``max_new_tokens``, left padding),
+        with a KV cache at the converted head counts (a fixed-size state for linear attention)."""
+        from .hf_adapter import GenerationError, source_model
+
+        model = source_model(self, "generate")
+        if not model.can_generate():
+            raise GenerationError(f"generate needs a language-model head; {type(model).__name__} is an "
+                                  "encoder-only or base model that cannot generate. Convert its *ForCausalLM "
+                                  "class instead")
+        hf = self.hf_model()
+        if attention_mask is not None:
+            generate_kwargs["attention_mask"] = attention_mask
+        with torch.no_grad():
+            return hf.generate(input_ids=input_ids, **generate_kwargs)
 
     # ---- deployment ----------------------------------------------------------------------------
     def export_onnx(self, path: str, opset: int = 23, check: bool = True, **kwargs):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attention", "HeadTransform", "SiteInfo", "hidden", "DROP"]
+__all__ = ["Attention", "HeadTransform", "SiteInfo", "hidden", "causal_keep", "DROP"]
 
 WEIGHT_NAMES = ("wq", "wk", "wv", "wo")
 DROP = -1e4  # additive mask entries at or below this hide their key (exp underflows to 0)
@@ -55,7 +55,8 @@ def only_causal(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
     if cached is not None and cached[0] == key:
         return cached[1]
     verdict = (q_len == k_len and mask.dim() >= 2 and tuple(mask.shape[-2:]) == (q_len, k_len)
-               and bool((hidden(mask) == future_keys(q_len, mask.device)).all()))
+               and bool((hidden(mask) == future_keys(q_len, mask.device)).all())
+               and (mask.dtype == torch.bool or bool((mask[~hidden(mask)] == 0).all())))  # no score bias
     mask._rewrite_only_causal = (key, verdict)
     return verdict
 
@@ -63,6 +64,12 @@ def only_causal(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
 def future_keys(length: int, device=None) -> torch.Tensor:
     """``[S, S]`` bool: True where key j comes after query i (j > i)."""
     return torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+
+
+def causal_keep(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """``[Sq, Sk]`` bool keep mask of causal attention when the queries are the *last* Sq of Sk positions
+    (bottom-right aligned, as in decoding with a cache): query i sees keys j ≤ i + Sk − Sq."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
 
 
 @dataclasses.dataclass
@@ -237,18 +244,28 @@ class Attention(nn.Module):
         return q, k, v
 
     def core(self, q, k, v, mask=None):
-        """softmax(q kᵀ·scale + mask) v over expanded heads, (B, Hq, Sq, dv)."""
+        """softmax(q kᵀ·scale + mask) v over expanded heads, (B, Hq, Sq, dv).
+
+        With fewer queries than keys (decoding with a cache) a causal site's queries are the last Sq
+        positions: query i sees keys j ≤ i + Sk − Sq.
+        """
         if self.score_fn is not None:
             return self.score_fn(self, q, k, v, mask)
         if torch.onnx.is_in_onnx_export():  # one standard ONNX Attention node, same semantics as SDPA
             from rewrite.backends.onnx import attention_node
             return attention_node(self, q, k, v, mask)
-        k = self._expand(k, self.k_map, self._k_group)
-        v = self._expand(v, self.v_map, self._v_group)
+        sq, sk = q.shape[2], k.shape[2]
         causal = self.causal and mask is None
         if (mask is not None and self.info.causal_mask and isinstance(mask, torch.Tensor) and not _tracing()
-                and only_causal(mask, q.shape[2], k.shape[2])):
+                and only_causal(mask, sq, sk)):
             mask, causal = None, True  # same function; SDPA then skips the hidden blocks
+        if causal and sq != sk:  # SDPA's is_causal is top-left aligned: spell out the bottom-right rule
+            mask, causal = (None if sq == 1 else causal_keep(sq, sk, q.device)), False
+        group = self._k_group if self._k_group == self._v_group else None
+        if group and group > 1 and not _tracing():  # K/V stay at their own head count (no copies)
+            return _grouped_attention(q, k, v, mask, causal, self.scale, group)
+        k = self._expand(k, self.k_map, self._k_group)
+        v = self._expand(v, self.v_map, self._v_group)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
 
     def merge(self, o: torch.Tensor, wo: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -261,10 +278,19 @@ class Attention(nn.Module):
         wo = self.wo if wo is None else wo
         return F.linear(o, wo.reshape(wo.shape[0], -1), self.bo)
 
-    def forward(self, x, kv=None, mask=None, *side):
+    def forward(self, x, kv=None, mask=None, *side, cache=None):
+        """The site's output; with ``cache`` (a ``rewrite.cache.LayerCache``) the new tokens' K/V, at this
+        site's own head counts, are appended first and attention reads every cached token. A recurrent
+        score function (linear attention) updates its fixed-size state instead."""
         weights = self.weights() if self.weights is not None else None  # once per forward
         q, k, v = self.project_qkv(x, kv, *side, weights=weights)
-        o = self.core(q, k, v, mask)
+        if cache is None:
+            o = self.core(q, k, v, mask)
+        elif getattr(self.score_fn, "recurrent", False):
+            o = self.score_fn.step(self, q, k, v, mask, cache)
+        else:
+            k, v = cache.update(k, v)  # (B, Hk, past + Sq, dh), (B, Hv, past + Sq, dv)
+            o = self.core(q, k, v, mask)
         if self.head_gate is not None:
             o = o * self.head_gate(self, x, q).unsqueeze(-1)
         return self.merge(o, None if weights is None else weights[3])
@@ -273,3 +299,21 @@ class Attention(nn.Module):
         return (f"{self.info.name}: q_heads={self.q_heads}, k_heads={self.k_heads}, "
                 f"v_heads={self.v_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}, "
                 f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}")
+
+
+def _grouped_attention(q, k, v, mask, causal: bool, scale: float, group: int) -> torch.Tensor:
+    """SDPA with query head i reading KV head i // group, without copying K/V up to the query heads.
+
+    A few queries (decoding) fold each group's query heads into query rows, (B, Hk, g·Sq, d), when the
+    mask is the same for every head; otherwise SDPA's ``enable_gqa``.
+    """
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    if sq * group <= 64 and not causal and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)):
+        rows = q.reshape(b, hk, group * sq, d)  # (B, Hk, g·Sq, d): rows (member j, query i)
+        if mask is not None:
+            mb = mask.shape[0]
+            mask = mask.expand(mb, 1, sq, sk).unsqueeze(2).expand(mb, 1, group, sq, sk).reshape(mb, 1, group * sq, sk)
+        o = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)  # (B, Hk, g·Sq, dv)
+        return o.reshape(b, hq, sq, v.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)

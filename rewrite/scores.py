@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ir import causal_keep
+
 __all__ = ["attach", "masked_scores", "heads_first", "ClippedSoftmax", "SigmoidHeadGate", "MoHGate"]
 
 
@@ -48,7 +50,7 @@ def masked_scores(op, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Ten
     """Logits ``q kᵀ·scale`` with the op's mask applied as SDPA would, and the keep pattern (or None).
 
     ``mask`` is SDPA's attn_mask: bool (True = keep) or additive float; ``op.causal`` applies only when
-    there is no mask (as in ``Attention.core``), top-left aligned like SDPA's ``is_causal``.
+    there is no mask (as in ``Attention.core``), bottom-right aligned (the queries are the last Sq keys).
     Returns ``(s [B,Hq,Sq,Sk], keep | None)``; keep is False exactly where the weight must be zero.
     """
     k = op._expand(k, op.k_map, op._k_group)  # (B, Hq, Sk, dh)
@@ -63,7 +65,7 @@ def masked_scores(op, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Ten
             keep = mask != float("-inf")
     elif op.causal:
         sq, sk = s.shape[-2], s.shape[-1]
-        keep = torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril()
+        keep = causal_keep(sq, sk, s.device)
         s = s.masked_fill(~keep, float("-inf"))
     return s, keep
 

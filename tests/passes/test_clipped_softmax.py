@@ -69,7 +69,7 @@ def test_masked_weights_are_exactly_zero_and_identity_matches_sdpa(kind):
             "finite": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min),
             "causal": None}[kind]
     if kind == "causal":
-        keep = torch.ones(5, 6, dtype=torch.bool).tril().expand(2, 1, 5, 6)
+        keep = torch.ones(5, 6, dtype=torch.bool).tril(1).expand(2, 1, 5, 6)  # queries: the last 5 keys
     a, q, k, v = _weights(op, ClippedSoftmax(1.5, -0.1), mask)
     rows = keep.expand_as(a).any(-1, keepdim=True)
     # a finite mask cannot say "nothing to attend to": such a row stays uniform, as in the original
