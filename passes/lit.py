@@ -88,6 +88,16 @@ class LinearAttention(nn.Module):
             o = o + self._grid_conv(vf)
         return o.to(q.dtype)
 
+    def to_spec(self) -> dict:
+        conv = self.conv
+        return {"feature_map": self.feature_map, "eps": self.eps, "causal": self.causal, "grid": self.grid,
+                "class_tokens": self.class_tokens, "channels": conv.in_channels if conv is not None else 0,
+                "kernel": conv.kernel_size[0] if conv is not None else 3}
+
+    @classmethod
+    def from_spec(cls, spec: dict, **_) -> "LinearAttention":
+        return cls(**spec)
+
     @property
     def recurrent(self) -> bool:
         """Decoding keeps the fixed-size state (S, z) instead of keys and values (causal sites)."""

@@ -79,6 +79,28 @@ class AtomWeights(nn.Module):
         self.refine = nn.ParameterDict({f"{n}_{k}": nn.Parameter(t.detach().clone())
                                         for n, ab in (refine or {}).items() for k, t in zip("ab", ab)})
 
+    def to_spec(self, groups: dict) -> dict:
+        """Shapes and the shared groups by number (``groups``: id(SharedAtoms) -> number, filled here)."""
+        shared = {}
+        for n, atoms in self.shared.items():
+            key = groups.setdefault(id(atoms), (len(groups), atoms))[0]
+            shared[n] = {"group": key, "atoms": list(atoms.atoms.shape), "coefficients": list(atoms.coefficients.shape)}
+        return {"shared": shared, "layers": dict(self.layers),
+                "own": {n: list(w.shape) for n, w in self.own.items()},
+                "refine": {n: list(t.shape) for n, t in self.refine.items()}}
+
+    @classmethod
+    def from_spec(cls, spec: dict, groups: dict, **_) -> "AtomWeights":
+        """Uninitialised weights of these shapes; sites naming the same group share one ``SharedAtoms``."""
+        shared = {}
+        for n, g in spec["shared"].items():
+            if g["group"] not in groups:
+                groups[g["group"]] = SharedAtoms(torch.zeros(g["atoms"]), torch.zeros(g["coefficients"]))
+            shared[n] = groups[g["group"]]
+        new = cls(shared, spec["layers"], {n: torch.zeros(s) for n, s in spec["own"].items()})
+        new.refine = nn.ParameterDict({n: nn.Parameter(torch.zeros(s)) for n, s in spec["refine"].items()})
+        return new
+
     def forward(self):
         return tuple(self._weight(n) for n in WEIGHT_NAMES)
 

@@ -48,6 +48,10 @@ from .pipeline import parse as parse_pipeline  # noqa: E402
 _mount("backends")
 _mount("passes")
 
+from .hf_remote import register_on_demand as _register_on_demand  # noqa: E402
+
+_register_on_demand()  # saved custom-code folders load without trust_remote_code where rewrite is installed
+
 __all__ = ["convert", "inspect", "load", "Converted", "parse_pipeline", "RewriteError", "CaptureError",
            "NoAttentionError", "SpecError", "PassError", "VerificationError", "BackendError"]
 

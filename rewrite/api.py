@@ -295,6 +295,14 @@ class Converted(nn.Module):
             return hf.generate(input_ids=input_ids, **generate_kwargs)
 
     # ---- deployment ----------------------------------------------------------------------------
+    def save_pretrained(self, path: str, stock: bool = True) -> dict:
+        """A Hugging Face folder: the family's stock form where its config can express the result, else a
+        custom-code folder (``auto_map``) that reloads with ``trust_remote_code=True``. Returns what was
+        written: ``{"kind": "stock" | "custom", "reason": why not stock, ...}``."""
+        from .hf_save import save_pretrained
+
+        return save_pretrained(self, path, stock=stock)
+
     def export_onnx(self, path: str, opset: int = 23, check: bool = True, **kwargs):
         from rewrite.backends.onnx import export_onnx
 

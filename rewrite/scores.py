@@ -92,6 +92,13 @@ class ClippedSoftmax(nn.Module):
         v = op._expand(v, op.v_map, op._v_group)  # (B, Hq, Sk, dv)
         return torch.matmul(p, v)  # (B, Hq, Sq, dv)
 
+    def to_spec(self) -> dict:
+        return {"zeta": self.zeta, "gamma": self.gamma}
+
+    @classmethod
+    def from_spec(cls, spec: dict, **_) -> "ClippedSoftmax":
+        return cls(spec["zeta"], spec["gamma"])
+
     def extra_repr(self):
         return f"zeta={self.zeta:g}, gamma={self.gamma:g}"
 
@@ -129,6 +136,21 @@ class SigmoidHeadGate(nn.Module):
             slices = torch.arange(self.n_slices) if self.slices is None else self.slices
             new.slices = slices[keep].clone()
         return new
+
+    def to_spec(self) -> dict:
+        return {"heads": self.weight.shape[0], "width": self.weight.shape[1], "all_features": self.all_features,
+                "scale": self.scale, "n_slices": self.n_slices,
+                "slices": None if self.slices is None else self.slices.tolist()}
+
+    @classmethod
+    def from_spec(cls, spec: dict, **_) -> "SigmoidHeadGate":
+        """An uninitialised gate of this shape (the weights file fills it)."""
+        n, width = spec["n_slices"], spec["width"]
+        gate = cls(n, width if spec["all_features"] else width * n, spec["all_features"], 1.0 / spec["scale"])
+        gate.weight = nn.Parameter(torch.zeros(spec["heads"], width))
+        gate.bias = nn.Parameter(torch.zeros(spec["heads"]))
+        gate.slices = None if spec["slices"] is None else torch.tensor(spec["slices"], device="cpu")
+        return gate
 
     def forward(self, op, x, q=None):
         if self.all_features:
@@ -207,6 +229,15 @@ class MoHGate(nn.Module):
                 g_shared, g_routed = g_shared * alpha[:, :1], g_routed * alpha[:, 1:]
         g = torch.cat([g_shared, g_routed], dim=-1).unflatten(0, lead)  # (.., Hq)
         return heads_first(g, op.info.layout)  # (B, Hq, Sq)
+
+    def to_spec(self) -> dict:
+        dims = [w.shape[1] for w in (self.w_shared, self.w_routed, self.w_type) if w is not None]
+        return {"heads": self.heads, "dim": dims[0] if dims else 0, "shared": self.shared, "top_k": self.top_k,
+                "router": self.router}
+
+    @classmethod
+    def from_spec(cls, spec: dict, **_) -> "MoHGate":
+        return cls(spec["heads"], spec["dim"], spec["shared"], spec["top_k"], spec["router"])
 
     def __getstate__(self):  # copies and pickles drop the last routing (it may hold an autograd graph)
         state = self.__dict__.copy()

@@ -1,0 +1,118 @@
+"""A converted site as JSON (for a model folder's config.json) and back: the op's shapes and parts, and how
+its adapter reads the module's arguments. The weights travel separately, in the folder's weights file.
+
+    op_spec(op) -> {"shapes", "k_map", "v_map", "scale", "causal", "info", "q_transform", "k_transform",
+                    "score_fn", "head_gate", "weights"}
+    plan_spec(plan) -> {"name", "inputs": [{"paths", "graph"} | None], "out_path", "out_spec", "layer_idx", "causal"}
+
+Parts (score functions, head gates, weight providers) are stored by class name with their ``to_spec()``
+and rebuilt uninitialised by ``from_spec``; weight providers shared across sites (MASA's atoms) are numbered
+in ``groups`` so that the rebuilt sites share them again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import RewriteError
+from .fx_json import graph_from_json, graph_to_json
+from .ir import Attention, HeadTransform, SiteInfo
+
+__all__ = ["op_spec", "op_from_spec", "plan_spec", "plan_from_spec", "PART_CLASSES"]
+
+FIELDS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
+PART_CLASSES = {  # class name -> module holding it
+    "ClippedSoftmax": "rewrite.scores", "SigmoidHeadGate": "rewrite.scores", "MoHGate": "rewrite.scores",
+    "LinearAttention": "rewrite.passes.lit", "AtomWeights": "rewrite.passes.masa",
+}
+
+
+def _part_spec(part, groups: dict):
+    if part is None:
+        return None
+    name = type(part).__name__
+    if name not in PART_CLASSES or not hasattr(part, "to_spec"):
+        raise RewriteError(f"{name} cannot be written to a model folder yet (no to_spec)")
+    spec = part.to_spec(groups) if name == "AtomWeights" else part.to_spec()
+    return {"class": name, "spec": spec}
+
+
+def _part_from_spec(d, groups: dict):
+    if d is None:
+        return None
+    cls = getattr(importlib.import_module(PART_CLASSES[d["class"]]), d["class"])
+    return cls.from_spec(d["spec"], groups=groups)
+
+
+def _transform_spec(t):
+    if t is None:
+        return None
+    return {"n_side": t.n_side, "description": t.description, "graph": graph_to_json(t.fn)}
+
+
+def op_spec(op: Attention, groups: dict) -> dict:
+    info = {f.name: getattr(op.info, f.name) for f in dataclasses.fields(SiteInfo) if f.name != "sources"}
+    own = op.weights is None
+    return {
+        "shapes": {f: (list(getattr(op, f).shape) if getattr(op, f) is not None else None) for f in FIELDS},
+        "owned": own, "dtype": str(op.bo.dtype if op.bo is not None else op.wq.dtype).replace("torch.", ""),
+        "k_map": op.k_map.tolist(), "v_map": op.v_map.tolist(), "scale": op.scale, "causal": op.causal,
+        "info": info, "q_transform": _transform_spec(op.q_transform), "k_transform": _transform_spec(op.k_transform),
+        "score_fn": _part_spec(op.score_fn, groups), "head_gate": _part_spec(op.head_gate, groups),
+        "weights": _part_spec(op.weights, groups),
+    }
+
+
+def op_from_spec(spec: dict, groups: dict) -> Attention:
+    """An op of these shapes and parts, with zero weights (the weights file fills them)."""
+    dtype = getattr(torch, spec["dtype"])
+    t = {f: (torch.zeros(s, dtype=dtype) if s is not None else None) for f, s in spec["shapes"].items()}
+    transforms = {}
+    for key in ("q_transform", "k_transform"):
+        d = spec[key]
+        transforms[key] = None if d is None else HeadTransform(graph_from_json(d["graph"]), d["n_side"],
+                                                                 d["description"])
+    maps = {m: torch.tensor(spec[m], device="cpu") for m in ("k_map", "v_map")}  # real values, even under meta
+    op = Attention(**t, **maps, scale=spec["scale"],
+                   causal=spec["causal"], info=SiteInfo(**spec["info"]), **transforms)
+    op.score_fn = _part_from_spec(spec["score_fn"], groups)
+    op.head_gate = _part_from_spec(spec["head_gate"], groups)
+    provider = _part_from_spec(spec["weights"], groups)
+    if provider is not None:
+        op.use_weights(provider)
+    return op
+
+
+def _path_spec(path) -> list:
+    out = []
+    for k in path:
+        if isinstance(k, pytree.SequenceKey):
+            out.append(["seq", k.idx])
+        elif isinstance(k, pytree.MappingKey):
+            out.append(["map", k.key])
+        else:
+            raise RewriteError(f"cannot store the argument path element {k!r}")
+    return out
+
+
+def _path_from_spec(items) -> tuple:
+    return tuple(pytree.SequenceKey(v) if kind == "seq" else pytree.MappingKey(v) for kind, v in items)
+
+
+def plan_spec(plan) -> dict:
+    inputs = [None if r is None else {"paths": [_path_spec(p) for p in r.paths], "graph": graph_to_json(r.fn)}
+              for r in plan.inputs]
+    return {"index": plan.index, "name": plan.name, "inputs": inputs, "out_path": plan.out_path,
+            "out_spec": pytree.treespec_dumps(plan.out_spec), "layer_idx": plan.layer_idx, "causal": plan.causal}
+
+
+def plan_from_spec(d: dict):
+    from .hf_adapter import Replay, SitePlan
+
+    inputs = [None if r is None else Replay([_path_from_spec(p) for p in r["paths"]], graph_from_json(r["graph"]))
+              for r in d["inputs"]]
+    return SitePlan(d["index"], d["name"], inputs, d["out_path"], pytree.treespec_loads(d["out_spec"]),
+                    d["layer_idx"], d["causal"])
