@@ -116,8 +116,8 @@ class HFLayout:
                                          ("weights shared across layers (matrix atoms)", "weights"))
                  if getattr(op, attr, None) is not None]
         if extra:
-            raise RewriteError(f"{where}: the pipeline adds {extra[0]}; a Hugging Face checkpoint of this family "
-                               "cannot hold it (use rewrite.convert(...).save for such models)")
+            raise RewriteError(f"{where}: the pipeline adds {extra[0]}; the family's stock config cannot "
+                               "hold it (save_pretrained writes a custom-code folder for such models)")
         if abs(op.scale - scale) > 1e-12 * scale:
             raise RewriteError(f"{where}: the pipeline changes the softmax scale, which a Hugging Face config "
                                "cannot hold")

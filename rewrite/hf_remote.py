@@ -49,6 +49,28 @@ def install_sites(model: nn.Module, rewrite: dict) -> None:
         op = op_from_spec(site["op"], groups)
         plan = plan_from_spec(site["plan"])
         model.set_submodule(plan.name, SiteAdapter(op, plan))
+    declare_shared(model)
+
+
+def declare_shared(model: nn.Module) -> None:
+    """Tell transformers that parameters shared between sites (MASA's atoms) are one tensor: saved once,
+    tied again on load."""
+    import re
+
+    first, pairs = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if ".op." in name:
+            if id(p) in first:
+                pairs[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+    if not pairs:
+        return
+    declared = dict(getattr(model, "_tied_weights_keys", None) or {})  # regexes, read when saving
+    declared.update({re.escape(k): v for k, v in pairs.items()})
+    model._tied_weights_keys = declared
+    if getattr(model, "all_tied_weights_keys", None) is not None:  # read when loading
+        model.all_tied_weights_keys.update(pairs)
 
 
 def family_classes(arch: str):
