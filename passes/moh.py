@@ -5,6 +5,8 @@
 
 with h_s = ⌊shared_ratio·H + ½⌋ shared heads (heads 0..h_s−1) and K = ⌊active_ratio·H + ½⌋ − h_s of the
 E = H − h_s routed heads active per token. All attention weights are copied; the router is new.
+Without ``shared_ratio`` it is derived: min(½, ⅔·active_ratio) (MoH-LLaMA3's ½ from active_ratio ≥ 0.75
+on), and h_s is then lowered where rounding would leave no routed head active.
 
 Routers (``router``):
 - ``learned`` (MoH-ViT/DiT): W_s [h_s, D], W_r [E, D], W_h [2, D], no bias, zero-initialised, with
@@ -24,7 +26,7 @@ Cases handled:
    query-side input), any score function, shared weights (MASA) kept shared;
 2. GQA/DHA: gates act on query heads; the KV heads and the KV cache are unchanged.
 Refused:
-1. active_ratio outside (0, 1], shared_ratio outside [0, 1), shared_ratio ≥ active_ratio, an unknown
+1. active_ratio outside (0, 1], a given shared_ratio outside [0, 1) or ≥ active_ratio, an unknown
    router (SpecError);
 2. per site, skipped with a diagnostic: a head gate already present; a head count that leaves no routed
    head active after rounding.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 
@@ -52,10 +55,21 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def head_split(heads: int, active_ratio: float, shared_ratio: float) -> tuple:
-    """(shared heads h_s, routed heads active K) for a site with ``heads`` query heads."""
+def default_shared_ratio(active_ratio: float) -> float:
+    """The shared share when none is given: MoH-LLaMA3's ½, or ⅔ of ``active_ratio`` when that is smaller."""
+    return min(0.5, active_ratio * 2.0 / 3.0)
+
+
+def head_split(heads: int, active_ratio: float, shared_ratio: Optional[float] = None) -> tuple:
+    """(shared heads h_s, routed heads active K) for a site with ``heads`` query heads.
+
+    With ``shared_ratio=None`` the derived share never leaves K = 0 when at least one head is active.
+    """
     active = min(heads, _round(active_ratio * heads))
-    shared = _round(shared_ratio * heads)
+    if shared_ratio is None:
+        shared = max(0, min(_round(default_shared_ratio(active_ratio) * heads), active - 1))
+    else:
+        shared = _round(shared_ratio * heads)
     return shared, active - shared
 
 
@@ -66,7 +80,7 @@ class MoH(SitePass):
 
     name = "moh"
     active_ratio: float = 0.75  # fraction of heads active per token (MoH-LLaMA3: 0.75)
-    shared_ratio: float = 0.5  # fraction of heads always on (MoH-LLaMA3: 0.5)
+    shared_ratio: Optional[float] = None  # fraction of heads always on; None: min(0.5, active_ratio·2/3)
     router: str = "learned"  # learned | qnorm
 
     @property
@@ -76,9 +90,11 @@ class MoH(SitePass):
     def check_options(self) -> None:
         if not 0.0 < self.active_ratio <= 1.0:
             raise SpecError(f"moh{{active_ratio}}: must lie in (0, 1], got {self.active_ratio}")
-        if not 0.0 <= self.shared_ratio < 1.0:
+        if self.shared_ratio is None:
+            pass
+        elif not 0.0 <= self.shared_ratio < 1.0:
             raise SpecError(f"moh{{shared_ratio}}: must lie in [0, 1), got {self.shared_ratio}")
-        if self.shared_ratio >= self.active_ratio:
+        elif self.shared_ratio >= self.active_ratio:
             raise SpecError(f"moh: shared_ratio={self.shared_ratio} must be below active_ratio="
                             f"{self.active_ratio}, or no routed head is ever active")
         if self.router not in ROUTERS:

@@ -127,6 +127,25 @@ def test_head_split_rounding():
     assert head_split(4, 1.0, 0.0) == (0, 4)
 
 
+def test_derived_shared_ratio_keeps_a_routed_head():
+    assert head_split(32, 0.75) == head_split(32, 0.75, 0.5) == (16, 8)  # the default keeps MoH-LLaMA3's split
+    assert head_split(12, 0.9) == (6, 5) and head_split(4, 1.0) == (2, 2)
+    assert head_split(12, 0.5) == (4, 2)  # shared share ⅔·0.5
+    assert head_split(4, 0.25) == (0, 1)  # one active head: routed, not shared
+    for h in (1, 2, 3, 4, 12, 32):  # whenever a head is active at all, one of them is routed
+        assert all(head_split(h, a)[1] >= 1 for a in (0.25, 0.5, 0.6, 0.75, 0.9, 1.0) if round(a * h) >= 1)
+
+
+def test_active_ratio_alone_is_accepted_at_any_valid_value():
+    model, conv = converted("llama-gqa")
+    sparse, result = restage(conv, "moh{active_ratio=0.5}")  # 4 heads: 1 shared, 1 of 3 routed
+    assert not result.diagnostics
+    assert all((st["shared_heads"], st["top_k"]) == (1, 1) for st in result.stats.values())
+    err, out = rel_err(model, sparse, M.case_inputs("llama-gqa", 3, 13, True))
+    assert torch.isfinite(out).all() and err > 0
+    assert rewrite.parse_pipeline("moh{active_ratio=0.5}")[0].spec() == "moh{active_ratio=0.5}"
+
+
 def test_site_with_too_few_heads_is_skipped_with_a_reason():
     _, conv = converted("bert")
     op = select_query_heads(sites(conv._captured.gm)[0], [0, 1])  # 2 heads: 1 shared, 1 active
@@ -139,7 +158,8 @@ def test_site_with_too_few_heads_is_skipped_with_a_reason():
     ("moh{active_ratio=0}", "active_ratio.*must lie in \\(0, 1\\]"),
     ("moh{active_ratio=1.5}", "active_ratio.*must lie in \\(0, 1\\]"),
     ("moh{shared_ratio=-0.1}", "shared_ratio.*must lie in \\[0, 1\\)"),
-    ("moh{active_ratio=0.5,shared_ratio=0.5}", "must be below active_ratio"),
+    ("moh{active_ratio=0.5,shared_ratio=0.5}", "shared_ratio=0.5 must be below active_ratio=0.5"),
+    ("moh{shared_ratio=0.8}", "shared_ratio=0.8 must be below active_ratio=0.75"),
     ("moh{router=random}", "expected one of learned, qnorm"),
 ])
 def test_refusals(spec, message):
