@@ -32,6 +32,7 @@ from .recognize import combine_masks, run_with_env
 __all__ = ["GenerationError", "SiteAdapter", "to_transformers", "source_model", "site_plans"]
 
 INPUT_NAMES = ("x", "kv", "mask")
+SITE_OUTPUT = ("site",)  # the path of the site's own output among a tail graph's leaves
 
 
 class GenerationError(RewriteError):
@@ -57,6 +58,7 @@ class SitePlan:
     out_spec: object  # the module output's pytree structure
     layer_idx: int
     causal: bool  # a self-attention site that hides later keys (when the model passes no mask)
+    tail: Optional[Replay] = None  # the module's own ops after the site (residual, norm), if any
 
 
 def _resolve(args, kwargs, path):
@@ -79,6 +81,7 @@ class SiteAdapter(nn.Module):
         self.replays = nn.ModuleList([r.fn if r is not None else nn.Identity() for r in plan.inputs])
         self.layer_idx = plan.layer_idx
         self.is_causal = plan.causal
+        self.tail = plan.tail.fn if plan.tail is not None else None
 
     def _input(self, i: int, args, kwargs):
         replay = self.plan.inputs[i]
@@ -99,6 +102,8 @@ class SiteAdapter(nn.Module):
             if sq > 1:
                 mask = causal_keep(sq, past + sq, x.device)
         y = self.op(x, kv, mask, *side, cache=layer)
+        if self.tail is not None:
+            y = self.tail(*[y if p == SITE_OUTPUT else _resolve(args, kwargs, p) for p in self.plan.tail.paths])
         leaves = [None] * self.plan.out_spec.num_leaves
         leaves[self.plan.out_path] = y
         return pytree.tree_unflatten(leaves, self.plan.out_spec)
@@ -261,17 +266,36 @@ def site_plans(conv, model: nn.Module) -> list:
                 # attention_mask argument itself, an SDPA mask (bool keep or additive) when there is one
                 fn, paths = _identity(), [_argument_path(model.get_submodule(name), args, kwargs, "attention_mask")]
             inputs.append(Replay(paths, fn))
-        out_leaves, out_spec = pytree.tree_flatten(out)
-        y = env[node]
-        hits = [k for k, v in enumerate(out_leaves) if _same(y, v)]
-        if not hits:
-            raise GenerationError(f"{name}: the module returns something other than the attention output "
-                                  "(e.g. it adds the residual or a norm), so it cannot be swapped for the site")
+        out_index, out_spec, tail = _output_of(cap.gm, env, node, name, out, leaves)
         mod = model.get_submodule(name)
         layer_idx = getattr(mod, "layer_idx", None)
         causal = bool(op.causal or op.info.causal_mask or getattr(mod, "is_causal", False)) and not op.info.cross
-        plans.append(SitePlan(i, name, inputs, hits[0], out_spec, i if layer_idx is None else int(layer_idx), causal))
+        plans.append(SitePlan(i, name, inputs, out_index, out_spec, i if layer_idx is None else int(layer_idx),
+                              causal, tail))
     return plans
+
+
+def _output_of(gm, env, node, name: str, out, leaves):
+    """(leaf index, output structure, tail replay or None): where the module's output comes from.
+
+    Usually the site's output is the module's output. Otherwise (BERT's attention adds the residual and a
+    norm) the module's own nodes after the site are cut out as a tail graph f(site output, arguments).
+    """
+    out_leaves, out_spec = pytree.tree_flatten(out)
+    hits = [k for k, v in enumerate(out_leaves) if _same(env[node], v)]
+    if hits:
+        return hits[0], out_spec, None
+    order = list(gm.graph.nodes)
+    after = order[order.index(node):]
+    for k, v in enumerate(out_leaves):
+        found = [n for n in after if _in_module(n, name) and _same(env.get(n), v)]
+        if found:
+            fn, bounds = _cut(found[-1], name, gm)
+            if node in bounds:
+                paths = [SITE_OUTPUT if b is node else _find(env[b], leaves, "output", name) for b in bounds]
+                return k, out_spec, Replay(paths, fn)
+    raise GenerationError(f"{name}: the module's output could not be traced back to the site's output, so the "
+                          "module cannot be swapped for the site")
 
 
 # ---- the Hugging Face model ---------------------------------------------------------------------------------

@@ -87,6 +87,10 @@ def op_from_spec(spec: dict, groups: dict) -> Attention:
 
 
 def _path_spec(path) -> list:
+    from .hf_adapter import SITE_OUTPUT
+
+    if path == SITE_OUTPUT:
+        return [["site", 0]]
     out = []
     for k in path:
         if isinstance(k, pytree.SequenceKey):
@@ -99,20 +103,31 @@ def _path_spec(path) -> list:
 
 
 def _path_from_spec(items) -> tuple:
+    from .hf_adapter import SITE_OUTPUT
+
+    if items == [["site", 0]]:
+        return SITE_OUTPUT
     return tuple(pytree.SequenceKey(v) if kind == "seq" else pytree.MappingKey(v) for kind, v in items)
 
 
+def _replay_spec(r):
+    return None if r is None else {"paths": [_path_spec(p) for p in r.paths], "graph": graph_to_json(r.fn)}
+
+
+def _replay_from_spec(d):
+    from .hf_adapter import Replay
+
+    return None if d is None else Replay([_path_from_spec(p) for p in d["paths"]], graph_from_json(d["graph"]))
+
+
 def plan_spec(plan) -> dict:
-    inputs = [None if r is None else {"paths": [_path_spec(p) for p in r.paths], "graph": graph_to_json(r.fn)}
-              for r in plan.inputs]
-    return {"index": plan.index, "name": plan.name, "inputs": inputs, "out_path": plan.out_path,
-            "out_spec": pytree.treespec_dumps(plan.out_spec), "layer_idx": plan.layer_idx, "causal": plan.causal}
+    return {"index": plan.index, "name": plan.name, "inputs": [_replay_spec(r) for r in plan.inputs],
+            "out_path": plan.out_path, "out_spec": pytree.treespec_dumps(plan.out_spec), "layer_idx": plan.layer_idx,
+            "causal": plan.causal, "tail": _replay_spec(plan.tail)}
 
 
 def plan_from_spec(d: dict):
-    from .hf_adapter import Replay, SitePlan
+    from .hf_adapter import SitePlan
 
-    inputs = [None if r is None else Replay([_path_from_spec(p) for p in r["paths"]], graph_from_json(r["graph"]))
-              for r in d["inputs"]]
-    return SitePlan(d["index"], d["name"], inputs, d["out_path"], pytree.treespec_loads(d["out_spec"]),
-                    d["layer_idx"], d["causal"])
+    return SitePlan(d["index"], d["name"], [_replay_from_spec(r) for r in d["inputs"]], d["out_path"],
+                    pytree.treespec_loads(d["out_spec"]), d["layer_idx"], d["causal"], _replay_from_spec(d.get("tail")))

@@ -38,6 +38,22 @@ def qwen3():
     return t.Qwen3ForCausalLM(cfg).eval()
 
 
+def gemma():
+    t = _hf()
+    cfg = t.GemmaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    return t.GemmaForCausalLM(cfg).eval()
+
+
+def phi3():
+    """Phi-3: fused qkv_proj, partial_rotary_factor 1.0 (an empty pass-through slice)."""
+    t = _hf()
+    cfg = t.Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    return t.Phi3ForCausalLM(cfg).eval()
+
+
 def gpt2():
     t = _hf()
     cfg = t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
