@@ -90,7 +90,7 @@ def run_convert(folder: str, spec: str, out: str, log: str, threads: int = 0) ->
     Measured by GNU time, whose child is forked from a small process: Linux carries the forking process's
     peak RSS into a child's ru_maxrss across exec, so os.wait4 from this (large) process would overstate it.
     """
-    cmd = [sys.executable, "-m", "rewrite", "convert", folder, "--passes", spec, "--out", out]
+    cmd = [sys.executable, "-m", "rewrite", "convert", folder, "--passes", spec, "--out", out, "--stream"]
     timer = shutil.which("time") or "/usr/bin/time"
     if os.path.exists(timer):
         cmd = [timer, "-f", "RUSAGE %M %U %S"] + cmd

@@ -69,7 +69,7 @@ def cmd_inspect(args, console):
 def cmd_convert(args, console):
     import rewrite
 
-    if args.out:
+    if args.out and args.stream:
         from .stream import convert_folder
 
         report = convert_folder(args.model, args.passes, args.out, calibration_file=args.calibration)
@@ -81,11 +81,20 @@ def cmd_convert(args, console):
     calib = _calibration(args, folder, model)
     conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib,
                            backend=args.backend)
-    if args.onnx:
+    if args.onnx and args.decoder:
+        conv.export_onnx(args.onnx, decoder=True)
+    elif args.onnx:
         conv.export_onnx(args.onnx, causal_chunks=args.causal_chunks, quantize=args.quantize)
     conv.report.print(console)
-    if args.onnx:
+    if args.onnx and not args.decoder:
         console.print(onnx_summary_line(conv.report.extras["onnx"]), soft_wrap=True)
+    elif args.onnx:
+        console.print(f"ONNX decoder with past key values: {args.onnx}")
+    if args.out:
+        info = conv.save_pretrained(args.out)
+        how = ("a stock folder: from_pretrained loads it without rewrite" if info["kind"] == "stock" else
+               f"a custom-code folder (trust_remote_code=True, or rewrite installed), because {info['reason']}")
+        console.print(f"Hugging Face folder: {args.out}, {how}", soft_wrap=True)
     if args.report:
         conv.report.to_html(args.report)
         console.print(f"report: {args.report}")
@@ -135,9 +144,20 @@ def cmd_bench(args, console):
     from .bench import bench
 
     model, folder, example = _load(args)
-    table = bench(model, args.passes, backends=args.backend.split(","),
-                  seq_lens=[int(s) for s in args.seq_lens.split(",")], repeats=args.repeats, example=example)
+    if args.decode:
+        from .bench_decode import bench_decode
+
+        table = bench_decode(model, args.passes, contexts=[int(c) for c in args.contexts.split(",")],
+                             backends=args.backend.split(","), new_tokens=args.new_tokens, repeats=args.repeats,
+                             threads=args.threads)
+    else:
+        table = bench(model, args.passes, backends=args.backend.split(","),
+                      seq_lens=[int(s) for s in args.seq_lens.split(",")], repeats=args.repeats, example=example,
+                      threads=args.threads)
     table.print(console)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(table.to_markdown())
     return 0
 
 
@@ -223,7 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--markdown", help="write the Markdown report here")
     sp.add_argument("--json", help="write the JSON report here")
     sp.add_argument("--save", help="save the converted model (.pt2)")
-    sp.add_argument("--out", help="stream a Hugging Face folder's weights into this output folder")
+    sp.add_argument("--out", help="write the converted model as a Hugging Face folder here (save_pretrained)")
+    sp.add_argument("--stream", action="store_true",
+                    help="with --out and a Hugging Face MODEL folder: stream the checkpoint layer by layer instead "
+                         "of loading it (for models larger than memory)")
+    sp.add_argument("--decoder", action="store_true",
+                    help="with --onnx DIR: export a decoder graph with past key values (and genai_config.json)")
     sp.set_defaults(func=cmd_convert)
 
     sp = sub.add_parser("analyze", help="per-head importance, entropy, sink mass and K/V similarity")
@@ -248,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", default="eager", help="comma list: eager,onnxruntime,triton,onnxruntime-int8")
     sp.add_argument("--seq-lens", default="128,512,1024")
     sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--threads", type=int, default=2, help="PyTorch and ONNX Runtime threads")
+    sp.add_argument("--decode", action="store_true",
+                    help="prefill ms, decode tokens/s and measured KV-cache bytes with a real cache")
+    sp.add_argument("--contexts", default="512,2048,8192", help="--decode: context lengths")
+    sp.add_argument("--new-tokens", type=int, default=16, help="--decode: decode steps timed per context")
+    sp.add_argument("--markdown", help="write the table as Markdown here")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("demo", help="convert the bundled MiniLM, verify, export ONNX, write the report")

@@ -45,3 +45,18 @@ def test_folder_without_config(tmp_path, capsys):
 def test_unknown_pass_in_cli(capsys):
     assert main(["convert", "models:NanoGPT", "--passes", "nope"]) == 2
     assert "unknown pass 'nope'" in capsys.readouterr().out
+
+
+def test_convert_writes_a_hugging_face_folder(tmp_path, capsys):
+    """``--out`` without ``--stream``: the in-memory conversion saved with save_pretrained (stock here)."""
+    import json
+
+    out = tmp_path / "hf"
+    assert main(["convert", "models:llama", "--passes", "gqa{kv_heads=2}", "--out", str(out)]) == 0
+    assert "a stock folder: from_pretrained loads it without rewrite" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+
+
+def test_decode_bench_refuses_a_model_that_cannot_generate(capsys):
+    assert main(["bench", "models:bert", "--decode", "--contexts", "8"]) == 2
+    assert "bench --decode needs a causal language model" in capsys.readouterr().out
