@@ -135,3 +135,24 @@ def test_generate_refuses_encoders_and_non_hugging_face_models():
         nano.generate(M.ids(1, 4))
     with pytest.raises(GenerationError, match=r"save it with conv.save\('model.pt2'\)"):
         nano.save_pretrained("unused")
+
+
+def test_trainer_and_peft_train_the_converted_decoder(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    conv = converted(M.llama(kv_heads=4), "gqa{kv_heads=2},gated-attention")
+    hf = conv.to_transformers()
+    gate = conv.sites[0].head_gate.bias.detach().clone()
+    ids = M.ids(8, 12, seed=5)
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(8)]
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.1,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    Trainer(model=hf, args=args, train_dataset=data).train()
+    assert not torch.equal(conv.sites[0].head_gate.bias, gate)  # the shared op was trained through the HF model
+    lora = get_peft_model(conv.to_transformers(), LoraConfig(r=2, target_modules=["gate_proj"], lora_alpha=4))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    loss = lora(input_ids=ids[:2], labels=ids[:2]).loss
+    loss.backward()
+    assert all(p.grad is not None for p in lora.parameters() if p.requires_grad)
