@@ -264,6 +264,8 @@ class Attention(nn.Module):
         group = self._k_group if self._k_group == self._v_group else None
         if group and group > 1 and not _tracing():  # K/V stay at their own head count (no copies)
             return _grouped_attention(q, k, v, mask, causal, self.scale, group)
+        if group is None and not _tracing() and _rows_fold(q, mask, causal, 64):  # arbitrary maps (DHA), decoding
+            return _paired_attention(q, k, v, mask, self.scale, self.k_map, self.v_map)
         k = self._expand(k, self.k_map, self._k_group)
         v = self._expand(v, self.v_map, self._v_group)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
@@ -301,6 +303,38 @@ class Attention(nn.Module):
                 f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}")
 
 
+def _rows_fold(q, mask, causal: bool, limit: int) -> bool:
+    """Few queries and a mask shared by all heads: query heads can become query rows."""
+    return (q.shape[2] * q.shape[1] <= limit and not causal
+            and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)))
+
+
+def _fold_mask(mask, rows: int, sq: int, sk: int):
+    """A (B, 1, Sq, Sk) mask repeated for ``rows`` heads folded into the query rows: (B, 1, rows·Sq, Sk)."""
+    if mask is None:
+        return None
+    mb = mask.shape[0]
+    return mask.expand(mb, 1, sq, sk).unsqueeze(2).expand(mb, 1, rows, sq, sk).reshape(mb, 1, rows * sq, sk)
+
+
+def _paired_attention(q, k, v, mask, scale: float, k_map, v_map) -> torch.Tensor:
+    """Query heads grouped by the (key head, value head) pair they read, each group one SDPA call over that
+    pair with its heads folded into query rows: no K/V copies for arbitrary maps (DHA)."""
+    b, hq, sq, d = q.shape
+    sk = k.shape[2]
+    out = q.new_empty(b, hq, sq, v.shape[-1])
+    pairs = {}
+    for i, pair in enumerate(zip(k_map.tolist(), v_map.tolist())):
+        pairs.setdefault(pair, []).append(i)
+    for (kh, vh), heads in pairs.items():
+        idx = torch.tensor(heads, device=q.device)
+        rows = q.index_select(1, idx).reshape(b, 1, len(heads) * sq, d)
+        o = F.scaled_dot_product_attention(rows, k[:, kh:kh + 1], v[:, vh:vh + 1],
+                                           attn_mask=_fold_mask(mask, len(heads), sq, sk), scale=scale)
+        out[:, idx] = o.reshape(b, len(heads), sq, -1)
+    return out
+
+
 def _grouped_attention(q, k, v, mask, causal: bool, scale: float, group: int) -> torch.Tensor:
     """SDPA with query head i reading KV head i // group, without copying K/V up to the query heads.
 
@@ -309,11 +343,8 @@ def _grouped_attention(q, k, v, mask, causal: bool, scale: float, group: int) ->
     """
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
-    if sq * group <= 64 and not causal and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)):
+    if _rows_fold(q, mask, causal, 64 * hk):
         rows = q.reshape(b, hk, group * sq, d)  # (B, Hk, g·Sq, d): rows (member j, query i)
-        if mask is not None:
-            mb = mask.shape[0]
-            mask = mask.expand(mb, 1, sq, sk).unsqueeze(2).expand(mb, 1, group, sq, sk).reshape(mb, 1, group * sq, sk)
-        o = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)  # (B, Hk, g·Sq, dv)
-        return o.reshape(b, hq, sq, v.shape[-1])
+        o = F.scaled_dot_product_attention(rows, k, v, attn_mask=_fold_mask(mask, group, sq, sk), scale=scale)
+        return o.reshape(b, hq, sq, v.shape[-1])  # (B, Hk, g·Sq, dv) -> (B, Hq, Sq, dv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
