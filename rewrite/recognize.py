@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import traceback
 from typing import Optional
 
 import torch
 from torch import fx
 
+from .errors import CaptureError
 from .ir import Attention, HeadTransform, SiteInfo, future_keys, hidden
 
 __all__ = ["Refusal", "Match", "find_sites", "run_with_env", "combine_masks", "hidden", "mark_causal_masks"]
@@ -87,12 +89,36 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+class _Recorder(fx.Interpreter):
+    """An interpreter that keeps every value and knows the node it is running."""
+
+    current: Optional[fx.Node] = None
+
+    def run_node(self, n):
+        self.current = n
+        return super().run_node(n)
+
+
 def run_with_env(gm: fx.GraphModule, flat: list) -> dict:
-    """Run ``gm`` keeping every intermediate value: node -> value."""
-    interp = fx.Interpreter(gm, garbage_collect_values=False)
-    with torch.no_grad():
-        interp.run(*flat)
+    """Run ``gm`` keeping every intermediate value: node -> value.
+
+    A failure becomes a ``CaptureError`` naming the module and the node that failed.
+    """
+    interp = _Recorder(gm, garbage_collect_values=False)
+    try:
+        with torch.no_grad():
+            interp.run(*flat)
+    except Exception as e:  # noqa: BLE001 - any failure of the captured graph is a capture failure
+        n = interp.current
+        where = (f" in module '{_module_path(n) or '<top>'}' at '{n.name}'") if n is not None else ""
+        raise CaptureError(f"the captured graph failed{where}: {type(e).__name__}: {_first_line(e)}. "
+                           "Fix: pass example inputs of the shapes and dtypes the model is called with") from e
     return interp.env
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else ""
 
 
 def _get_attr(gm: fx.GraphModule, target: str):
@@ -288,6 +314,8 @@ def _classify(tag, lay: _Layout, n_rows: int, head_of_row, dpos_of_row, n_heads:
         if t_tok is None:
             continue
         t_head, t_dpos = _to_bhsd(head, kind, lay, dh), _to_bhsd(dpos, kind, lay, dh)
+        if t_tok.numel() == 0:  # an empty slice (partial rotary with nothing left to pass through)
+            return kind, torch.arange(t_tok.shape[1]), False
         if not torch.equal(t_tok, tokid[:, None, :, None].expand_as(t_tok)):
             continue
         heads = t_head[0, :, 0, 0]
@@ -609,9 +637,38 @@ def _cores(gm, env) -> list:
         name = op_name(n)
         if name == "scaled_dot_product_attention":
             out.append(n)
-        elif name in ("_softmax", "softmax") and n.op == "call_function":
+        elif name in ("_softmax", "softmax") and n.op == "call_function" and _over_two_streams(gm, n):
             out.append(n)
     return out
+
+
+PRODUCTS = MATMULS | {"einsum"}
+
+
+def _over_two_streams(gm, sm: fx.Node, budget: int = 32) -> bool:
+    """Whether the softmax ``sm`` is over a product of two computed tensors (q·kᵀ): an attention candidate.
+
+    Walks back from the softmax input (at most ``budget`` nodes), stopping at projections with a stored
+    weight. An MoE router or a classifier (softmax of ``linear(x, W)``) is not a candidate.
+    """
+    frontier, seen = [sm.args[0]], set()
+    while frontier and len(seen) < budget:
+        node = frontier.pop(0)
+        if not isinstance(node, fx.Node) or node in seen or node.op in ("get_attr", "placeholder"):
+            continue
+        seen.add(node)
+        if op_name(node) in PRODUCTS:
+            operands = [a for a in node.all_input_nodes if a.op != "get_attr"]
+            computed = [a for a in operands if _weight_of(gm, a) is None]
+            if op_name(node) == "baddbmm":
+                computed = [a for a in computed if a is not node.args[0]]
+            if len(computed) >= 2:
+                return True
+            continue
+        if _projection(gm, node) is not None:
+            continue
+        frontier.extend(node.all_input_nodes)
+    return False
 
 
 def _module_path(node: fx.Node) -> str:
@@ -790,4 +847,21 @@ def find_sites(gm: fx.GraphModule, env: dict, probe_env: Optional[dict] = None):
             matches.append(_match_site(gm, core, env, probe_env))
         except _Skip as e:
             refusals.append(Refusal(_module_path(core), str(e), core.name))
+        except Exception as e:  # noqa: BLE001 - an unexpected failure is a refusal, never a crash
+            at = _failing_node(e) or core
+            refusals.append(Refusal(_module_path(core), f"unexpected {type(e).__name__} while reading "
+                                                        f"'{at.name}': {_first_line(e)}", at.name))
     return matches, refusals
+
+
+def _failing_node(e: BaseException) -> Optional[fx.Node]:
+    """The graph node the innermost recognition frame on the traceback of ``e`` was working on."""
+    found = None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        if frame.f_code.co_filename != __file__:
+            continue
+        for key in ("n", "node", "core_in", "start", "sm", "mm"):
+            if isinstance(frame.f_locals.get(key), fx.Node):
+                found = frame.f_locals[key]
+                break
+    return found

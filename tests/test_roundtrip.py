@@ -131,3 +131,34 @@ def test_multihead_attention_weights_discarded_by_caller():
     conv = rewrite.convert(model, passes=[], example_inputs=(torch.randn(8, 2, 64),), progress=False)
     x = torch.randn(11, 3, 64)
     assert len(conv.sites) == 1 and torch.allclose(conv(x), model(x), atol=1e-5)
+
+
+def phi3():
+    """Phi-3: fused qkv, partial_rotary_factor 1.0, so the pass-through part of RoPE is an empty slice."""
+    import transformers
+
+    cfg = transformers.Phi3Config(vocab_size=M.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return transformers.Phi3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_phi3_empty_rotary_pass_through_captures_exactly(pad):
+    torch.manual_seed(0)
+    model = phi3()
+    conv = rewrite.convert(model, passes=[], example_inputs=_hf_inputs(2, 8), progress=False)
+    assert len(conv.sites) == 2 and conv.report.refusals == []
+    assert conv.sites[0].info.rope == "rotate_half" and conv.sites[0].info.rotary_dims == 16
+    inputs = _hf_inputs(3, 13, pad)
+    assert M.rel_err(model, conv, inputs)[0] <= TOL
+
+
+def test_sliced_example_inputs_do_not_pin_strides():
+    model = M.llama(2)
+    long = M.ids(2, 20)
+    conv = rewrite.convert(model, passes=[], example_inputs=(long[:, :8],), progress=False)
+    assert conv.example_inputs["input_ids"].is_contiguous()
+    assert M.rel_err(model, conv, (M.ids(3, 13),))[0] <= TOL
+    sliced = M.ids(3, 30, seed=1)[:, 5:18]
+    assert not sliced.is_contiguous() and M.rel_err(model, conv, (sliced,))[0] <= TOL
