@@ -62,7 +62,15 @@ def normalize_inputs(model: torch.nn.Module, example_inputs) -> dict:
             out[name] = value
     if "use_cache" in sig.parameters and "use_cache" not in out:
         out["use_cache"] = False
-    return out
+    return {k: _contiguous(v) for k, v in out.items()}
+
+
+def _contiguous(value):
+    """``value`` with every tensor in it made contiguous: export would otherwise guard on the strides of a
+    sliced example (``input_ids.stride()[0] != input_ids.size()[1]``) and refuse every later call."""
+    from torch.utils import _pytree
+
+    return _pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(), value)
 
 
 def _dynamic_spec(t: Any):
@@ -104,31 +112,24 @@ def _failing_module(model: torch.nn.Module, exc: BaseException) -> str:
 def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Captured:
     """Export ``model`` on ``example_inputs`` (tuple of args or dict of kwargs)."""
     kwargs = normalize_inputs(model, example_inputs)
-    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    tries = [kwargs]
     if dynamic_shapes is None:
         dynamic_shapes = {k: _dynamic_spec(v) for k, v in kwargs.items()}
+        _refuse_empty_dims(kwargs, dynamic_shapes)
+        grown = _grow_unit_dims(kwargs, dynamic_shapes)
+        tries = [grown, kwargs] if grown is not None else tries
     errors, where = [], ""
     with _eval_mode(model):
-        try:
-            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-            gm = ep.module()
-            sizes, ranges = {}, {}
-            for sym, vr in ep.range_constraints.items():
-                ranges[str(sym)] = (_as_int(vr.lower, 0), _as_int(vr.upper, 1 << 30))
-            dim_symbols = {}
-            for node in gm.graph.nodes:
-                if node.op == "placeholder" and node.name in tensors:
-                    val = node.meta.get("val")
-                    for d, s in enumerate(getattr(val, "shape", ())):
-                        if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
-                            dim_symbols.setdefault(node.name, {})[d] = str(s.node.expr)
-                            sizes[str(s.node.expr)] = tensors[node.name].shape[d]
-            return Captured(gm, tensors, fixed, "export", sizes, ranges, dim_symbols)
-        except Exception as e:  # noqa: BLE001 - we retry and report both
-            errors.append(f"torch.export: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-            where = _failing_module(model, e)
-            log.debug("torch.export failed", exc_info=True)
+        for kwargs in tries:
+            try:
+                return _export(model, kwargs, fixed, dynamic_shapes)
+            except Exception as e:  # noqa: BLE001 - we retry and report every attempt
+                errors.append(f"torch.export: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                where = where or _failing_module(model, e)
+                log.debug("torch.export failed", exc_info=True)
+        kwargs = tries[-1]
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         try:
             gm = fx.symbolic_trace(model)
             ShapeProp(gm).propagate(*[kwargs[p.target] for p in gm.graph.nodes if p.op == "placeholder"
@@ -143,6 +144,54 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Capt
         + ":\n  " + "\n  ".join(errors)
         + "\nFix: make the forward traceable (no data-dependent Python control flow), or pass "
           "example_inputs that the model accepts.")
+
+
+def _refuse_empty_dims(kwargs: dict, dynamic_shapes: dict) -> None:
+    """An example empty along a batch or sequence dim would fix the graph to that size: refuse it."""
+    for name, spec in dynamic_shapes.items():
+        t = kwargs.get(name)
+        empty = [d for d in spec or () if isinstance(t, torch.Tensor) and t.shape[d] == 0]
+        if empty:
+            raise CaptureError(f"example input '{name}' of shape {tuple(t.shape)} is empty along dim {empty[0]} "
+                               "(a batch or sequence dim). Fix: pass an example with at least one item and "
+                               "one token")
+
+
+def _grow_unit_dims(kwargs: dict, dynamic_shapes: dict):
+    """The example with every dynamic dim of size 1 repeated to size 2, or None when there is none.
+
+    ``torch.export`` specializes dims of size 0 and 1, so a batch-1 or one-token example would pin the
+    captured graph to that size; the repeated copy holds the same values and is a valid input as well.
+    """
+    out, grew = dict(kwargs), False
+    for name, spec in dynamic_shapes.items():
+        t = kwargs.get(name)
+        if not isinstance(t, torch.Tensor) or not isinstance(spec, dict):
+            continue
+        for d in spec:
+            if t.shape[d] == 1:
+                t, grew = t.repeat_interleave(2, dim=d), True
+        out[name] = t
+    return out if grew else None
+
+
+def _export(model, kwargs: dict, fixed: dict, dynamic_shapes) -> Captured:
+    """``torch.export`` (non-strict) of ``model`` on ``kwargs``, with the dynamic dims' symbols and sizes."""
+    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    gm = ep.module()
+    sizes, ranges = {}, {}
+    for sym, vr in ep.range_constraints.items():
+        ranges[str(sym)] = (_as_int(vr.lower, 0), _as_int(vr.upper, 1 << 30))
+    dim_symbols = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in tensors:
+            val = node.meta.get("val")
+            for d, s in enumerate(getattr(val, "shape", ())):
+                if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                    dim_symbols.setdefault(node.name, {})[d] = str(s.node.expr)
+                    sizes[str(s.node.expr)] = tensors[node.name].shape[d]
+    return Captured(gm, tensors, fixed, "export", sizes, ranges, dim_symbols)
 
 
 def _as_int(v, default: int) -> int:
