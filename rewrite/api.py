@@ -126,7 +126,7 @@ def _stage(name, spec, exact, gm, changed, seconds, cmp, errs, dtype_bytes, diag
         kv_cache_bytes_per_token=sum(op.kv_cache_bytes_per_token(dtype_bytes) for op in ops if not op.info.cross),
         attn_flops=sum(op.attn_flops() for op in ops), max_abs_err=cmp.max_abs_err, cosine=cmp.cosine,
         seconds=seconds, site_names=names, site_errors=errs, diagnostics=[str(d) for d in diags],
-        stats=stats or {})
+        stats=stats or {}, state_bytes=sum(op.state_bytes() for op in ops if not op.info.cross))
 
 
 def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None, backend: str = "eager",

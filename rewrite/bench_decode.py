@@ -5,7 +5,7 @@ For the original and the converted decoder, per backend and context length C:
 - prefill ms: a prompt of C tokens into an empty cache;
 - decode tokens/s: then ``new_tokens`` steps of one token each (greedy, fed back), the cache growing from C;
 - KV bytes: measured from the cache tensors after the prefill, beside the report's prediction
-  ``kv_cache_bytes_per_token × C × batch`` (the model's own dtype).
+  ``(kv_cache_bytes_per_token × C + state_bytes) × batch`` (the model's dtype; linear attention's state in fp32).
 
 Backends: ``eager`` (the Hugging Face model with transformers' ``DynamicCache``; the converted model through
 ``conv.hf_model()``) and ``onnxruntime`` (the ONNX decoder graph with past key values). The original's and the
@@ -160,8 +160,9 @@ def bench_decode(model, passes, contexts=(512, 2048, 8192), backends=("eager",),
         conv = rewrite.convert(model, passes=passes, example_inputs=example,
                                calibration=calibration if calibration is not None else [example], progress=False)
         base = rewrite.convert(model, passes=[], example_inputs=example, progress=False)
-        predicted = {"original": conv.report.stages[0].kv_cache_bytes_per_token,
-                     "converted": conv.report.stages[-1].kv_cache_bytes_per_token}
+        first, last = conv.report.stages[0], conv.report.stages[-1]
+        predicted = {"original": (first.kv_cache_bytes_per_token, first.state_bytes),
+                     "converted": (last.kv_cache_bytes_per_token, last.state_bytes)}
         table = DecodeTable(conv.report.pipeline, threads)
         with tempfile.TemporaryDirectory() as tmp:
             runners = {}
@@ -179,7 +180,7 @@ def bench_decode(model, passes, contexts=(512, 2048, 8192), backends=("eager",),
                     ms, tok_s, size = got[name]
                     table.rows.append({"backend": b, "context": c, "model": name, "prefill_ms": ms,
                                        "decode_tok_s": tok_s, "kv_bytes": size,
-                                       "kv_bytes_predicted": predicted[name] * c * batch,
+                                       "kv_bytes_predicted": (predicted[name][0] * c + predicted[name][1]) * batch,
                                        "decode_speedup": tok_s / got["original"][1] if name == "converted" else None})
         return table
     finally:

@@ -30,6 +30,7 @@ class Stage:
     diagnostics: list = dataclasses.field(default_factory=list)
     stats: dict = dataclasses.field(default_factory=dict)
     first_divergence: Optional[str] = None
+    state_bytes: int = 0  # fixed-size decoding state per sequence (linear attention), beside the per-token KV bytes
 
 
 @dataclasses.dataclass

@@ -103,6 +103,8 @@ def test_linear_attention_state_does_not_grow():
         assert cache.get_seq_length() == length
         sizes.append(cache_bytes(cache))
     assert sizes[0] == sizes[1] and sizes[0][0] == (4 * 16 * 16 + 4 * 16) * 4  # (S, z) of 4 heads of 16, fp32
+    stage = conv.report.to_json()["stages"][-1]
+    assert stage["kv_cache_bytes_per_token"] == 0 and stage["state_bytes"] == sum(sizes[0])  # the report predicts it
 
 
 def test_static_cache_and_non_contiguous_batch_one_prompts():
