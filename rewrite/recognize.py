@@ -579,11 +579,11 @@ def _manual_core(sm: fx.Node, env) -> _Core:
             node = a
         elif name == "masked_fill":
             mask_seen()
-            masks.append(("drop", node.args[1]))
+            masks.append((_hide_kind("drop", _arg(node, 2, "value"), env), node.args[1]))
             node = node.args[0]
         elif name == "where" and isinstance(node.args[1], fx.Node):
             mask_seen()
-            masks.append(("keep", node.args[0]))
+            masks.append((_hide_kind("keep", node.args[2], env), node.args[0]))
             node = node.args[1]
         else:
             raise _Skip(f"unsupported op '{name}' between the score matmul and softmax")
@@ -764,8 +764,8 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
                     qk_norm=q.norm or k.norm, cross=k.x is not q.x,
                     sources={"wq": q.sources["w"], "bq": q.sources["b"], "wk": k.sources["w"], "bk": k.sources["b"],
                              "wv": v.sources["w"], "bv": v.sources["b"], **o_sources},
-                    mask_kind=None if not core.masks else ("additive" if any(m[0] == "additive"
-                                                                             for m in core.masks) else "bool"))
+                    mask_kind=None if not core.masks else ("bool" if all(m[0] in ("keep", "drop")
+                                                                         for m in core.masks) else "additive"))
     op = Attention(q.w, k.w, v.w, wo, q.b, k.b, v.b, bo, k_map, v_map, scale=scale, causal=core.causal,
                    info=info, q_transform=q.transform, k_transform=k.transform)
     sides = q.sides + k.sides
@@ -781,25 +781,42 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
     return m
 
 
+def _hide_kind(kind: str, fill, env) -> str:
+    """``kind`` ("keep" | "drop") for a fill of -inf, else ``kind=value``: a finite fill such as
+    ``finfo.min`` replaces the scores, so a row with every key hidden averages all values."""
+    if isinstance(fill, fx.Node):
+        fill = env.get(fill)
+        fill = float(fill) if isinstance(fill, torch.Tensor) and fill.numel() == 1 else fill
+    if isinstance(fill, (int, float)) and not (math.isinf(fill) and fill < 0):
+        return f"{kind}={float(fill)!r}"
+    return kind
+
+
 def combine_masks(kinds: tuple, *masks):
-    """One SDPA mask from the masks of a hand-written core: bool (True = keep) or additive float."""
+    """One SDPA mask from the masks of a hand-written core: bool (True = keep) or additive float.
+
+    kinds: "additive", "keep"/"drop" (hidden = -inf), "keep=v"/"drop=v" (hidden scores replaced by v), in
+    the order the model applies them.
+    """
     if len(masks) == 1 and kinds[0] in ("keep", "additive"):
         m = masks[0]
-    elif len(masks) == 1:
+    elif len(masks) == 1 and kinds[0] == "drop":
         m = torch.logical_not(masks[0])
     elif all(k in ("keep", "drop") for k in kinds):
         m = None
         for k, x in zip(kinds, masks):
             keep = x if k == "keep" else torch.logical_not(x)
             m = keep if m is None else (m & keep)
-    else:
-        m = 0.0
+    else:  # additive, in order: a fill replaces what is there (finfo.min absorbs the scores in fp32)
+        dtype = next((x.dtype for k, x in zip(kinds, masks) if k == "additive"), torch.float32)
+        m = torch.zeros((), dtype=dtype, device=masks[0].device)
         for k, x in zip(kinds, masks):
             if k == "additive":
                 m = m + x
             else:
-                keep = x if k == "keep" else torch.logical_not(x)
-                m = m + torch.zeros((), dtype=torch.float32, device=keep.device).masked_fill(~keep, float("-inf"))
+                kind, _, value = k.partition("=")
+                keep = x if kind == "keep" else torch.logical_not(x)
+                m = torch.where(keep, m, float(value) if value else float("-inf"))
     if m.dim() == 3:
         m = m.unsqueeze(1) if m.shape[0] != 1 else m.unsqueeze(0)
     return m

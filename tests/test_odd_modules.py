@@ -190,3 +190,28 @@ def test_moe_router_softmax_is_not_listed_as_unrecognized_attention():
     conv = rewrite.convert(model, passes=[], example_inputs=(M.ids(2, 8),), progress=False)
     assert len(conv.sites) == 2 and conv.report.refusals == []
     assert M.rel_err(model, conv, (M.ids(3, 13),))[0] <= TOL
+
+
+class BiasThenFill(Attn):
+    """MPT's order: scores + bias, then masked_fill(finfo.min); fully hidden rows average every value."""
+
+    def __init__(self):
+        super().__init__(manual=True)
+        self.bias = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x, keep):
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        s = q @ k.transpose(-2, -1) / 4.0 + self.bias * torch.arange(x.shape[1], dtype=x.dtype)
+        s = s.masked_fill(~keep[:, None, None, :].bool(), torch.finfo(x.dtype).min)
+        return self.o((torch.softmax(s, -1) @ v).transpose(1, 2).reshape(x.shape))
+
+
+def test_finite_fill_after_a_bias_is_exact_where_every_key_is_hidden():
+    model = BiasThenFill().eval()
+    keep = torch.ones(2, 8, dtype=torch.long)
+    conv = rewrite.convert(model, passes=[], example_inputs=(x(2, 8), keep), progress=False)
+    assert len(conv.sites) == 1 and conv.sites[0].info.mask_kind == "additive"
+    keep = torch.ones(3, 13, dtype=torch.long)
+    keep[0] = 0  # every key hidden: the original averages all values
+    keep[1, :5] = 0
+    assert M.rel_err(model, conv, (x(3, 13), keep))[0] <= TOL
