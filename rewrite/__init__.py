@@ -53,7 +53,7 @@ from .hf_remote import register_on_demand as _register_on_demand  # noqa: E402
 _register_on_demand()  # saved custom-code folders load without trust_remote_code where rewrite is installed
 
 __all__ = ["convert", "inspect", "load", "Converted", "parse_pipeline", "RewriteError", "CaptureError",
-           "NoAttentionError", "SpecError", "PassError", "VerificationError", "BackendError"]
+           "NoAttentionError", "SpecError", "PassError", "VerificationError", "BackendError", "load_onnx_decoder"]
 
 
 def __getattr__(name):  # lazy: analysis and distillation pull in more code
@@ -63,4 +63,7 @@ def __getattr__(name):  # lazy: analysis and distillation pull in more code
     if name == "distill":
         from .distill import distill
         return distill
+    if name == "load_onnx_decoder":
+        from .backends.onnx_generate import load_onnx_decoder
+        return load_onnx_decoder
     raise AttributeError(f"module 'rewrite' has no attribute {name!r}")

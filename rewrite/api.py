@@ -153,6 +153,10 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
     capture_s = time.perf_counter() - t0
     calib = [normalize_inputs(model, b) for b in calibration] if calibration is not None else None
     calib = [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in calib] if calib else None
+    for i, b in enumerate(calib or []):
+        if sorted(b) != sorted(cap.kwargs):
+            raise RewriteError(f"calibration batch {i} gives the inputs {sorted(b)}, but the model was captured with "
+                               f"{sorted(cap.kwargs)}; give every calibration batch the same inputs as example_inputs")
     check = [cap.kwargs, resize_inputs(cap, cap.kwargs, grow=2)] if cap.symbol_sizes else [cap.kwargs]
     check += (calib or [])[:2]  # and on real data when there is some
     dtype_bytes = next(iter(model.parameters())).element_size() if any(True for _ in model.parameters()) else 4
@@ -303,7 +307,14 @@ class Converted(nn.Module):
 
         return save_pretrained(self, path, stock=stock)
 
-    def export_onnx(self, path: str, opset: int = 23, check: bool = True, **kwargs):
+    def export_onnx(self, path: str, opset: int = 23, check: bool = True, decoder: bool = False, **kwargs):
+        """The ONNX file at ``path`` (``backends/onnx.py``); with ``decoder=True`` a folder ``path`` holding one
+        decode graph with past KV at the converted head counts (``backends/onnx_decoder.py``), which
+        ``rewrite.load_onnx_decoder(path)`` generates from."""
+        if decoder:
+            from rewrite.backends.onnx_decoder import export_decoder
+
+            return export_decoder(self, path, opset=opset, check=check, **kwargs)
         from rewrite.backends.onnx import export_onnx
 
         return export_onnx(self, path, opset=opset, check=check, **kwargs)

@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from .errors import RewriteError
@@ -89,21 +90,28 @@ class _OrtRunner:
     """The same with the ONNX decoder in ONNX Runtime (past_key_values.{i}.key/value in, present.{i}.* out)."""
 
     def __init__(self, conv, folder: str, threads: int):
-        from rewrite.backends.onnx_decoder import load_onnx_decoder
+        from rewrite.backends.onnx_generate import load_onnx_decoder
 
-        conv.export_onnx(folder, decoder=True)
+        conv.export_onnx(folder, decoder=True, check=False)
         self.decoder = load_onnx_decoder(folder, threads=threads)
 
+    def _run(self, new):
+        self.mask = np.ones((new.shape[0], self.total), dtype=np.int64)
+        pos = np.arange(self.total - new.shape[1], self.total, dtype=np.int64)[None].repeat(new.shape[0], 0)
+        logits, self.past = self.decoder.step(new, self.mask, pos, self.past)
+        return logits[:, -1].argmax(-1)[:, None]
+
     def prefill(self, ids):
-        self.state = self.decoder.start(ids)
-        return self.decoder.next_tokens(self.state)
+        ids = ids.numpy()
+        self.past, self.total = self.decoder.empty_past(ids.shape[0]), ids.shape[1]
+        return self._run(ids)
 
     def step(self, token):
-        self.state = self.decoder.advance(self.state, token)
-        return self.decoder.next_tokens(self.state)
+        self.total += 1
+        return self._run(token)
 
     def cache_bytes(self) -> int:
-        return self.decoder.cache_bytes(self.state)
+        return sum(int(t.nbytes) for t in self.past)
 
 
 def _measure(runners: dict, ids, new_tokens: int, repeats: int) -> dict:

@@ -65,8 +65,15 @@ class LayerCache:
         self.cache, self.layer_idx = cache, int(layer_idx)
 
     def update(self, k, v):
-        """Append ``k [B, Hk, Sq, dh]``, ``v [B, Hv, Sq, dv]``; all cached keys and values of this layer."""
-        return self.cache.update(k, v, self.layer_idx)
+        """Append ``k [B, Hk, Sq, dh]``, ``v [B, Hv, Sq, dv]``; all cached keys and values of this layer.
+
+        A preallocated (static) layer returns only the slots filled so far, so a causal site without a mask
+        never reads the empty tail."""
+        keys, values = self.cache.update(k, v, self.layer_idx)
+        filled = int(self.cache.get_seq_length(self.layer_idx))
+        if keys.shape[2] > filled:
+            keys, values = keys[:, :, :filled], values[:, :, :filled]
+        return keys, values
 
     def state_layer(self) -> LinearStateLayer:
         """This layer's ``LinearStateLayer``; an untouched KV layer of the cache is swapped for one."""

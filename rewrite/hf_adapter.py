@@ -26,7 +26,6 @@ from torch.utils import _pytree as pytree
 from .cache import LayerCache
 from .capture import flat_inputs
 from .errors import RewriteError
-from .ir import causal_keep
 from .recognize import combine_masks, run_with_env
 
 __all__ = ["GenerationError", "SiteAdapter", "to_transformers", "source_model", "site_plans"]
@@ -96,12 +95,7 @@ class SiteAdapter(nn.Module):
         x, kv, mask = (self._input(i, args, kwargs) for i in range(3))
         side = [self._input(i, args, kwargs) for i in range(3, len(self.plan.inputs))]
         layer = _layer_cache(args, kwargs, self.layer_idx, self.op.info.cross)
-        if mask is None and self.plan.causal and not self.op.causal:
-            sq = x.shape[0 if self.op.info.layout == "SBD" else 1]
-            past = layer.cache.get_seq_length(self.layer_idx) if layer is not None else 0
-            if sq > 1:
-                mask = causal_keep(sq, past + sq, x.device)
-        y = self.op(x, kv, mask, *side, cache=layer)
+        y = self.op(x, kv, mask, *side, cache=layer, is_causal=self.plan.causal)  # causal when no mask is given
         if self.tail is not None:
             y = self.tail(*[y if p == SITE_OUTPUT else _resolve(args, kwargs, p) for p in self.plan.tail.paths])
         leaves = [None] * self.plan.out_spec.num_leaves

@@ -254,7 +254,7 @@ class Attention(nn.Module):
             k = self.k_transform(k, *side[nq:nq + self.k_transform.n_side])
         return q, k, v
 
-    def core(self, q, k, v, mask=None):
+    def core(self, q, k, v, mask=None, causal: Optional[bool] = None):
         """softmax(q kᵀ·scale + mask) v over expanded heads, (B, Hq, Sq, dv).
 
         With fewer queries than keys (decoding with a cache) a causal site's queries are the last Sq
@@ -266,7 +266,7 @@ class Attention(nn.Module):
             from rewrite.backends.onnx import attention_node
             return attention_node(self, q, k, v, mask)
         sq, sk = q.shape[2], k.shape[2]
-        causal = self.causal and mask is None
+        causal = (self.causal if causal is None else causal) and mask is None
         if (mask is not None and self.info.causal_mask and isinstance(mask, torch.Tensor) and not _tracing()
                 and only_causal(mask, sq, sk)):
             mask, causal = None, True  # same function; SDPA then skips the hidden blocks
@@ -281,6 +281,13 @@ class Attention(nn.Module):
         v = self._expand(v, self.v_map, self._v_group)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
 
+    def _scores(self, q, k, v, mask, is_causal):
+        if not is_causal or mask is not None or self.causal:
+            return self.core(q, k, v, mask)
+        if self.score_fn is not None:  # score functions read the causal rule from op.causal
+            return self.score_fn(_Causal(self), q, k, v, mask)
+        return self.core(q, k, v, mask, causal=True)
+
     def merge(self, o: torch.Tensor, wo: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, Hq, Sq, dv) -> output projection in the site's token layout."""
         if self.info.layout == "SBD":
@@ -291,19 +298,21 @@ class Attention(nn.Module):
         wo = self.wo if wo is None else wo
         return F.linear(o, wo.reshape(wo.shape[0], -1), self.bo)
 
-    def forward(self, x, kv=None, mask=None, *side, cache=None):
+    def forward(self, x, kv=None, mask=None, *side, cache=None, is_causal: Optional[bool] = None):
         """The site's output; with ``cache`` (a ``rewrite.cache.LayerCache``) the new tokens' K/V, at this
         site's own head counts, are appended first and attention reads every cached token. A recurrent
-        score function (linear attention) updates its fixed-size state instead."""
+        score function (linear attention) updates its fixed-size state instead. ``is_causal`` overrides
+        ``self.causal`` when there is no mask (a model that skips its causal mask, as transformers does)."""
         weights = self.weights() if self.weights is not None else None  # once per forward
         q, k, v = self.project_qkv(x, kv, *side, weights=weights)
-        if cache is None:
-            o = self.core(q, k, v, mask)
-        elif getattr(self.score_fn, "recurrent", False):
+        if cache is not None and getattr(self.score_fn, "recurrent", False):
             o = self.score_fn.step(self, q, k, v, mask, cache)
         else:
-            k, v = cache.update(k, v)  # (B, Hk, past + Sq, dh), (B, Hv, past + Sq, dv)
-            o = self.core(q, k, v, mask)
+            if cache is not None:
+                k, v = cache.update(k, v)  # (B, Hk, past + Sq, dh), (B, Hv, past + Sq, dv)
+            if mask is not None and mask.shape[-1] > k.shape[2]:
+                mask = mask[..., :k.shape[2]]  # a static cache's mask may be longer than the keys so far
+            o = self._scores(q, k, v, mask, is_causal)
         if self.head_gate is not None:
             o = o * self.head_gate(self, x, q).unsqueeze(-1)
         return self.merge(o, None if weights is None else weights[3])
@@ -359,3 +368,14 @@ def _grouped_attention(q, k, v, mask, causal: bool, scale: float, group: int) ->
         o = F.scaled_dot_product_attention(rows, k, v, attn_mask=_fold_mask(mask, group, sq, sk), scale=scale)
         return o.reshape(b, hq, sq, v.shape[-1])  # (B, Hk, g·Sq, dv) -> (B, Hq, Sq, dv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+
+
+class _Causal:
+    """``op`` seen with ``causal=True`` (for score functions when the model passes no causal mask)."""
+
+    def __init__(self, op):
+        self._op = op
+        self.causal = True
+
+    def __getattr__(self, name):
+        return getattr(self._op, name)

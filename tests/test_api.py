@@ -154,3 +154,14 @@ def test_missing_example_inputs():
 def test_pass_needing_calibration_without_it(spec):
     with pytest.raises(PassError, match="needs calibration data"):
         rewrite.convert(M.llama(4), passes=[spec], example_inputs=_inputs(), progress=False)
+
+
+def test_calibration_batches_must_give_the_captured_inputs():
+    import models as M
+    from rewrite.errors import RewriteError
+
+    example = {"input_ids": M.ids(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with pytest.raises(RewriteError, match=r"calibration batch 0 gives the inputs \['input_ids'\], but the model "
+                                           r"was captured with \['attention_mask', 'input_ids'\]"):
+        rewrite.convert(M.llama(), "gqa{kv_heads=2,method=aligned}", example_inputs=example,
+                        calibration=[(M.ids(2, 16),)], progress=False)
