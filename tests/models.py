@@ -60,9 +60,9 @@ def gpt2():
     return t.GPT2LMHeadModel(cfg).eval()
 
 
-def bert():
+def bert(layers: int = 2):
     t = _hf()
-    cfg = t.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = t.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                        intermediate_size=128, max_position_embeddings=128)
     return t.BertModel(cfg).eval()
 

@@ -17,7 +17,7 @@ def _inputs(batch=2, seq=8, seed=0):
 
 @pytest.fixture(scope="module")
 def llama_gqa():
-    return models.llama(kv_heads=2)
+    return models.llama(kv_heads=2, layers=1)
 
 
 def test_convert_backend_onnxruntime_same_structure_and_values(llama_gqa):
@@ -35,9 +35,9 @@ def test_convert_backend_onnxruntime_same_structure_and_values(llama_gqa):
     assert ort.report.backend == "onnxruntime"
     extras = ort.report.extras["onnxruntime"]
     assert extras["provider"] == CPU and extras["notes"] == []
-    onnx = ort.report.extras["onnx"]  # 2 causal sites, each as 8 query chunks with native GQA
-    assert onnx["causal_chunks"] == 8 and onnx["kv_num_heads"] == [2] * 16
-    assert len(ort.sites) == 2 and callable(ort.save) and callable(ort.export_onnx)
+    onnx = ort.report.extras["onnx"]  # the causal site as 8 query chunks with native GQA
+    assert onnx["causal_chunks"] == 8 and onnx["kv_num_heads"] == [2] * 8
+    assert len(ort.sites) == 1 and callable(ort.save) and callable(ort.export_onnx)
 
 
 def test_bert_tuple_of_outputs_and_threads():
@@ -62,7 +62,7 @@ def test_ort_1_23_0_gate(llama_gqa, monkeypatch):
     with pytest.raises(BackendError, match=r"refusing to check native GQA: onnxruntime 1\.23\.0 computes"):
         lower_onnxruntime(conv, gqa="native")
     ort = lower_onnxruntime(conv)
-    assert ort.report.extras["onnx"]["kv_num_heads"] == [4] * 16  # 2 sites x 8 causal chunks, KV expanded
+    assert ort.report.extras["onnx"]["kv_num_heads"] == [4] * 8  # 8 causal chunks, KV expanded
     assert "expanded" in ort.report.extras["onnxruntime"]["notes"][0]
     assert ort.report.extras["onnx"]["max_abs_err"] <= 1e-4
 
