@@ -89,7 +89,11 @@ def cmd_convert(args, console):
     if args.onnx and not args.decoder:
         console.print(onnx_summary_line(conv.report.extras["onnx"]), soft_wrap=True)
     elif args.onnx:
-        console.print(f"ONNX decoder with past key values: {args.onnx}")
+        info = conv.report.extras["onnx_decoder"]
+        genai = info["genai"]
+        console.print(f"ONNX decoder with past key values: {args.onnx} (max abs err vs PyTorch "
+                      f"{info['max_abs_err']:.1e}); genai_config.json "
+                      + ("written" if genai["written"] else f"not written: {genai['reason']}"), soft_wrap=True)
     if args.out:
         info = conv.save_pretrained(args.out)
         how = ("a stock folder: from_pretrained loads it without rewrite" if info["kind"] == "stock" else

@@ -77,22 +77,29 @@ def test_linear_attention_exports_its_fixed_state_and_genai_is_refused(tmp_path)
     assert [p.shape for p in present] == [p.shape for p in dec.empty_past(1)]  # the state does not grow
 
 
-def test_per_layer_heads_decode_but_genai_says_why_not(tmp_path):
-    conv = converted(M.llama(kv_heads=4), "prune-heads{heads={0:1;1:0/2}}")
+def test_dha_per_layer_non_contiguous_maps_decode_but_genai_says_why_not(tmp_path):
+    conv = converted(M.llama(kv_heads=4), "dha{kv_ratio=0.5}")
+    assert conv.sites[0].k_map.tolist() == [0, 1, 2, 0]  # query heads 0 and 3 share key head 0: not blocks
     info = conv.export_onnx(str(tmp_path), decoder=True)
-    assert [layer["key"][0] for layer in info["layers"]] == [3, 2]
+    assert [(layer["key"][0], layer["value"][0]) for layer in info["layers"]] == [
+        (op.k_heads, op.v_heads) for op in conv.sites] == [(3, 1), (1, 3)]
     assert info["genai"] == {"written": False, "reason": "ONNX Runtime GenAI 0.18 allocates KV outputs with one "
-                             "global head count; the layers have [3, 2] KV heads (use rewrite.load_onnx_decoder)"}
+                             "global head count; the layers have [3, 1] KV heads (use rewrite.load_onnx_decoder)"}
+    assert info["max_abs_err"] < 1e-4
     dec = rewrite.load_onnx_decoder(str(tmp_path), threads=1)
     ids, mask = left_padded()
     assert torch.equal(dec.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0),
                        conv.generate(ids, attention_mask=mask, **GREEDY))
 
 
-def test_genai_generates_the_same_tokens(tmp_path):
+def test_cli_decoder_folder_generates_the_same_tokens_in_genai(tmp_path, capsys):
     import onnxruntime_genai as og  # the dev extra installs it
-    conv = converted(M.llama(kv_heads=2), "gqa{kv_heads=1}")
-    conv.export_onnx(str(tmp_path), decoder=True)
+    from rewrite.cli import main
+
+    assert main(["convert", "models:llama", "--passes", "gqa{kv_heads=1}", "--onnx", str(tmp_path), "--decoder"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"ONNX decoder with past key values: {tmp_path} (max abs err vs PyTorch" in out
+    assert "genai_config.json written" in out
     config = json.load(open(tmp_path / "genai_config.json"))
     assert config["model"]["decoder"]["num_key_value_heads"] == 1
     ids = M.ids(1, 9, seed=1)
@@ -103,7 +110,8 @@ def test_genai_generates_the_same_tokens(tmp_path):
     gen.append_tokens(ids.numpy().astype(np.int32))
     while not gen.is_done():
         gen.generate_next_token()
-    assert np.array_equal(np.asarray(gen.get_sequence(0)), conv.generate(ids, **GREEDY)[0].numpy())
+    ours = rewrite.load_onnx_decoder(str(tmp_path)).generate(ids, max_new_tokens=10)  # = conv.generate (above)
+    assert np.array_equal(np.asarray(gen.get_sequence(0)), ours[0].numpy())
 
 
 def test_decoder_export_refuses_what_cannot_decode(tmp_path):

@@ -71,14 +71,14 @@ def test_refusals():
 
 # ---- real model -------------------------------------------------------------------------------------
 def test_minilm_aligned_beats_mean_and_dha_matches_aligned():
-    """MiniLM, 12 heads → 4 KV heads: cosine of mean-pooled sentence embeddings to the original's on 200
-    sentences; calibration on 64 other sentences. mean ≈ 0.58 < aligned ≈ 0.83 <= dha ≈ 0.91."""
+    """MiniLM, 12 heads → 4 KV heads: cosine of mean-pooled sentence embeddings to the original's on 100
+    sentences; calibration on 48 other sentences. mean ≈ 0.58 < aligned ≈ 0.83 <= dha ≈ 0.91."""
     from rewrite.models import sentences
 
     model, enc = models.minilm(), models.minilm_tokenizer(64)
     text = sentences()
-    calib = [enc([s]) for s in text[:64]]  # one per batch: no padding in the stats (none is longer than 64)
-    held_out = sorted(text[64:264], key=len)  # similar lengths per batch: little padding
+    calib = [enc([s]) for s in text[:48]]  # one per batch: no padding in the stats (none is longer than 64)
+    held_out = sorted(text[64:164], key=len)  # similar lengths per batch: little padding
     batches = [enc(held_out[i:i + 50]) for i in range(0, len(held_out), 50)]
     conv = rewrite.convert(model, passes=[], example_inputs=batches[0], progress=False)
     ctx = PassContext(calibration=calib, captured=conv._captured)
