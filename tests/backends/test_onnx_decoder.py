@@ -40,8 +40,7 @@ def past_shapes(folder: str) -> dict:
 
 
 @pytest.mark.parametrize("spec,kv_heads", [("gqa{kv_heads=1},gated-attention,clipped-softmax", 1),
-                                           ("sqa{q_heads=2,kv_heads=2}", 2),
-                                           ("moh{active_ratio=0.5,router=qnorm}", 4)])
+                                           ("sqa{q_heads=2,kv_heads=2},moh{active_ratio=0.5,router=qnorm}", 2)])
 def test_decoder_generates_as_the_converted_model(tmp_path, spec, kv_heads):
     conv = converted(M.llama(kv_heads=4), spec)
     info = conv.export_onnx(str(tmp_path), decoder=True)
