@@ -144,16 +144,23 @@ def export_graph(conv, path: str, opset: int = 23, native_gqa: bool = True,
         external_data = _param_bytes(conv.gm) > TWO_GB * 0.9  # protobuf's 2 GB limit covers the graph too
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with _export_mode(native_gqa, causal_chunks), torch.no_grad():
-        try:
-            program = torch.onnx.export(conv.gm, (), None, kwargs=kw, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=dyn, verbose=False, external_data=external_data)
-        except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
-            raise BackendError(f"ONNX export (opset {opset}) failed: {type(e).__name__}: "
-                               f"{str(e).strip().splitlines()[0][:400]}") from e
-    program.save(path, external_data=external_data)
-    _tidy_file(path, fold=not external_data)
+    with _export_mode(native_gqa, causal_chunks):
+        save_export(conv.gm, (), path, opset, external_data, BackendError, "ONNX export", kwargs=kw, dynamic_shapes=dyn)
     return external_data
+
+
+def save_export(module, args: tuple, path: str, opset: int, external: bool, error, what: str, **export_kwargs) -> None:
+    """``torch.onnx.export`` (dynamo) of ``module(*args)`` saved to ``path`` and tidied; a failure is raised as
+    ``error`` naming ``what`` and the exporter's first line."""
+    with torch.no_grad():
+        try:
+            program = torch.onnx.export(module, args, None, dynamo=True, opset_version=opset, verbose=False,
+                                        external_data=external, **export_kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
+            raise error(f"{what} (opset {opset}) failed: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:400]}") from e
+    program.save(path, external_data=external)
+    _tidy_file(path, fold=not external)
 
 
 def write_file(conv, path: str, opset: int = 23, native_gqa: bool = True, external_data: Optional[bool] = None,

@@ -264,7 +264,7 @@ def export_decoder(conv, out_dir: str, opset: int = 23, check: bool = True, gena
     Returns:
         what was written, also stored in ``conv.report.extras["onnx_decoder"]``.
     """
-    from .onnx import TWO_GB, _export_mode, _param_bytes, _tidy_file, choose_gqa, onnx_summary
+    from .onnx import TWO_GB, _export_mode, _param_bytes, choose_gqa, onnx_summary, save_export
     from .onnx_genai import genai_problem, write_genai_config
 
     t0 = time.perf_counter()
@@ -283,16 +283,9 @@ def export_decoder(conv, out_dir: str, opset: int = 23, check: bool = True, gena
     path = os.path.join(out_dir, MODEL_FILE)
     external = _param_bytes(hf) > TWO_GB * 0.9
     native, note = choose_gqa(conv, "auto", provider, check)
-    with _export_mode(native), _static_pairs(conv), torch.no_grad():
-        try:
-            program = torch.onnx.export(step, tuple(_example(layers, vocab)), None, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=_dynamic_shapes(layers), input_names=inputs,
-                                        output_names=outputs, verbose=False, external_data=external)
-        except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
-            raise GenerationError(f"ONNX decoder export (opset {opset}) failed: {type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0][:400]}") from e
-    program.save(path, external_data=external)
-    _tidy_file(path, fold=not external)
+    with _export_mode(native), _static_pairs(conv):
+        save_export(step, tuple(_example(layers, vocab)), path, opset, external, GenerationError, "ONNX decoder export",
+                    dynamic_shapes=_dynamic_shapes(layers), input_names=inputs, output_names=outputs)
     _name_dims(path, layers)
     with open(os.path.join(out_dir, LAYOUT_FILE), "w") as f:
         json.dump({"format": 1, "layers": layers, "inputs": inputs, "outputs": outputs, "vocab_size": vocab,
