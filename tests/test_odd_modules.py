@@ -10,7 +10,7 @@ from torch import nn
 
 import models as M
 import rewrite
-from rewrite import recognize
+from rewrite.recognize import layout as recognize_layout
 from rewrite.errors import CaptureError, NoAttentionError, RewriteError
 
 TOL = 1e-5
@@ -164,7 +164,7 @@ def test_unexpected_failure_in_matching_is_a_refusal_naming_module_and_op(monkey
     def broken(*args, **kwargs):
         raise IndexError("index 0 is out of bounds")
 
-    monkeypatch.setattr(recognize, "_classify", broken)
+    monkeypatch.setattr(recognize_layout, "_classify", broken)
     model = M.llama(2, layers=1)
     found = rewrite.inspect(model, (M.ids(2, 8),))
     assert len(found) == 0

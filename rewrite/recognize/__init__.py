@@ -1,0 +1,121 @@
+"""Recognize attention sites by graph structure and canonicalize each into one ``Attention`` node.
+
+1. Cores: ``aten.scaled_dot_product_attention`` nodes, and hand-written
+   ``softmax(q·kᵀ·scale + mask)·v`` (matmul/bmm/baddbmm → scale/mask ops → softmax → matmul).
+2. Walk back from q, k, v to their projections (linear / addmm / matmul with a weight), and forward
+   from the core output to the output projection.
+3. Read the head layout by running *tagged index tensors* through the index ops of each path
+   (view, transpose, split, repeat_kv, ...): every element is tagged with (token, projection row),
+   so fused qkv, per-head interleaving, GQA repetition and seq-first layouts all reduce to one check.
+4. The compute ops between the head split and the core (RoPE, q/k norms) become a ``HeadTransform``
+   acting on ``[B, H, S, d]``.
+5. Confirm by execution: the canonical op must reproduce the region's output to round-off on the
+   example inputs and on inputs of another batch size and sequence length; otherwise the site is a
+   refusal with the reason.
+
+Stages, one module each: ``cores`` (1), ``projections`` (2), ``layout`` and ``paths`` (3), ``transforms`` (4),
+``masks``; this module assembles a site and confirms it (5).
+"""
+from __future__ import annotations
+
+import math
+import os
+import traceback
+from typing import Optional
+
+import torch
+from torch import fx
+
+from ..ir import Attention, SiteInfo, hidden
+from .common import Match, Refusal, _common_prefix, _first_line, _module_path, _Skip, op_name, run_with_env
+from .cores import _cores, _manual_core, _sdpa_core
+from .masks import _mask_of, combine_masks, mark_causal_masks
+from .paths import _output_projection, _read_path
+
+__all__ = ["Refusal", "Match", "find_sites", "run_with_env", "combine_masks", "hidden", "mark_causal_masks"]
+
+aten = torch.ops.aten
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _match_site(gm, core_node, env, probe_env) -> Match:
+    core = _sdpa_core(core_node, env) if op_name(core_node) == "scaled_dot_product_attention" \
+        else _manual_core(core_node, env)
+    q = _read_path(gm, core.q, env, "query")
+    k = _read_path(gm, core.k, env, "key")
+    v = _read_path(gm, core.v, env, "value")
+    if not torch.equal(q.kv_map, torch.arange(q.kv_map.numel())):
+        raise _Skip("query heads are repeated before the core")
+    if v.transform is not None:
+        raise _Skip(f"ops on the values before the core ({v.transform.description}) are not supported")
+    if k.x is not v.x:
+        raise _Skip("keys and values come from different inputs")
+    if q.kind != k.kind and core.node.target is not aten.scaled_dot_product_attention.default:
+        raise _Skip("query and key use different head layouts")
+    hq = q.kv_map.numel()
+    k_map, v_map = k.kv_map, v.kv_map
+    if k_map.numel() != hq:  # SDPA enable_gqa: the core broadcasts contiguous groups itself
+        g = hq // k_map.numel()
+        k_map = torch.arange(hq) // g
+        v_map = torch.arange(hq) // (hq // v.kv_map.numel())
+    o_proj, wo, bo, out_2d, o_sources = _output_projection(gm, core, q, env)
+    dh = q.w.shape[1]
+    scale = core.scale if core.scale is not None else 1.0 / math.sqrt(dh)
+    paths = [_module_path(core.node), _module_path(o_proj)]
+    name = _common_prefix(paths)
+    info = SiteInfo(name=name, layout=q.lay.L, q_len=q.lay.S, kv_len=k.lay.S, rope=q.rope, rotary_dims=q.rotary_dims,
+                    qk_norm=q.norm or k.norm, cross=k.x is not q.x,
+                    sources={"wq": q.sources["w"], "bq": q.sources["b"], "wk": k.sources["w"], "bk": k.sources["b"],
+                             "wv": v.sources["w"], "bv": v.sources["b"], **o_sources},
+                    mask_kind=None if not core.masks else ("bool" if all(m[0] in ("keep", "drop")
+                                                                         for m in core.masks) else "additive"))
+    op = Attention(q.w, k.w, v.w, wo, q.b, k.b, v.b, bo, k_map, v_map, scale=scale, causal=core.causal,
+                   info=info, q_transform=q.transform, k_transform=k.transform)
+    sides = q.sides + k.sides
+    kv = None if k.x is q.x else k.x
+    m = Match(name, op, q.x, kv, core.masks, sides, o_proj, out_2d)
+    for e in (env, probe_env):
+        if e is None:
+            continue
+        err, ref = _check(m, e)
+        if not err <= 1e-5 * max(1.0, ref):
+            raise _Skip(f"the canonical op does not reproduce the region (max abs error {err:.3g} at output "
+                        f"scale {ref:.3g})")
+    return m
+
+
+def _check(m: Match, env) -> tuple:
+    mask = _mask_of(m, env)
+    with torch.no_grad():
+        y = m.op(env[m.x], env[m.kv] if m.kv is not None else None, mask, *[env[s] for s in m.sides])
+        ref = env[m.out_node]
+        y = y.reshape(ref.shape)
+        return float((y - ref).abs().max()), float(ref.abs().max())
+
+
+def find_sites(gm: fx.GraphModule, env: dict, probe_env: Optional[dict] = None):
+    """(matches, refusals) for every attention core in ``gm``."""
+    matches, refusals = [], []
+    for core in _cores(gm, env):
+        try:
+            matches.append(_match_site(gm, core, env, probe_env))
+        except _Skip as e:
+            refusals.append(Refusal(_module_path(core), str(e), core.name))
+        except Exception as e:  # noqa: BLE001 - an unexpected failure is a refusal, never a crash
+            at = _failing_node(e) or core
+            refusals.append(Refusal(_module_path(core), f"unexpected {type(e).__name__} while reading "
+                                                        f"'{at.name}': {_first_line(e)}", at.name))
+    return matches, refusals
+
+
+def _failing_node(e: BaseException) -> Optional[fx.Node]:
+    """The graph node the innermost recognition frame on the traceback of ``e`` was working on."""
+    found = None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        if os.path.dirname(os.path.abspath(frame.f_code.co_filename)) != _HERE:
+            continue
+        for key in ("n", "node", "core_in", "start", "sm", "mm"):
+            if isinstance(frame.f_locals.get(key), fx.Node):
+                found = frame.f_locals[key]
+                break
+    return found
