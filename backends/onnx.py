@@ -37,6 +37,8 @@ import torch
 
 from rewrite.errors import BackendError
 
+from .onnx_moe import translations
+
 __all__ = ["export_onnx", "attention_node", "export_graph", "check_file", "onnx_summary"]
 log = logging.getLogger(__name__)
 
@@ -98,10 +100,12 @@ def _export_mode(native_gqa: bool, causal_chunks: int = 1):
     hence the training-mode warning is dropped too.
     """
     before = dict(_state)
-    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
-    level = registry_log.level
+    quiet = [logging.getLogger("torch.onnx._internal.exporter._registration"),  # "torchvision is not installed"
+             logging.getLogger("onnx_ir._convenience")]  # "Attribute type is ambiguous" (empty ints, MoE translation)
+    levels = [log.level for log in quiet]
     _state.update(native_gqa=native_gqa, causal_chunks=int(causal_chunks))
-    registry_log.setLevel(logging.ERROR)
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*training mode.*")
@@ -109,7 +113,8 @@ def _export_mode(native_gqa: bool, causal_chunks: int = 1):
             yield
     finally:
         _state.update(before)
-        registry_log.setLevel(level)
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -155,12 +160,26 @@ def save_export(module, args: tuple, path: str, opset: int, external: bool, erro
     with torch.no_grad():
         try:
             program = torch.onnx.export(module, args, None, dynamo=True, opset_version=opset, verbose=False,
-                                        external_data=external, **export_kwargs)
+                                        external_data=external, custom_translation_table=translations(),
+                                        **export_kwargs)
         except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
-            raise error(f"{what} (opset {opset}) failed: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:400]}") from e
+            raise error(f"{what} (opset {opset}) failed: {root_cause(e)}") from e
     program.save(path, external_data=external)
     _tidy_file(path, fold=not external)
+
+
+def root_cause(e: BaseException) -> str:
+    """``Type: first line`` of the innermost exception in the chain (the exporter wraps the real reason in
+    "Failed to convert ... step 3/3")."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or (e.__context__ if not e.__suppress_context__ else None)
+    parts = []
+    for x in (seen[0], seen[-1]) if len(seen) > 1 else seen[:1]:
+        lines = [ln for ln in str(x).strip().splitlines() if ln.strip()]
+        parts.append(f"{type(x).__name__}: {lines[0][:300] if lines else ''}")
+    return parts[0] if len(parts) == 1 else f"{parts[0]} Cause: {parts[1]}"
 
 
 def write_file(conv, path: str, opset: int = 23, native_gqa: bool = True, external_data: Optional[bool] = None,

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     ap.add_argument("--jsonl", default="", help="append each result to this file as it finishes")
     ap.add_argument("--resume", action="store_true", help="reuse the results already in --jsonl")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--extended", action="store_true",
+                    help="on exact families also gqa{kv_heads=1} and ONNX export with ONNX Runtime parity")
     return ap.parse_args(argv)
 
 
@@ -48,14 +50,14 @@ def _on_alarm(signum, frame):
     raise FamilyTimeout()
 
 
-def run_one(family: str, timeout: int):
+def run_one(family: str, timeout: int, extended: bool = False):
     from rewrite.families import FamilyResult, FamilyTimeout, check
 
     t0 = time.perf_counter()
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(timeout)
     try:
-        return check(family)
+        return check(family, extended=extended)
     except FamilyTimeout as e:
         import traceback
 
@@ -171,7 +173,7 @@ def main(argv=None):
             if name in done:
                 res = done[name]
             else:
-                res = run_one(name, args.timeout)
+                res = run_one(name, args.timeout, args.extended)
                 if args.jsonl:
                     with open(args.jsonl, "a") as f:
                         f.write(json.dumps(res.to_dict()) + "\n")

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 __all__ = ["families", "tiny_config", "tiny_model", "make_inputs", "count_attention", "check", "FamilyResult",
-           "FamilyTimeout", "STATUSES", "to_markdown", "summary", "summary_markdown", "refusal_table", "TINY", "OVERRIDES", "EXACT_TOL"]
+           "FamilyTimeout", "STATUSES", "ONNX_TOL", "to_markdown", "summary", "summary_markdown", "refusal_table", "TINY", "OVERRIDES", "EXACT_TOL"]
 
 TINY = {  # standard name -> value; each config's attribute_map translates it to the family's own name
     "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -251,6 +251,9 @@ class FamilyResult:
     message: str = ""
     refusals: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    gqa: str = ""  # extended checks on a pass: gqa{kv_heads=1} "ok" (finite output) or the error
+    onnx_err: float = float("nan")  # ONNX Runtime vs PyTorch, max abs error at a shape other than traced
+    onnx: str = ""  # "ok" or the export / parity failure
 
     @property
     def exact(self) -> bool:
@@ -265,8 +268,11 @@ class FamilyTimeout(BaseException):
     does not swallow it."""
 
 
-def check(family: str) -> FamilyResult:
+def check(family: str, extended: bool = False) -> FamilyResult:
     """Build ``family`` tiny, convert it with no passes at (2, 8), check it at (3, 13) with and without padding.
+
+    ``extended`` (on a pass): also ``gqa{kv_heads=1}`` (it must convert and give finite outputs) and ONNX
+    export with ONNX Runtime parity (``ONNX_TOL``) at a shape other than traced.
 
     Statuses: "pass": every attention core the eager model ran is a site and both round-trips are within
     ``EXACT_TOL``; "refused": ``convert`` raised a ``rewrite.errors`` class (``error``) that names the feature;
@@ -321,7 +327,34 @@ def check(family: str) -> FamilyResult:
         res.message = f"round-trip error {res.max_err:.1e} unpadded, {res.padded_err:.1e} padded"
     if res.status in ("partial", "miscounted") and not exact:
         res.message += f" (and round-trip error {res.max_err:.1e} / {res.padded_err:.1e} padded)"
+    if extended and res.status == "pass":
+        _extended(res, model, conv, example)
     return _done(res, t0)
+
+
+ONNX_TOL = 1e-4
+
+
+def _extended(res: FamilyResult, model, conv, example: dict) -> None:
+    """``gqa{kv_heads=1}`` and ONNX parity of ``conv`` (see ``check``); failures are recorded, not raised."""
+    import tempfile
+
+    import rewrite
+
+    try:
+        one = rewrite.convert(model, passes=["gqa{kv_heads=1}"], example_inputs=example, progress=False)
+        with torch.no_grad():
+            out = _first(one(**make_inputs(model, 3, 13, seed=1))).float()
+        res.gqa = "ok" if bool(torch.isfinite(out).all()) else "non-finite output"
+    except Exception as e:  # noqa: BLE001 - recorded in the matrix
+        res.gqa = f"{type(e).__name__}: {_line(e)}"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            info = conv.export_onnx(f"{tmp}/model.onnx")
+        res.onnx_err = float(info["max_abs_err"])
+        res.onnx = "ok" if res.onnx_err <= ONNX_TOL else f"max abs error {res.onnx_err:.1e}"
+    except Exception as e:  # noqa: BLE001
+        res.onnx = f"{type(e).__name__}: {_line(e)}"
 
 
 def _line(e: BaseException) -> str:
@@ -344,12 +377,14 @@ def _fmt(x: float) -> str:
 
 def to_markdown(results: list) -> str:
     """The family table: family, status, sites (of cores run), max error, padded error, reason."""
-    rows = ["| family | status | sites | max error | padded error | reason |", "|---|---|---|---|---|---|"]
+    rows = ["| family | status | sites | max error | padded error | gqa{kv_heads=1} | ONNX | reason |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in results:
         why = f"{r.error}: {r.message}" if r.error else ""
         why = why.replace("|", "\\|")
+        onnx = _fmt(r.onnx_err) if r.onnx == "ok" else r.onnx.replace("|", "\\|")[:120]
         rows.append(f"| {r.family} | {r.status} | {r.sites}/{r.attention} | {_fmt(r.max_err)} | "
-                    f"{_fmt(r.padded_err)} | {why} |")
+                    f"{_fmt(r.padded_err)} | {r.gqa.replace('|', chr(92) + '|')[:120]} | {onnx} | {why} |")
     return "\n".join(rows)
 
 
@@ -371,6 +406,8 @@ def summary(results: list) -> dict:
         "converted": len(ran),
         "refused_by": dict(collections.Counter(r.error for r in results if r.status == "refused").most_common()),
         "skipped_by": dict(collections.Counter(r.error for r in results if r.status == "skipped").most_common()),
+        "gqa_checked": sum(bool(r.gqa) for r in results), "gqa_ok": sum(r.gqa == "ok" for r in results),
+        "onnx_checked": sum(bool(r.onnx) for r in results), "onnx_ok": sum(r.onnx == "ok" for r in results),
     }
 
 
@@ -386,6 +423,10 @@ def summary_markdown(results: list) -> str:
                                                       or "none") + f" ({sum(s['refused_by'].values())} in all).",
         "- By status: " + ", ".join(f"{n} {k}" for k, n in s["status"].items()) + ".",
     ]
+    if s["onnx_checked"]:
+        lines.append(f"- Extended checks on the exact families: `gqa{{kv_heads=1}}` converts and runs on {s['gqa_ok']} "
+                     f"of {s['gqa_checked']}; ONNX export matches ONNX Runtime (≤ {ONNX_TOL:g}, at a shape other than "
+                     f"traced) on {s['onnx_ok']} of {s['onnx_checked']}.")
     bugs = [r for r in results if r.status in ("inexact", "crashed", "miscounted", "timeout")]
     if bugs:
         lines.append("- Bugs (raw exceptions, inexact round-trips, miscounts, timeouts): "

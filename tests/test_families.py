@@ -74,13 +74,15 @@ def test_round_trip_is_exact(family):
     assert padded_err <= fam.EXACT_TOL, padded_err
 
 
-def test_check_reports_a_pass():
-    res = fam.check("gpt2")
+def test_check_reports_a_pass_with_gqa_and_onnx_parity():
+    res = fam.check("gpt2", extended=True)
     assert res.status == "pass" and res.exact
     assert res.sites == res.attention == 2
     assert res.max_err <= fam.EXACT_TOL and res.padded_err <= fam.EXACT_TOL
+    assert res.gqa == "ok" and res.onnx == "ok" and res.onnx_err <= fam.ONNX_TOL
     assert "| gpt2 | pass | 2/2 |" in fam.to_markdown([res])
-    assert fam.summary([res])["exact"] == 1
+    counts = fam.summary([res])
+    assert counts["exact"] == 1 and counts["onnx_ok"] == counts["gqa_ok"] == 1
 
 
 # A family rewrite refuses today, and the feature its message names: Gemma-2's tanh soft-cap of the scores.
