@@ -88,14 +88,25 @@ def _dynamic_spec(t: Any):
 
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
-    """Trace in eval mode and put the caller's flags back afterwards."""
+    """Trace in eval mode without a KV cache, and put the caller's flags back afterwards.
+
+    ``config.use_cache = False`` on every config the modules hold: a forward that takes ``use_cache`` only
+    through ``**kwargs`` (GraniteMoE, Switch) would otherwise return its cache object, which export refuses.
+    """
     flags = {m: m.training for m in model.modules()}
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and isinstance(getattr(c, "use_cache", None), bool)}
+    caches = {k: c.use_cache for k, c in configs.items()}
     model.eval()
     try:
+        for c in configs.values():
+            c.use_cache = False
         yield
     finally:
         for m, flag in flags.items():
             m.training = flag
+        for k, c in configs.items():
+            c.use_cache = caches[k]
 
 
 def _failing_module(model: torch.nn.Module, exc: BaseException) -> str:
