@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from . import pipeline as _pipeline
 from .capture import Captured, capture, flat_inputs, normalize_inputs, resize_inputs, scramble_inputs
-from .errors import NoAttentionError, PassError, RewriteError, VerificationError
+from .errors import CaptureError, NoAttentionError, PassError, RewriteError, VerificationError
 from .graph import count_params, eliminate_dead_code, install, sites
 from .pass_base import PassContext
 from .recognize import find_sites, mark_causal_masks, run_with_env
@@ -266,7 +266,15 @@ class Converted(nn.Module):
         return kw
 
     def forward(self, *args, **kwargs):
-        return self.gm(**self.bind(args, kwargs), **self.fixed)
+        try:
+            return self.gm(**self.bind(args, kwargs), **self.fixed)
+        except AssertionError as e:
+            if not str(e).startswith("Guard failed"):
+                raise
+            raise CaptureError(
+                f"the captured graph only runs at some input sizes: {e} (torch.export fixed that size from the "
+                "example inputs because the model's code branches on it). Fix: call it at the traced size, or "
+                "convert with example_inputs of the size you run") from None
 
     # ---- generation ----------------------------------------------------------------------------
     def to_transformers(self):

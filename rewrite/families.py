@@ -309,8 +309,8 @@ def check(family: str, extended: bool = False) -> FamilyResult:
         res.max_err = rel_err(model, conv, make_inputs(model, 3, 13, seed=1))
         res.padded_err = rel_err(model, conv, make_inputs(model, 3, 13, pad=True, seed=1))
     except Exception as e:  # noqa: BLE001 - converted, but the converted model fails at another shape
-        res.status, res.error, res.message = "crashed", type(e).__name__, "running the converted model at " \
-            f"(3, 13): {_line(e)}"
+        res.status = "refused" if isinstance(e, RewriteError) else "crashed"
+        res.error, res.message = type(e).__name__, f"running the converted model at (3, 13): {_line(e)}"
         return _done(res, t0)
     exact = res.max_err <= EXACT_TOL and res.padded_err <= EXACT_TOL
     if res.sites < res.attention:
