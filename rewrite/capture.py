@@ -9,7 +9,9 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import re
 import traceback
+import warnings
 from typing import Any
 
 import torch
@@ -135,6 +137,8 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Capt
         for kwargs in tries:
             try:
                 return _export(model, kwargs, fixed, dynamic_shapes)
+            except CaptureError:  # a verdict on the model (state kept between calls), not a tracing failure
+                raise
             except Exception as e:  # noqa: BLE001 - we retry and report every attempt
                 errors.append(f"torch.export: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 where = where or _failing_module(model, e)
@@ -189,7 +193,17 @@ def _grow_unit_dims(kwargs: dict, dynamic_shapes: dict):
 def _export(model, kwargs: dict, fixed: dict, dynamic_shapes) -> Captured:
     """``torch.export`` (non-strict) of ``model`` on ``kwargs``, with the dynamic dims' symbols and sizes."""
     tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    for w in seen:
+        found = re.search(r"tensor attribute (\S+) was assigned during export", str(w.message))
+        if found:  # state kept between calls: the captured graph would compute something else
+            raise CaptureError(f"the model keeps state between calls: its forward assigns the tensor attribute "
+                               f"'{found.group(1)}' (a recurrent state or cache held on the module). Fix: convert a "
+                               "model whose forward is a function of its inputs (pass the state in and out), or "
+                               "reset it to a fixed buffer")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     gm = ep.module()
     sizes, ranges = {}, {}
     for sym, vr in ep.range_constraints.items():

@@ -87,6 +87,24 @@ class ZeroBranch(nn.Module):
         return self.attn(x) + self.empty(x).sum(-1, keepdim=True)
 
 
+class InPlaceWrite(Attn):
+    """The attention input is built by writing into a buffer in place (export keeps ``copy_``, as in the
+    recurrent scans of hybrid models): the write has no user but must survive dead-code elimination."""
+
+    def forward(self, x):
+        h = torch.zeros_like(x)
+        h[:, :1] = x[:, :1] * 2.0
+        return super().forward(x + h)
+
+
+class KeepsState(Attn):
+    """Stores a tensor on the module during forward (a recurrent state held between calls)."""
+
+    def forward(self, x):
+        self.state = x.mean(1)
+        return super().forward(x)
+
+
 def x(b, s, d=64):
     return torch.randn(b, s, d, generator=torch.Generator().manual_seed(b * 100 + s))
 
@@ -109,6 +127,8 @@ ODD = {
     "empty-sequence": (Attn, x(2, 0), None, 1),
     "zero-width": (lambda: Attn(dim=0, heads=1), x(2, 8, 0), None, 1),
     "soft-capped-scores": (lambda: Attn(softcap=5.0), x(2, 8), x(3, 5), 1),
+    "in-place-write-before": (InPlaceWrite, x(2, 8), x(3, 5), 1),
+    "keeps-state": (KeepsState, x(2, 8), x(3, 5), 1),
 }
 
 
@@ -136,11 +156,18 @@ def test_only_rewrite_errors_escape_and_what_converts_is_exact(name):
 
 @pytest.mark.parametrize("name", ["one-head", "head-dim-1", "odd-width", "empty-rotary-pass-through",
                                   "partial-rotary", "attention-used-twice", "softmax-over-classifier",
-                                  "non-contiguous-weights", "seq-length-1", "batch-1-seq-1", "zero-size-branch"])
+                                  "non-contiguous-weights", "seq-length-1", "batch-1-seq-1", "zero-size-branch",
+                                  "in-place-write-before"])
 def test_odd_but_valid_modules_convert(name):
     factory, example, _, n_sites = ODD[name]
     conv = rewrite.convert(factory().eval(), passes=[], example_inputs=(example,), progress=False)
     assert len(conv.sites) == n_sites and conv.report.refusals == []
+
+
+def test_a_module_keeping_state_between_calls_is_refused_by_name():
+    with pytest.raises(CaptureError, match=r"keeps state between calls: its forward assigns the tensor attribute "
+                                           r"'self.state'"):
+        rewrite.convert(KeepsState().eval(), passes=[], example_inputs=(x(2, 8),), progress=False)
 
 
 def test_empty_example_is_refused_by_name():
