@@ -2,11 +2,13 @@
 ``[B, H, S, d]`` values as a ``HeadTransform``."""
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from ..ir import HeadTransform
 from .common import INDEX_OPS, SCALAR_OPS, _Skip, op_name
 from . import layout
+from .rope import rope_layout
 
 def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_row, n_heads, dh, core_in, role):
     """The ops between the head split and the core, replayed on (B, H, S, d) values."""
@@ -52,7 +54,8 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
         name = op_name(n)
         chain = [a for a in n.all_input_nodes if a in cv]
         c = cls.get(n)
-        if name in INDEX_OPS and len(chain) == 1 and (c is None or c[2] or bool((c[1] < 0).any())):
+        if name in INDEX_OPS and len(chain) == 1 and (c is None or (c[2] and not _paired(chain[0], kinds, env))
+                                                      or bool((c[1] < 0).any())):
             # a pure rearrangement of the canonical value, an intermediate of one (repeat_kv), or a
             # part of a fused projection that still holds other heads
             cv[n], kinds[n] = cv[chain[0]], (c[0] if c is not None else None)
@@ -71,9 +74,12 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
         if any(kinds[a] != kind for a in chain):
             raise _Skip(f"{role} path: '{n.name}' mixes tensors of different head layouts")
         conv = {a: to_kind(cv[a], kind) for a in chain}
-        new_args = fx.map_arg(n.args, lambda a: conv[a] if a in conv else side(a))
-        new_kwargs = fx.map_arg(n.kwargs, lambda a: conv[a] if a in conv else side(a))
-        out = g.create_node(n.op, n.target, new_args, new_kwargs)
+        if name in RESHAPES:  # sizes named by the traced graph: keep the leading (token, head) dims as they come
+            out = g.call_function(reshape_tail, (conv[chain[0]], _LEAD[kind], _tail(n, chain[0], env, kind, role)))
+        else:
+            new_args = fx.map_arg(n.args, lambda a: conv[a] if a in conv else side(a))
+            new_kwargs = fx.map_arg(n.kwargs, lambda a: conv[a] if a in conv else side(a))
+            out = g.create_node(n.op, n.target, new_args, new_kwargs)
         out_kind = c[0] if c is not None else kind
         if out_kind != kind:
             raise _Skip(f"{role} path: '{n.name}' changes the head layout inside a per-head op")
@@ -83,28 +89,44 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
         return None, [], {}
     g.output(cv[core_in])
     gm = fx.GraphModule(consts, g)
-    info = _describe(path, env, replayed, dh)
-    return HeadTransform(gm, len(sides), ", ".join(sorted(set(replayed)))), sides, info
+    transform = HeadTransform(gm, len(sides), ", ".join(sorted(set(replayed))))
+    dtype = env[proj].dtype if env[proj].is_floating_point() else None
+    return transform, sides, _describe(transform, sides, env, lay, replayed, dh, dtype or torch.float32)
+
+
+def _paired(n: fx.Node, kinds: dict, env: dict) -> bool:
+    """``n`` holds per-head values with more trailing dims than (…, d), e.g. RoPE pairs (…, d/2, 2)."""
+    base = {"BHSD": 4, "BSHD": 4, "(BH)SD": 3}.get(kinds.get(n))
+    return base is not None and env[n].ndim > base
+
+
+RESHAPES = {"view", "reshape", "_unsafe_view"}
+_LEAD = {"BHSD": 3, "BSHD": 3, "(BH)SD": 2}  # token and head dims of each layout
+
+
+def reshape_tail(x, lead: int, tail: tuple):
+    """``x`` with its per-head dims after the first ``lead`` reshaped to ``tail``: (B, H, S, d) -> (B, H, S, d/2, 2)."""
+    return x.reshape(*x.shape[:lead], *tail)
+
+
+def _tail(n: fx.Node, src: fx.Node, env: dict, kind: str, role: str) -> tuple:
+    """The per-head shape a reshape gives, when it leaves the token and head dims alone."""
+    lead = _LEAD[kind]
+    a, b = env[src].shape, env[n].shape
+    if tuple(a[:lead]) != tuple(b[:lead]):
+        raise _Skip(f"{role} path: '{n.name}' reshapes across heads or tokens inside a per-head op")
+    return tuple(int(s) for s in b[lead:])
 
 
 def _get_attr_from_env(node: fx.Node, env: dict):
     return env[node]
 
 
-def _describe(path, env, replayed, dh) -> dict:
-    """RoPE layout and q/k norm, read from the replayed ops."""
+def _describe(transform: HeadTransform, sides: list, env: dict, lay, replayed, dh, dtype) -> dict:
+    """RoPE layout (read by execution, ``rope.rope_layout``) and whether a q/k norm is among the ops."""
     names = set(replayed)
-    info: dict = {"rope": None, "rotary_dims": 0, "norm": bool({"rsqrt", "native_layer_norm", "layer_norm",
-                                                                  "rms_norm"} & names)}
-    if "neg" in names and "cat" in names:
-        info["rope"] = "rotate_half"
-    elif "neg" in names and ("stack" in names or "flatten" in names):
-        info["rope"] = "interleaved"
-    if info["rope"]:
-        info["rotary_dims"] = dh
-        for n in path:
-            if op_name(n) == "slice" and n.args[1] in (-1, 3) and len(n.args) > 3 and n.args[2] == 0:
-                end = n.args[3]
-                if isinstance(end, int) and end < dh and end * 2 != dh:
-                    info["rotary_dims"] = min(info["rotary_dims"], end)
-    return info
+    norm = bool({"rsqrt", "native_layer_norm", "layer_norm", "rms_norm"} & names)
+    rope, dims = rope_layout(transform, [env[a] for a in sides], lay.B, lay.S, dh, dtype)
+    if rope is None and "neg" in names:  # looks rotary but could not be probed: no pass may rely on a layout
+        rope, dims = "other", dh
+    return {"rope": rope, "rotary_dims": dims, "norm": norm}
