@@ -95,14 +95,17 @@ class HeadTransform(nn.Module):
     """A per-head map ``[B, H, S, d] -> [B, H, S, d]`` taken from the original graph (RoPE, q/k norm).
 
     Wraps an fx GraphModule ``f(x, *side)``; the side inputs (cos, sin, ...) are graph inputs of the
-    site. It holds no head count, so it works for any H.
+    site. It holds no head count, so it works for any H; except ``heads``: it acts on all H·d features at
+    once (a q/k norm over the whole projection, OLMo-2) and is exact only for that many heads.
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule, n_side: int, description: str = ""):
+    def __init__(self, graph_module: torch.fx.GraphModule, n_side: int, description: str = "",
+                 heads: Optional[int] = None):
         super().__init__()
         self.fn = graph_module
         self.n_side = n_side
         self.description = description
+        self.heads = heads
 
     def forward(self, x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
         return self.fn(x, *side)

@@ -36,10 +36,16 @@ def _basis(b: int, s: int, d: int, dtype) -> torch.Tensor:
 def rope_layout(transform, sides: list, b: int, s: int, d: int, dtype=torch.float32) -> tuple:
     """(layout, rotary_dims) of ``transform`` on (B, H, S, d) with its side inputs; (None, 0) if it rotates
     nothing (a norm alone) or cannot be probed."""
+    heads = getattr(transform, "heads", None)
     with torch.no_grad():
         try:
-            x = _basis(b, s, d, dtype)
-            y = transform(x, *sides)
+            if heads is None:
+                x = _basis(b, s, d, dtype)
+                y = transform(x, *sides)
+            else:  # exact at its own head count only: one basis vector at a time, in every head
+                x = torch.eye(d, dtype=dtype)[:, None, None, None, :].expand(d, b, heads, s, d)
+                y = torch.stack([transform(e.contiguous(), *sides)[:, 0] for e in x], 1)  # (B, d, S, d)
+                x = x[:, :, 0].transpose(0, 1)
         except Exception:  # noqa: BLE001 - a transform that cannot run on d heads is not read
             return None, 0
         if y.shape != x.shape:
@@ -80,7 +86,7 @@ def _pairs(off: torch.Tensor, rotary: torch.Tensor) -> Optional[set]:
 def _linear(transform, sides, b, s, d, dtype) -> bool:
     """T(u + 2v) = T(u) + 2 T(v) on random inputs (false with a q/k norm)."""
     g = torch.Generator().manual_seed(0)
-    u, v = (torch.randn(b, 2, s, d, generator=g, dtype=dtype) for _ in range(2))
+    u, v = (torch.randn(b, getattr(transform, "heads", None) or 2, s, d, generator=g, dtype=dtype) for _ in range(2))
     with torch.no_grad():
         lhs, rhs = transform(u + 2 * v, *sides), transform(u, *sides) + 2 * transform(v, *sides)
     return bool(((lhs - rhs).abs() <= 1e-4 * (1 + rhs.abs())).all())

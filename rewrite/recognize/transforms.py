@@ -22,6 +22,7 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
     side_ph: dict = {}
     consts: dict = {}
     replayed = []
+    whole = False  # an op acts on all heads' features at once: exact at this head count only
 
     def side(a: fx.Node):
         if a.op == "get_attr":
@@ -33,13 +34,15 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
             sides.append(a)
         return side_ph[a]
 
-    def to_kind(v, kind):
+    def to_kind(v, kind, ndim):
         if kind == "BHSD":
             return v
         if kind == "BSHD":
             return g.call_method("transpose", (v, 1, 2))
         if kind == "(BH)SD":
             return g.call_method("flatten", (v, 0, 1))
+        if kind == "flat" and ndim in (2, 3):  # the whole projection before the head split (OLMo-2 q/k norm)
+            return g.call_function(to_flat, (v, lay.L, ndim))
         raise _Skip(f"{role} path: an op on a tensor laid out as {kind} cannot be replayed per head")
 
     def from_kind(v, kind):
@@ -48,32 +51,52 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
         if kind == "BSHD":
             return g.call_method("transpose", (v, 1, 2))
         b = g.call_method("size", (X, 0))
+        if kind == "flat":
+            return g.call_function(from_flat, (v, lay.L, b, dh))
         return g.call_method("unflatten", (v, 0, (b, -1)))
+
+    raw: dict = {}  # node -> its value in the projection's own flat layout (ops over the whole projection)
+
+    def canon(a):  # the canonical (B, H, S, d) value of a path node
+        if a not in cv:
+            cv[a] = from_kind(raw[a], "flat")
+        return cv[a]
+
+    def as_kind(a, kind):  # the value of a path node in the layout ``kind`` it had in the model
+        return raw[a] if kind == "flat" and a in raw else to_kind(canon(a), kind, env[a].ndim)
 
     for n in path:
         name = op_name(n)
-        chain = [a for a in n.all_input_nodes if a in cv]
+        chain = [a for a in n.all_input_nodes if a in kinds]
         c = cls.get(n)
         if name in INDEX_OPS and len(chain) == 1 and (c is None or (c[2] and not _paired(chain[0], kinds, env))
                                                       or bool((c[1] < 0).any())):
             # a pure rearrangement of the canonical value, an intermediate of one (repeat_kv), or a
             # part of a fused projection that still holds other heads
-            cv[n], kinds[n] = cv[chain[0]], (c[0] if c is not None else None)
+            if chain[0] in raw and c is not None and c[0] == "flat":
+                raw[n] = raw[chain[0]]
+            else:
+                cv[n] = canon(chain[0])
+            kinds[n] = c[0] if c is not None else None
             continue
         if not chain:
             raise _Skip(f"{role} path: '{n.name}' lost track of the heads")
-        scalar = name in SCALAR_OPS and not any(a not in cv for a in n.all_input_nodes)
+        kind = kinds[chain[0]]
+        scalar = name in SCALAR_OPS and not any(a not in kinds for a in n.all_input_nodes)
         if scalar:  # elementwise with Python scalars: layout-free
-            new_args = fx.map_arg(n.args, lambda a: cv[a])
-            new_kwargs = fx.map_arg(n.kwargs, lambda a: cv[a])
-            cv[n] = g.create_node(n.op, n.target, new_args, new_kwargs)
-            kinds[n] = kinds[chain[0]]
+            flat = any(a in raw for a in chain)
+            args = {a: (raw[a] if a in raw else to_kind(canon(a), "flat", env[a].ndim)) if flat else canon(a)
+                    for a in chain}
+            out = g.create_node(n.op, n.target, fx.map_arg(n.args, args.__getitem__),
+                                fx.map_arg(n.kwargs, args.__getitem__))
+            (raw if flat else cv)[n] = out
+            kinds[n] = "flat" if flat else kind
             replayed.append(name)
             continue
-        kind = kinds[chain[0]]
         if any(kinds[a] != kind for a in chain):
             raise _Skip(f"{role} path: '{n.name}' mixes tensors of different head layouts")
-        conv = {a: to_kind(cv[a], kind) for a in chain}
+        conv = {a: as_kind(a, kind) for a in chain}
+        whole = whole or kind == "flat"
         if name in RESHAPES:  # sizes named by the traced graph: keep the leading (token, head) dims as they come
             out = g.call_function(reshape_tail, (conv[chain[0]], _LEAD[kind], _tail(n, chain[0], env, kind, role)))
         else:
@@ -83,15 +106,34 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
         out_kind = c[0] if c is not None else kind
         if out_kind != kind:
             raise _Skip(f"{role} path: '{n.name}' changes the head layout inside a per-head op")
-        cv[n], kinds[n] = from_kind(out, kind), kind
+        if kind == "flat":  # kept as it is: reductions over the projection ((B, S, 1)) have no per-head form
+            raw[n] = out
+        else:
+            cv[n] = from_kind(out, kind)
+        kinds[n] = kind
         replayed.append(name)
     if not replayed:
         return None, [], {}
-    g.output(cv[core_in])
+    g.output(canon(core_in))
     gm = fx.GraphModule(consts, g)
-    transform = HeadTransform(gm, len(sides), ", ".join(sorted(set(replayed))))
+    description = ", ".join(sorted(set(replayed))) + (f" over the whole projection of {n_heads} heads" if whole else "")
+    transform = HeadTransform(gm, len(sides), description, heads=n_heads if whole else None)
     dtype = env[proj].dtype if env[proj].is_floating_point() else None
     return transform, sides, _describe(transform, sides, env, lay, replayed, dh, dtype or torch.float32)
+
+
+def to_flat(x, layout: str, ndim: int):
+    """(B, H, S, d) -> the projection's own layout (B, S, H·d) | (S, B, H·d), or its 2-D (tokens, H·d)."""
+    y = (x.transpose(1, 2) if layout == "BSD" else x.permute(2, 0, 1, 3)).flatten(2)
+    return y if ndim == 3 else y.flatten(0, 1)
+
+
+def from_flat(y, layout: str, b: int, d: int):
+    """The inverse of ``to_flat``: (B, S, H·d) | (S, B, H·d) | (tokens, H·d) -> (B, H, S, d)."""
+    if y.dim() == 2:
+        y = y.unflatten(0, (b, -1)) if layout == "BSD" else y.unflatten(0, (-1, b))
+    y = y.unflatten(-1, (-1, d))
+    return y.transpose(1, 2) if layout == "BSD" else y.permute(1, 2, 0, 3)
 
 
 def _paired(n: fx.Node, kinds: dict, env: dict) -> bool:
