@@ -50,7 +50,7 @@ def _part_from_spec(d, groups: dict):
 def _transform_spec(t):
     if t is None:
         return None
-    return {"n_side": t.n_side, "description": t.description, "graph": graph_to_json(t.fn)}
+    return {"n_side": t.n_side, "description": t.description, "heads": t.heads, "graph": graph_to_json(t.fn)}
 
 
 def op_spec(op: Attention, groups: dict) -> dict:
@@ -74,7 +74,7 @@ def op_from_spec(spec: dict, groups: dict) -> Attention:
     for key in ("q_transform", "k_transform"):
         d = spec[key]
         transforms[key] = None if d is None else HeadTransform(graph_from_json(d["graph"]), d["n_side"],
-                                                                 d["description"])
+                                                                 d["description"], heads=d.get("heads"))
     maps = {m: torch.tensor(spec[m], device="cpu") for m in ("k_map", "v_map")}  # real values, even under meta
     op = Attention(**t, **maps, scale=spec["scale"],
                    causal=spec["causal"], info=SiteInfo(**spec["info"]), **transforms)
