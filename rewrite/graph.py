@@ -46,10 +46,14 @@ def install(gm: fx.GraphModule, matches: list) -> fx.GraphModule:
 
 
 def _impure(n: fx.Node) -> bool:
-    """Only real side effects count: SDPA is tagged nondeterministic (dropout) yet is dead code here."""
+    """Only real side effects count: SDPA is tagged nondeterministic (dropout) yet is dead code here; an
+    in-place op (``copy_`` into a slice, as the chunked gated-delta rule writes its matrix) is kept."""
     if n.op in ("placeholder", "output", "call_module"):
         return True
-    return n.op == "call_function" and n.target in fx.node._side_effectful_functions
+    if n.op != "call_function":
+        return False
+    schema = getattr(n.target, "_schema", None)
+    return n.target in fx.node._side_effectful_functions or bool(schema is not None and schema.is_mutable)
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
