@@ -11,7 +11,7 @@
 - ``score_fn``: ``None`` (softmax, run by SDPA) or a module replacing the core
   (clipped softmax, linear attention);
 - ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
-  (gated attention, MoH);
+  (gated attention, MoH), or per feature ``g [B, Hq, Sq, dv]`` (a model's own output gate);
 - ``weights``: ``None`` (the op owns ``wq..wo`` as Parameters) or a provider module whose
   ``forward()`` returns ``(wq, wk, wv, wo)``, built once per forward (shared matrix atoms, MASA).
   ``op.wq`` etc. still read as tensors; ``heads.rebuild`` turns them back into owned Parameters.
@@ -316,8 +316,9 @@ class Attention(nn.Module):
             if mask is not None and mask.shape[-1] > k.shape[2]:
                 mask = mask[..., :k.shape[2]]  # a static cache's mask may be longer than the keys so far
             o = self._scores(q, k, v, mask, is_causal)
-        if self.head_gate is not None:
-            o = o * self.head_gate(self, x, q).unsqueeze(-1)
+        if self.head_gate is not None:  # g [B, Hq, Sq] per head, or [B, Hq, Sq, dv] per feature
+            g = self.head_gate(self, x, q)
+            o = o * (g.unsqueeze(-1) if g.dim() == 3 else g)
         return self.merge(o, None if weights is None else weights[3])
 
     def extra_repr(self) -> str:

@@ -26,7 +26,7 @@ __all__ = ["op_spec", "op_from_spec", "plan_spec", "plan_from_spec", "PART_CLASS
 FIELDS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 PART_CLASSES = {  # class name -> module holding it
     "ClippedSoftmax": "rewrite.scores", "SigmoidHeadGate": "rewrite.scores", "MoHGate": "rewrite.scores",
-    "LinearAttention": "rewrite.passes.lit", "AtomWeights": "rewrite.passes.masa",
+    "LinearAttention": "rewrite.passes.lit", "AtomWeights": "rewrite.passes.masa", "OutputGate": "rewrite.output_gate",
 }
 
 

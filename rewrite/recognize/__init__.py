@@ -58,7 +58,7 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
         g = hq // k_map.numel()
         k_map = torch.arange(hq) // g
         v_map = torch.arange(hq) // (hq // v.kv_map.numel())
-    o_proj, wo, bo, out_2d, o_sources = _output_projection(gm, core, q, env)
+    o_proj, wo, bo, out_2d, o_sources, gate = _output_projection(gm, core, q, env)
     dh = q.w.shape[1]
     scale = core.scale if core.scale is not None else 1.0 / math.sqrt(dh)
     paths = [_module_path(core.node), _module_path(o_proj)]
@@ -71,6 +71,7 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
                                                                          for m in core.masks) else "additive"))
     op = Attention(q.w, k.w, v.w, wo, q.b, k.b, v.b, bo, k_map, v_map, scale=scale, causal=core.causal,
                    info=info, q_transform=q.transform, k_transform=k.transform)
+    op.head_gate = gate  # the model's own output gate (rewrite.output_gate), or None
     sides = q.sides + k.sides
     kv = None if k.x is q.x else k.x
     m = Match(name, op, q.x, kv, core.masks, sides, o_proj, out_2d)

@@ -38,8 +38,9 @@ def _propagate(path: list, source: fx.Node, source_tag, env: dict) -> dict:
                 tags[n] = pairs[id(t)][1] if id(t) in pairs else None
             continue
         if name in INDEX_OPS and all(tags[a] is not None for a in chain):
-            try:
-                tags[n] = _run_node_with(n, env, tags)
+            try:  # a view of strided tags: the values' own memory order may allow it where the tags' does not
+                tags[n] = _run_node_with(n, env, {a: tags[a].contiguous() if name in ("view", "_unsafe_view")
+                                                  and isinstance(tags[a], torch.Tensor) else tags[a] for a in chain})
                 continue
             except Exception:  # noqa: BLE001 - an op that cannot run on int tags is opaque
                 pass
