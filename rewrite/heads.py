@@ -32,7 +32,8 @@ def refuse_fixed_heads(op: Attention, fields: dict) -> None:
     whole projection (a norm over all H·d features before the head split, OLMo-2): its denominator and
     per-feature gains belong to those very heads, so removing, merging, adding, reordering or re-mixing them
     is not exact."""
-    for side, t, w, b in (("query", op.q_transform, "wq", "bq"), ("key", op.k_transform, "wk", "bk")):
+    for side, t, w, b in (("query", op.q_transform, "wq", "bq"), ("key", op.k_transform, "wk", "bk"),
+                          ("value", op.v_transform, "wv", "bv")):
         if t is None or t.heads is None:
             continue
         if not (_same(fields.get(w, getattr(op, w)), getattr(op, w)) and _same(fields.get(b, getattr(op, b)),
@@ -58,7 +59,7 @@ def rebuild(op: Attention, head_gate=None, **fields) -> Attention:
                          "passes before moh")
     new = Attention(**{n: (v.detach() if isinstance(v, torch.Tensor) else v) for n, v in cur.items()},
                     scale=op.scale, causal=op.causal, info=copy.deepcopy(op.info),
-                    q_transform=op.q_transform, k_transform=op.k_transform)
+                    q_transform=op.q_transform, k_transform=op.k_transform, v_transform=op.v_transform)
     new.score_fn = op.score_fn
     new.head_gate = head_gate
     return new

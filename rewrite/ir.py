@@ -6,8 +6,8 @@
   (``bo`` is never sliced);
 - ``k_map``/``v_map [Hq]``: the key/value head each query head reads (identity for MHA,
   contiguous blocks for GQA, arbitrary for DHA);
-- ``q_transform``/``k_transform``: the position-dependent part between the head split and the
-  core (RoPE, q/k norms), an extracted fx graph acting on ``[B, H, S, dh]`` for any H;
+- ``q_transform``/``k_transform``/``v_transform``: the part between the head split and the core (RoPE,
+  q/k norms, a v norm), an extracted fx graph acting on ``[B, H, S, dh]`` for any H;
 - ``score_fn``: ``None`` (softmax, run by SDPA) or a module replacing the core
   (clipped softmax, linear attention);
 - ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
@@ -142,6 +142,7 @@ class Attention(nn.Module):
         info: Optional[SiteInfo] = None,
         q_transform: Optional[HeadTransform] = None,
         k_transform: Optional[HeadTransform] = None,
+        v_transform: Optional[HeadTransform] = None,
     ):
         super().__init__()
         hq = wq.shape[0]
@@ -157,6 +158,7 @@ class Attention(nn.Module):
         self.info = info or SiteInfo(name="attention")
         self.q_transform = q_transform
         self.k_transform = k_transform
+        self.v_transform = v_transform  # a per-head map of the values (Gemma-4's v norm), or None
         self.score_fn: Optional[nn.Module] = None
         self.head_gate: Optional[nn.Module] = None
         self.weights: Optional[nn.Module] = None
@@ -253,8 +255,11 @@ class Attention(nn.Module):
         nq = self.q_transform.n_side if self.q_transform is not None else 0
         if self.q_transform is not None:
             q = self.q_transform(q, *side[:nq])
+        nk = self.k_transform.n_side if self.k_transform is not None else 0
         if self.k_transform is not None:
-            k = self.k_transform(k, *side[nq:nq + self.k_transform.n_side])
+            k = self.k_transform(k, *side[nq:nq + nk])
+        if self.v_transform is not None:
+            v = self.v_transform(v, *side[nq + nk:nq + nk + self.v_transform.n_side])
         return q, k, v
 
     def core(self, q, k, v, mask=None, causal: Optional[bool] = None):

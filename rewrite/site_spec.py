@@ -61,6 +61,7 @@ def op_spec(op: Attention, groups: dict) -> dict:
         "owned": own, "dtype": str(op.bo.dtype if op.bo is not None else op.wq.dtype).replace("torch.", ""),
         "k_map": op.k_map.tolist(), "v_map": op.v_map.tolist(), "scale": op.scale, "causal": op.causal,
         "info": info, "q_transform": _transform_spec(op.q_transform), "k_transform": _transform_spec(op.k_transform),
+        "v_transform": _transform_spec(op.v_transform),
         "score_fn": _part_spec(op.score_fn, groups), "head_gate": _part_spec(op.head_gate, groups),
         "weights": _part_spec(op.weights, groups),
     }
@@ -71,8 +72,8 @@ def op_from_spec(spec: dict, groups: dict) -> Attention:
     dtype = getattr(torch, spec["dtype"])
     t = {f: (torch.zeros(s, dtype=dtype) if s is not None else None) for f, s in spec["shapes"].items()}
     transforms = {}
-    for key in ("q_transform", "k_transform"):
-        d = spec[key]
+    for key in ("q_transform", "k_transform", "v_transform"):
+        d = spec.get(key)
         transforms[key] = None if d is None else HeadTransform(graph_from_json(d["graph"]), d["n_side"],
                                                                  d["description"], heads=d.get("heads"))
     maps = {m: torch.tensor(spec[m], device="cpu") for m in ("k_map", "v_map")}  # real values, even under meta

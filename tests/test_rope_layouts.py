@@ -10,7 +10,7 @@ import torch
 
 import rewrite
 from rewrite import families as fam
-from rewrite.align import Pairing, apply_head_maps, key_pairing
+from rewrite.align import Pairing, apply_head_maps, key_pairing, value_pairing
 from rewrite.errors import NoAttentionError, SpecError
 from rewrite.passes.gated_attention import GatedAttention
 from rewrite.passes.gqa import merge_site
@@ -141,6 +141,22 @@ def test_whole_projection_norm_round_trips_and_refuses_head_changes():
     assert [op.q_heads for op in pruned.sites] == [4, 4]
     diags = pruned.report.to_json()["stages"][-1]["diagnostics"]
     assert any("query norm acts on the whole projection of 4 heads" in d and "cannot be exact" in d for d in diags)
+
+
+# ---- a norm of the values before the core (Gemma-4) --------------------------------------------------------------
+def test_value_norm_round_trips_and_blocks_value_rotations():
+    model, conv = converted("gemma4_text")
+    exact(model, conv)
+    op = conv.sites[0]
+    assert op.v_transform is not None and op.info.qk_norm
+    assert value_pairing(op).free.numel() == 0 and key_pairing(op).pairs.numel() == 0  # nothing commutes
+
+
+def test_token_mixing_before_the_core_is_refused_by_name():
+    model, _ = fam.tiny_model("zaya")  # q and k pass through a causal convolution over the sequence
+    found = rewrite.inspect(model, fam.make_inputs(model, 2, 8))
+    assert len(found) == 0
+    assert "mixes tokens or heads (such as a convolution over the sequence)" in found.refusals[0].reason
 
 
 # ---- projections written as x @ W.T (Falcon) ---------------------------------------------------------------------

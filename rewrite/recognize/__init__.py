@@ -46,8 +46,6 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
     v = _read_path(gm, core.v, env, "value")
     if not torch.equal(q.kv_map, torch.arange(q.kv_map.numel())):
         raise _Skip("query heads are repeated before the core")
-    if v.transform is not None:
-        raise _Skip(f"ops on the values before the core ({v.transform.description}) are not supported")
     if k.x is not v.x:
         raise _Skip("keys and values come from different inputs")
     if q.kind != k.kind and core.node.target is not aten.scaled_dot_product_attention.default:
@@ -70,9 +68,9 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
                     mask_kind=None if not core.masks else ("bool" if all(m[0] in ("keep", "drop")
                                                                          for m in core.masks) else "additive"))
     op = Attention(q.w, k.w, v.w, wo, q.b, k.b, v.b, bo, k_map, v_map, scale=scale, causal=core.causal,
-                   info=info, q_transform=q.transform, k_transform=k.transform)
+                   info=info, q_transform=q.transform, k_transform=k.transform, v_transform=v.transform)
     op.head_gate = gate  # the model's own output gate (rewrite.output_gate), or None
-    sides = q.sides + k.sides
+    sides = q.sides + k.sides + v.sides
     kv = None if k.x is q.x else k.x
     m = Match(name, op, q.x, kv, core.masks, sides, o_proj, out_2d)
     for e in (env, probe_env):

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["rope_layout"]
+__all__ = ["rope_layout", "is_linear"]
 
 
 def _basis(b: int, s: int, d: int, dtype) -> torch.Tensor:
@@ -67,7 +67,7 @@ def rope_layout(transform, sides: list, b: int, s: int, d: int, dtype=torch.floa
         layout = "rotate_half"
     elif pairs == {(2 * int(j), 2 * int(j) + 1) for j in half}:
         layout = "interleaved"
-    if layout is None or (_linear(transform, sides, b, s, d, dtype) and not _rotations(m, pairs)):
+    if layout is None or (is_linear(transform, sides, b, s, d, dtype) and not _rotations(m, pairs)):
         return "other", r
     return layout, r
 
@@ -83,7 +83,7 @@ def _pairs(off: torch.Tensor, rotary: torch.Tensor) -> Optional[set]:
     return pairs
 
 
-def _linear(transform, sides, b, s, d, dtype) -> bool:
+def is_linear(transform, sides, b, s, d, dtype) -> bool:
     """T(u + 2v) = T(u) + 2 T(v) on random inputs (false with a q/k norm)."""
     g = torch.Generator().manual_seed(0)
     u, v = (torch.randn(b, getattr(transform, "heads", None) or 2, s, d, generator=g, dtype=dtype) for _ in range(2))

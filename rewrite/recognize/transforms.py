@@ -8,7 +8,7 @@ from torch import fx
 from ..ir import HeadTransform
 from .common import INDEX_OPS, SCALAR_OPS, _Skip, op_name
 from . import layout
-from .rope import rope_layout
+from .rope import is_linear, rope_layout
 
 def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_row, n_heads, dh, core_in, role):
     """The ops between the head split and the core, replayed on (B, H, S, d) values."""
@@ -93,6 +93,9 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
             kinds[n] = "flat" if flat else kind
             replayed.append(name)
             continue
+        if kind is None:
+            raise _Skip(f"{role} path: '{n.name}' ({name}) acts on a tensor with no per-head layout: it mixes "
+                        "tokens or heads (such as a convolution over the sequence), which no per-head op replays")
         if any(kinds[a] != kind for a in chain):
             raise _Skip(f"{role} path: '{n.name}' mixes tensors of different head layouts")
         conv = {a: as_kind(a, kind) for a in chain}
@@ -167,8 +170,13 @@ def _get_attr_from_env(node: fx.Node, env: dict):
 def _describe(transform: HeadTransform, sides: list, env: dict, lay, replayed, dh, dtype) -> dict:
     """RoPE layout (read by execution, ``rope.rope_layout``) and whether a q/k norm is among the ops."""
     names = set(replayed)
-    norm = bool({"rsqrt", "native_layer_norm", "layer_norm", "rms_norm"} & names)
-    rope, dims = rope_layout(transform, [env[a] for a in sides], lay.B, lay.S, dh, dtype)
+    side_values = [env[a] for a in sides]
+    rope, dims = rope_layout(transform, side_values, lay.B, lay.S, dh, dtype)
+    try:  # a norm, or any other op that is not linear: no rotation of the heads commutes with it
+        norm = bool({"rsqrt", "native_layer_norm", "layer_norm", "rms_norm", "linalg_vector_norm"} & names) \
+            or not is_linear(transform, side_values, lay.B, lay.S, dh, dtype)
+    except Exception:  # noqa: BLE001 - a transform that cannot be probed is treated as a norm (nothing commutes)
+        norm = True
     if rope is None and "neg" in names:  # looks rotary but could not be probed: no pass may rely on a layout
         rope, dims = "other", dh
     return {"rope": rope, "rotary_dims": dims, "norm": norm}
