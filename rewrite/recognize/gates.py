@@ -65,7 +65,7 @@ def _act(path: list, proj: fx.Node, gate: fx.Node, env: dict) -> tuple:
 
 
 def _depends_on(node: fx.Node, target: fx.Node) -> bool:
-    """``target`` is upstream of ``node``."""
+    """``target`` is upstream of ``node`` (or is it)."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
@@ -79,12 +79,13 @@ def _depends_on(node: fx.Node, target: fx.Node) -> bool:
 
 
 def read_gate(gm, mul: fx.Node, ours: fx.Node, att_tag: torch.Tensor, x: fx.Node, env: dict, hq: int, dv: int,
-              x_of, core: fx.Node) -> OutputGate:
-    """The gate of ``mul`` (one operand, ``ours``, carries the attention output with tags ``att_tag``)."""
+              x_of, core: tuple) -> OutputGate:
+    """The gate of ``mul`` (one operand, ``ours``, carries the attention output with tags ``att_tag``); ``core``:
+    the core's output, q and k nodes, which a gate of the input never reads."""
     other = mul.args[1] if mul.args[0] is ours else mul.args[0]
     if not isinstance(other, fx.Node):
         raise _Skip("the attention output is scaled by a constant before the output projection")
-    if _depends_on(other, core):
+    if any(_depends_on(other, n) for n in core):
         raise _Skip(f"the attention output is scaled by '{other.name}', a function of the attention itself "
                     "(such as sink scaling from the log-sum-exp), not a gate of the input")
     proj = _walk_back_to_projection(gm, other)

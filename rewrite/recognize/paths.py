@@ -132,7 +132,7 @@ def _output_projection(gm, core: _Core, q: _Proj, env):
     tags = _propagate(path, core.node, tag, env)
     t = tags[path[-1]] if path else tag
     gate = None if gated is None else read_gate(gm, gated[0], gated[1], tags[gated[1]], q.x, env, hq, dv, _x_of,
-                                                      core.node)
+                                                      (core.node, core.q, core.k))
     if t is None or t.shape[-1] != n_cols:
         raise _Skip("could not follow the heads from the attention output to the output projection")
     flat = t.reshape(-1, n_cols)
