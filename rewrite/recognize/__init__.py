@@ -7,14 +7,15 @@
 3. Read the head layout by running *tagged index tensors* through the index ops of each path
    (view, transpose, split, repeat_kv, ...): every element is tagged with (token, projection row),
    so fused qkv, per-head interleaving, GQA repetition and seq-first layouts all reduce to one check.
-4. The compute ops between the head split and the core (RoPE, q/k norms) become a ``HeadTransform``
-   acting on ``[B, H, S, d]``.
+4. The compute ops between the projections and the core (RoPE in every layout, q/k/v norms, also over the
+   whole projection) become a ``HeadTransform`` acting on ``[B, H, S, d]``; a gate multiplied onto the
+   attention output before W_o becomes the op's ``head_gate`` (``gates``).
 5. Confirm by execution: the canonical op must reproduce the region's output to round-off on the
    example inputs and on inputs of another batch size and sequence length; otherwise the site is a
    refusal with the reason.
 
-Stages, one module each: ``cores`` (1), ``projections`` (2), ``layout`` and ``paths`` (3), ``transforms`` (4),
-``masks``; this module assembles a site and confirms it (5).
+Stages, one module each: ``cores`` (1), ``projections`` (2), ``layout`` and ``paths`` (3), ``transforms`` and
+``rope`` (4), ``gates`` (the output gate), ``masks``; this module assembles a site and confirms it (5).
 """
 from __future__ import annotations
 

@@ -102,6 +102,10 @@ def _output_projection(gm, core: _Core, q: _Proj, env):
     while True:
         users = [u for u in node.users if op_name(u) != "_assert_tensor_metadata"]
         if len(users) != 1:
+            if any(op_name(u) in ("pow", "mean", "var", "var_mean", "native_layer_norm", "layer_norm", "rms_norm")
+                   for u in users):
+                raise _Skip(f"a norm of the attention output '{node.name}' before the output projection (over "
+                            "all heads' features, BitNet's sub-norm) is not supported: it mixes the heads")
             raise _Skip(f"attention output '{node.name}' has {len(users)} users; expected one path to the "
                         "output projection")
         u = users[0]

@@ -1,5 +1,13 @@
-"""Per-head transforms: the compute ops between the head split and the core (RoPE, q/k norms), replayed on
-``[B, H, S, d]`` values as a ``HeadTransform``."""
+"""Per-head transforms: the compute ops between the projection and the core (RoPE, q/k/v norms), replayed on
+``[B, H, S, d]`` values as a ``HeadTransform``.
+
+Each op runs in the layout it had in the model (BHSD, BSHD, (BH)SD) and its result is brought back to
+(B, H, S, d), so the transform works for any head count; values may carry trailing pair dims
+((B, H, S, d/2, 2): ``stack(...).flatten(-2)``, ``view_as_complex``), and reshapes keep the token and head dims
+as they come (``reshape_tail``). Ops on the whole projection before the head split (OLMo-2's q/k norm over
+all H·d features) run on the flat (B, S, H·d) value; such a transform is exact only at its own head count
+(``HeadTransform.heads``). The RoPE layout is then read by execution (``rope.rope_layout``).
+"""
 from __future__ import annotations
 
 import torch
