@@ -42,10 +42,15 @@ def rope_layout(transform, sides: list, b: int, s: int, d: int, dtype=torch.floa
             if heads is None:
                 x = _basis(b, s, d, dtype)
                 y = transform(x, *sides)
-            else:  # exact at its own head count only: one basis vector at a time, in every head
-                x = torch.eye(d, dtype=dtype)[:, None, None, None, :].expand(d, b, heads, s, d)
-                y = torch.stack([transform(e.contiguous(), *sides)[:, 0] for e in x], 1)  # (B, d, S, d)
-                x = x[:, :, 0].transpose(0, 1)
+            else:  # runs at its own head count only: head h of run r holds e_j, j = r·H + h (mod d)
+                runs = -(-d // heads)
+                j = (torch.arange(runs)[:, None] * heads + torch.arange(heads)[None, :]) % d  # [runs, H]
+                eye = torch.eye(d, dtype=dtype)
+                y = torch.empty(b, d, s, d, dtype=dtype)
+                for r in range(runs):
+                    out = transform(eye[j[r]][None, :, None, :].expand(b, heads, s, d).contiguous(), *sides)
+                    y[:, j[r]] = out  # (B, H, S, d): the column of each basis vector it held
+                x = _basis(b, s, d, dtype)
         except Exception:  # noqa: BLE001 - a transform that cannot run on d heads is not read
             return None, 0
         if y.shape != x.shape:
