@@ -175,7 +175,8 @@ def _projection_inputs(op, rec) -> dict:
         q, k, v = op.project_qkv(x, kv, *side)
         o = op.core(q, k, v, mask)
         if op.head_gate is not None:
-            o = o * op.head_gate(op, x, q).unsqueeze(-1)
+            g = op.head_gate(op, x, q)  # per head [B, Hq, Sq] or per feature [B, Hq, Sq, dv]
+            o = o * (g.unsqueeze(-1) if g.dim() == 3 else g)
     q_keep = keep if kv is None or kv is x else None
     return {"x": (x, q_keep, layout), "kv": (rec.kv_input, keep, layout),
             "o": (o.transpose(1, 2).flatten(-2), q_keep, "BSD")}

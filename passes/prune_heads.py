@@ -31,7 +31,7 @@ from typing import Optional
 
 from rewrite.errors import SpecError
 from rewrite.graph import sites, with_sites
-from rewrite.heads import select_query_heads
+from rewrite.heads import FixedHeads, select_query_heads
 from rewrite.importance import check_method, head_importance
 from rewrite.pass_base import Diagnostic, Pass, PassResult, register
 
@@ -77,7 +77,12 @@ class PruneHeads(Pass):
                                    "q_heads_after": op.q_heads - len(gone)}
             if not gone:
                 continue
-            new = select_query_heads(op, [h for h in range(op.q_heads) if h not in gone])
+            try:
+                new = select_query_heads(op, [h for h in range(op.q_heads) if h not in gone])
+            except FixedHeads as e:  # a q norm over the whole projection: removing heads is not exact
+                diags.append(Diagnostic("skip", str(e), op.info.name))
+                stats[op.info.name]["q_heads_after"] = op.q_heads
+                continue
             stats[op.info.name].update(kv_heads_before=op.kv_heads, kv_heads_after=new.kv_heads)
             replace[i] = new
         return PassResult(with_sites(gm, replace), bool(replace), stats, diags)

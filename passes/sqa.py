@@ -133,8 +133,9 @@ def _reorder(op, current: list, wanted: list):
     if current == wanted:
         return op
     perm = torch.tensor([current.index(h) for h in wanted])
-    return rebuild(op, wq=op.wq[perm], bq=op.bq[perm] if op.bq is not None else None, wo=op.wo[:, perm],
-                   k_map=op.k_map[perm], v_map=op.v_map[perm])
+    gate = op.head_gate.select(perm) if hasattr(op.head_gate, "select") else None  # the gates move with their heads
+    return rebuild(op, head_gate=gate, wq=op.wq[perm], bq=op.bq[perm] if op.bq is not None else None,
+                   wo=op.wo[:, perm], k_map=op.k_map[perm], v_map=op.v_map[perm])
 
 
 def _pool_groups(op, kv_heads: int, g: int):

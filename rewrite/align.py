@@ -67,6 +67,9 @@ def key_pairing(op: Attention) -> Pairing:
 
 
 def value_pairing(op: Attention) -> Pairing:
+    """Any orthogonal map of V heads, unless a value transform (a v norm's gains) sits before the core."""
+    if op.v_transform is not None:
+        return Pairing(op.v_head_dim, _NO_PAIRS, torch.zeros(0, dtype=torch.long))
     return Pairing(op.v_head_dim, _NO_PAIRS, torch.arange(op.v_head_dim))
 
 

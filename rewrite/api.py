@@ -113,7 +113,7 @@ def inspect(model: nn.Module, example_inputs) -> Inspection:
         op = m.op
         out.append(SiteSummary(m.name, op.q_heads, op.kv_heads, op.head_dim, op.info.layout, op.info.rope,
                                op.causal, bool(m.masks),
-                               ", ".join(t.description for t in (op.q_transform, op.k_transform) if t)))
+                               ", ".join(t.description for t in (op.q_transform, op.k_transform, op.v_transform) if t)))
     return Inspection(out, refusals)
 
 

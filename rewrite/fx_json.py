@@ -3,7 +3,7 @@
     graph → {"nodes": [{op, name, target, args, kwargs}], "consts": {name: {shape, dtype}}}
 
 Targets are ATen overloads (``aten.mul.Tensor``), tensor method names, ``operator``/``math`` functions, a few
-``torch`` functions and rewrite's own ``combine_masks``; anything else is refused by name. Constant tensors
+``torch`` functions and rewrite's own (``combine_masks``, the per-head replays ``reshape_tail``/``to_flat``/``from_flat``); anything else is refused by name. Constant tensors
 (``get_attr``, e.g. a q/k-norm weight) become buffers of the rebuilt module, so their values travel in the
 weights file; ``consts`` holds only their shapes and dtypes.
 """
@@ -23,15 +23,22 @@ __all__ = ["graph_to_json", "graph_from_json", "graph_constants"]
 _PY_MODULES = {"operator": operator, "math": math, "builtins": builtins}
 
 
+def _rewrite_functions() -> dict:
+    """rewrite's own functions that captured graphs call: masks, and per-head replays of reshapes and flat ops."""
+    from .recognize import combine_masks
+    from .recognize.transforms import from_flat, reshape_tail, to_flat
+
+    return {"combine_masks": combine_masks, "reshape_tail": reshape_tail, "to_flat": to_flat, "from_flat": from_flat}
+
+
 def _target_name(target) -> str:
     if isinstance(target, str):
         return target
     if isinstance(target, torch._ops.OpOverload):
         return "aten:" + str(target)  # e.g. aten.mul.Tensor
-    from .recognize import combine_masks
-
-    if target is combine_masks:
-        return "rewrite:combine_masks"
+    for key, fn in _rewrite_functions().items():
+        if target is fn:
+            return f"rewrite:{key}"
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", "")
     if module in ("_operator", "operator") and hasattr(operator, name):
@@ -51,9 +58,7 @@ def _resolve(name: str):
         ns, op, overload = rest.split(".")
         return getattr(getattr(getattr(torch.ops, ns), op), overload)
     if kind == "rewrite":
-        from .recognize import combine_masks
-
-        return {"combine_masks": combine_masks}[rest]
+        return _rewrite_functions()[rest]
     if kind == "py":
         mod, _, attr = rest.partition(".")
         return getattr(_PY_MODULES[mod], attr)

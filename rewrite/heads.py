@@ -15,14 +15,43 @@ import torch
 
 from .ir import Attention
 
-__all__ = ["rebuild", "select_query_heads", "pool_kv", "duplicate_kv", "contiguous_map"]
+__all__ = ["FixedHeads", "refuse_fixed_heads", "rebuild", "select_query_heads", "pool_kv", "duplicate_kv", "contiguous_map"]
+
+
+class FixedHeads(ValueError):
+    """A change of heads the site cannot take exactly; passes skip the site with this reason."""
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape
+                                         and torch.equal(a.detach(), b.detach()))
+
+
+def refuse_fixed_heads(op: Attention, fields: dict) -> None:
+    """Raise ``FixedHeads`` when ``fields`` change the query (or key) projection under a q/k transform over the
+    whole projection (a norm over all H·d features before the head split, OLMo-2): its denominator and
+    per-feature gains belong to those very heads, so removing, merging, adding, reordering or re-mixing them
+    is not exact."""
+    for side, t, w, b in (("query", op.q_transform, "wq", "bq"), ("key", op.k_transform, "wk", "bk"),
+                          ("value", op.v_transform, "wv", "bv")):
+        if t is None or t.heads is None:
+            continue
+        if not (_same(fields.get(w, getattr(op, w)), getattr(op, w)) and _same(fields.get(b, getattr(op, b)),
+                                                                                getattr(op, b))):
+            raise FixedHeads(f"{op.info.name}: its {side} norm acts on the whole projection of {t.heads} heads "
+                             f"before the head split ({t.description}); changing its {side} heads would change "
+                             "the norm's denominator and gains, so this pass cannot be exact here")
 
 
 def rebuild(op: Attention, head_gate=None, **fields) -> Attention:
-    """A new op with ``fields`` (wq, bq, wk, bk, wv, bv, wo, bo, k_map, v_map) replaced (and ``head_gate``)."""
+    """A new op with ``fields`` (wq, bq, wk, bk, wv, bv, wo, bo, k_map, v_map) replaced (and ``head_gate``).
+
+    Raises ``FixedHeads`` when the query or key projection changes under a whole-projection transform.
+    """
     names = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_map", "v_map")
     cur = {n: getattr(op, n) for n in names}
     cur.update(fields)
+    refuse_fixed_heads(op, fields)
     head_gate = op.head_gate if head_gate is None else head_gate
     if head_gate is not None and head_gate is op.head_gate and cur["wq"].shape[0] != op.q_heads:
         raise ValueError(f"{op.info.name}: its head gate ({type(op.head_gate).__name__}) is sized for "
@@ -30,7 +59,7 @@ def rebuild(op: Attention, head_gate=None, **fields) -> Attention:
                          "passes before moh")
     new = Attention(**{n: (v.detach() if isinstance(v, torch.Tensor) else v) for n, v in cur.items()},
                     scale=op.scale, causal=op.causal, info=copy.deepcopy(op.info),
-                    q_transform=op.q_transform, k_transform=op.k_transform)
+                    q_transform=op.q_transform, k_transform=op.k_transform, v_transform=op.v_transform)
     new.score_fn = op.score_fn
     new.head_gate = head_gate
     return new

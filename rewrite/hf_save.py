@@ -63,7 +63,8 @@ def stock_state(conv, model):
     heads = None
     for op, base in zip(ops, base_ops):
         name = op.info.name
-        if op.q_transform is not base.q_transform or op.k_transform is not base.k_transform:
+        if op.q_transform is not base.q_transform or op.k_transform is not base.k_transform \
+                or op.v_transform is not base.v_transform:
             return None, f"{name}: the per-head transforms changed"
         try:
             final = HFLayout.normalize(op, base.scale)

@@ -6,12 +6,12 @@
   (``bo`` is never sliced);
 - ``k_map``/``v_map [Hq]``: the key/value head each query head reads (identity for MHA,
   contiguous blocks for GQA, arbitrary for DHA);
-- ``q_transform``/``k_transform``: the position-dependent part between the head split and the
-  core (RoPE, q/k norms), an extracted fx graph acting on ``[B, H, S, dh]`` for any H;
+- ``q_transform``/``k_transform``/``v_transform``: the part between the head split and the core (RoPE,
+  q/k norms, a v norm), an extracted fx graph acting on ``[B, H, S, dh]`` for any H;
 - ``score_fn``: ``None`` (softmax, run by SDPA) or a module replacing the core
   (clipped softmax, linear attention);
 - ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
-  (gated attention, MoH);
+  (gated attention, MoH), or per feature ``g [B, Hq, Sq, dv]`` (a model's own output gate);
 - ``weights``: ``None`` (the op owns ``wq..wo`` as Parameters) or a provider module whose
   ``forward()`` returns ``(wq, wk, wv, wo)``, built once per forward (shared matrix atoms, MASA).
   ``op.wq`` etc. still read as tensors; ``heads.rebuild`` turns them back into owned Parameters.
@@ -95,14 +95,17 @@ class HeadTransform(nn.Module):
     """A per-head map ``[B, H, S, d] -> [B, H, S, d]`` taken from the original graph (RoPE, q/k norm).
 
     Wraps an fx GraphModule ``f(x, *side)``; the side inputs (cos, sin, ...) are graph inputs of the
-    site. It holds no head count, so it works for any H.
+    site. It holds no head count, so it works for any H; except ``heads``: it acts on all H·d features at
+    once (a q/k norm over the whole projection, OLMo-2) and is exact only for that many heads.
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule, n_side: int, description: str = ""):
+    def __init__(self, graph_module: torch.fx.GraphModule, n_side: int, description: str = "",
+                 heads: Optional[int] = None):
         super().__init__()
         self.fn = graph_module
         self.n_side = n_side
         self.description = description
+        self.heads = heads
 
     def forward(self, x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
         return self.fn(x, *side)
@@ -139,6 +142,7 @@ class Attention(nn.Module):
         info: Optional[SiteInfo] = None,
         q_transform: Optional[HeadTransform] = None,
         k_transform: Optional[HeadTransform] = None,
+        v_transform: Optional[HeadTransform] = None,
     ):
         super().__init__()
         hq = wq.shape[0]
@@ -154,6 +158,7 @@ class Attention(nn.Module):
         self.info = info or SiteInfo(name="attention")
         self.q_transform = q_transform
         self.k_transform = k_transform
+        self.v_transform = v_transform  # a per-head map of the values (Gemma-4's v norm), or None
         self.score_fn: Optional[nn.Module] = None
         self.head_gate: Optional[nn.Module] = None
         self.weights: Optional[nn.Module] = None
@@ -250,8 +255,11 @@ class Attention(nn.Module):
         nq = self.q_transform.n_side if self.q_transform is not None else 0
         if self.q_transform is not None:
             q = self.q_transform(q, *side[:nq])
+        nk = self.k_transform.n_side if self.k_transform is not None else 0
         if self.k_transform is not None:
-            k = self.k_transform(k, *side[nq:nq + self.k_transform.n_side])
+            k = self.k_transform(k, *side[nq:nq + nk])
+        if self.v_transform is not None:
+            v = self.v_transform(v, *side[nq + nk:nq + nk + self.v_transform.n_side])
         return q, k, v
 
     def core(self, q, k, v, mask=None, causal: Optional[bool] = None):
@@ -313,8 +321,9 @@ class Attention(nn.Module):
             if mask is not None and mask.shape[-1] > k.shape[2]:
                 mask = mask[..., :k.shape[2]]  # a static cache's mask may be longer than the keys so far
             o = self._scores(q, k, v, mask, is_causal)
-        if self.head_gate is not None:
-            o = o * self.head_gate(self, x, q).unsqueeze(-1)
+        if self.head_gate is not None:  # g [B, Hq, Sq] per head, or [B, Hq, Sq, dv] per feature
+            g = self.head_gate(self, x, q)
+            o = o * (g.unsqueeze(-1) if g.dim() == 3 else g)
         return self.merge(o, None if weights is None else weights[3])
 
     def extra_repr(self) -> str:

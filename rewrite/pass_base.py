@@ -85,9 +85,14 @@ def rewrite_each_site(gm, rewrite: Callable) -> PassResult:
     """``rewrite(index, op) -> (new_op | None, stats, diagnostics)`` on every site, gathered into one result."""
     from .graph import sites, with_sites
 
+    from .heads import FixedHeads
+
     replace, stats, diags = {}, {}, []
     for i, op in enumerate(sites(gm)):
-        new, st, dg = rewrite(i, op)
+        try:
+            new, st, dg = rewrite(i, op)
+        except FixedHeads as e:  # a head change this site cannot take exactly: skipped, with the reason
+            new, st, dg = None, {}, [Diagnostic("skip", str(e), op.info.name)]
         diags.extend(dg)
         if st:
             stats[op.info.name] = st

@@ -26,7 +26,7 @@ __all__ = ["op_spec", "op_from_spec", "plan_spec", "plan_from_spec", "PART_CLASS
 FIELDS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 PART_CLASSES = {  # class name -> module holding it
     "ClippedSoftmax": "rewrite.scores", "SigmoidHeadGate": "rewrite.scores", "MoHGate": "rewrite.scores",
-    "LinearAttention": "rewrite.passes.lit", "AtomWeights": "rewrite.passes.masa",
+    "LinearAttention": "rewrite.passes.lit", "AtomWeights": "rewrite.passes.masa", "OutputGate": "rewrite.output_gate",
 }
 
 
@@ -50,7 +50,7 @@ def _part_from_spec(d, groups: dict):
 def _transform_spec(t):
     if t is None:
         return None
-    return {"n_side": t.n_side, "description": t.description, "graph": graph_to_json(t.fn)}
+    return {"n_side": t.n_side, "description": t.description, "heads": t.heads, "graph": graph_to_json(t.fn)}
 
 
 def op_spec(op: Attention, groups: dict) -> dict:
@@ -61,6 +61,7 @@ def op_spec(op: Attention, groups: dict) -> dict:
         "owned": own, "dtype": str(op.bo.dtype if op.bo is not None else op.wq.dtype).replace("torch.", ""),
         "k_map": op.k_map.tolist(), "v_map": op.v_map.tolist(), "scale": op.scale, "causal": op.causal,
         "info": info, "q_transform": _transform_spec(op.q_transform), "k_transform": _transform_spec(op.k_transform),
+        "v_transform": _transform_spec(op.v_transform),
         "score_fn": _part_spec(op.score_fn, groups), "head_gate": _part_spec(op.head_gate, groups),
         "weights": _part_spec(op.weights, groups),
     }
@@ -71,10 +72,10 @@ def op_from_spec(spec: dict, groups: dict) -> Attention:
     dtype = getattr(torch, spec["dtype"])
     t = {f: (torch.zeros(s, dtype=dtype) if s is not None else None) for f, s in spec["shapes"].items()}
     transforms = {}
-    for key in ("q_transform", "k_transform"):
-        d = spec[key]
+    for key in ("q_transform", "k_transform", "v_transform"):
+        d = spec.get(key)
         transforms[key] = None if d is None else HeadTransform(graph_from_json(d["graph"]), d["n_side"],
-                                                                 d["description"])
+                                                                 d["description"], heads=d.get("heads"))
     maps = {m: torch.tensor(spec[m], device="cpu") for m in ("k_map", "v_map")}  # real values, even under meta
     op = Attention(**t, **maps, scale=spec["scale"],
                    causal=spec["causal"], info=SiteInfo(**spec["info"]), **transforms)

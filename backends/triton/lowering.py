@@ -104,6 +104,8 @@ class TritonSite(nn.Module):
         self.kind, self.options = site_kind(op)
 
     def core(self, q, k, v, mask, gate):
+        if gate is not None and gate.dim() == 4:  # a per-feature output gate [B, Hq, Sq, dv]: after the kernel
+            return self.core(q, k, v, mask, None) * gate
         op = self.op
         pad, causal = split_mask(mask, q.shape[0], q.shape[2], k.shape[2], op.causal, op.info.name)
         try:

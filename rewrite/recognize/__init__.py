@@ -7,14 +7,15 @@
 3. Read the head layout by running *tagged index tensors* through the index ops of each path
    (view, transpose, split, repeat_kv, ...): every element is tagged with (token, projection row),
    so fused qkv, per-head interleaving, GQA repetition and seq-first layouts all reduce to one check.
-4. The compute ops between the head split and the core (RoPE, q/k norms) become a ``HeadTransform``
-   acting on ``[B, H, S, d]``.
+4. The compute ops between the projections and the core (RoPE in every layout, q/k/v norms, also over the
+   whole projection) become a ``HeadTransform`` acting on ``[B, H, S, d]``; a gate multiplied onto the
+   attention output before W_o becomes the op's ``head_gate`` (``gates``).
 5. Confirm by execution: the canonical op must reproduce the region's output to round-off on the
    example inputs and on inputs of another batch size and sequence length; otherwise the site is a
    refusal with the reason.
 
-Stages, one module each: ``cores`` (1), ``projections`` (2), ``layout`` and ``paths`` (3), ``transforms`` (4),
-``masks``; this module assembles a site and confirms it (5).
+Stages, one module each: ``cores`` (1), ``projections`` (2), ``layout`` and ``paths`` (3), ``transforms`` and
+``rope`` (4), ``gates`` (the output gate), ``masks``; this module assembles a site and confirms it (5).
 """
 from __future__ import annotations
 
@@ -46,8 +47,6 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
     v = _read_path(gm, core.v, env, "value")
     if not torch.equal(q.kv_map, torch.arange(q.kv_map.numel())):
         raise _Skip("query heads are repeated before the core")
-    if v.transform is not None:
-        raise _Skip(f"ops on the values before the core ({v.transform.description}) are not supported")
     if k.x is not v.x:
         raise _Skip("keys and values come from different inputs")
     if q.kind != k.kind and core.node.target is not aten.scaled_dot_product_attention.default:
@@ -58,7 +57,7 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
         g = hq // k_map.numel()
         k_map = torch.arange(hq) // g
         v_map = torch.arange(hq) // (hq // v.kv_map.numel())
-    o_proj, wo, bo, out_2d, o_sources = _output_projection(gm, core, q, env)
+    o_proj, wo, bo, out_2d, o_sources, gate = _output_projection(gm, core, q, env)
     dh = q.w.shape[1]
     scale = core.scale if core.scale is not None else 1.0 / math.sqrt(dh)
     paths = [_module_path(core.node), _module_path(o_proj)]
@@ -70,8 +69,9 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
                     mask_kind=None if not core.masks else ("bool" if all(m[0] in ("keep", "drop")
                                                                          for m in core.masks) else "additive"))
     op = Attention(q.w, k.w, v.w, wo, q.b, k.b, v.b, bo, k_map, v_map, scale=scale, causal=core.causal,
-                   info=info, q_transform=q.transform, k_transform=k.transform)
-    sides = q.sides + k.sides
+                   info=info, q_transform=q.transform, k_transform=k.transform, v_transform=v.transform)
+    op.head_gate = gate  # the model's own output gate (rewrite.output_gate), or None
+    sides = q.sides + k.sides + v.sides
     kv = None if k.x is q.x else k.x
     m = Match(name, op, q.x, kv, core.masks, sides, o_proj, out_2d)
     for e in (env, probe_env):

@@ -18,7 +18,7 @@ HEAD_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguo
 
 
 INDEX_OPS = HEAD_OPS | {"slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow",
-                        "getitem", "cat"}
+                        "getitem", "cat", "stack", "index"}
 
 
 SCALAR_OPS = {"mul", "div", "add", "sub", "_to_copy", "to", "type_as"}

@@ -10,6 +10,7 @@ from torch import fx
 from ..ir import HeadTransform
 from .common import HEAD_OPS, _Skip, op_name
 from .cores import _Core
+from .gates import read_gate
 from .layout import _Layout, _propagate, _to_bhsd
 from .projections import _path, _projection, _projection_sources, _walk_back_to_projection
 from .transforms import _build_transform
@@ -91,18 +92,30 @@ def _read_path(gm, core_in: fx.Node, env: dict, role: str) -> _Proj:
     return _Proj(x, flattened, wh, bh, torch.tensor(kv_map), kind, lay, transform, sides, sources=sources, **info)
 
 
+CASTS = {"to", "_to_copy", "type_as"}
+
+
 def _output_projection(gm, core: _Core, q: _Proj, env):
     node = core.node
     path = []
+    gated = None  # (mul, its operand on the attention side): the model's own output gate
     while True:
         users = [u for u in node.users if op_name(u) != "_assert_tensor_metadata"]
         if len(users) != 1:
+            if any(op_name(u) in ("pow", "mean", "var", "var_mean", "native_layer_norm", "layer_norm", "rms_norm")
+                   for u in users):
+                raise _Skip(f"a norm of the attention output '{node.name}' before the output projection (over "
+                            "all heads' features, BitNet's sub-norm) is not supported: it mixes the heads")
             raise _Skip(f"attention output '{node.name}' has {len(users)} users; expected one path to the "
                         "output projection")
         u = users[0]
         if _projection(gm, u) is not None and _projection(gm, u)[0] is node:
             break
-        if op_name(u) not in HEAD_OPS:
+        if op_name(u) == "mul" and gated is None and len(u.all_input_nodes) == 2:
+            gated = (u, node)
+        elif op_name(u) in CASTS and env[u].dtype == env[node].dtype and env[u].shape == env[node].shape:
+            pass  # a cast to the dtype it already has
+        elif op_name(u) not in HEAD_OPS:
             raise _Skip(f"op '{op_name(u)}' between the attention output and the output projection")
         path.append(u)
         node = u
@@ -122,6 +135,8 @@ def _output_projection(gm, core: _Core, q: _Proj, env):
         raise _Skip(f"attention output in layout {q.kind}")
     tags = _propagate(path, core.node, tag, env)
     t = tags[path[-1]] if path else tag
+    gate = None if gated is None else read_gate(gm, gated[0], gated[1], tags[gated[1]], q.x, env, hq, dv, _x_of,
+                                                      (core.node, core.q, core.k))
     if t is None or t.shape[-1] != n_cols:
         raise _Skip("could not follow the heads from the attention output to the output projection")
     flat = t.reshape(-1, n_cols)
@@ -133,4 +148,4 @@ def _output_projection(gm, core: _Core, q: _Proj, env):
     out_2d = env[o_proj].ndim == 2
     wname, bname, transposed = _projection_sources(o_proj)
     sources = {"wo": (wname, inv, transposed), "bo": (bname, None, False) if b_o is not None else None}
-    return o_proj, wo, b_o, out_2d, sources
+    return o_proj, wo, b_o, out_2d, sources, gate

@@ -21,13 +21,30 @@ def _projection_sources(node: fx.Node):
     if name == "addmm":
         return _name_of(node.args[2]), _name_of(node.args[0]), True
     if name in ("matmul", "mm"):
-        return _name_of(node.args[1]), None, True
+        w = node.args[1]
+        if _is_transpose(w):  # x @ W.T with W stored [out, in] (Falcon's FalconLinear)
+            return _name_of(w.args[0]), None, False
+        return _name_of(w), None, True
     if node.op == "call_module":
         return f"{node.target}.weight", f"{node.target}.bias", False
     return None, None, False
 
 
-WEIGHT_VIEW_OPS = {"getitem", "split", "split_with_sizes", "chunk", "slice", "narrow", "select", "t", "transpose",
+def _is_transpose(node) -> bool:
+    """``node`` is the 2-D transpose of another node: ``W.T``, ``W.t()``, ``W.transpose(0, 1)``, ``W.mT``."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    name = op_name(node)
+    if name in ("t", "numpy_T"):
+        return True
+    if name == "transpose":
+        return {d % 2 for d in node.args[1:3]} == {0, 1}
+    if name == "permute":
+        return list(node.args[1]) in ([1, 0], [-1, -2])
+    return False
+
+
+WEIGHT_VIEW_OPS = {"numpy_T", "getitem", "split", "split_with_sizes", "chunk", "slice", "narrow", "select", "t", "transpose",
                    "permute", "view", "reshape", "_unsafe_view", "unflatten", "contiguous", "clone", "detach"}
 
 

@@ -1,0 +1,203 @@
+"""Every RoPE layout, whole-projection q/k norms, ``x @ W.T`` projections, the models' own output gates and the
+MLA refusal (issue 11): each captured family round-trips exactly at another batch and length than traced, with
+and without padding, and the passes that change heads stay exact, or refuse with the reason."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import rewrite
+from rewrite import families as fam
+from rewrite.align import Pairing, apply_head_maps, key_pairing, value_pairing
+from rewrite.errors import NoAttentionError, SpecError
+from rewrite.passes.gated_attention import GatedAttention
+from rewrite.passes.gqa import merge_site
+from rewrite.recognize.rope import rope_layout
+
+
+@functools.lru_cache(maxsize=None)
+def converted(family: str):
+    model, _ = fam.tiny_model(family)
+    conv = rewrite.convert(model, passes=[], example_inputs=fam.make_inputs(model, 2, 8), progress=False)
+    return model, conv
+
+
+def exact(model, conv) -> None:
+    for pad in (False, True):
+        err = fam.rel_err(model, conv, fam.make_inputs(model, 3, 13, pad=pad, seed=1))
+        assert err <= fam.EXACT_TOL, f"pad={pad}: {err:.2e}"
+
+
+# ---- RoPE layouts -------------------------------------------------------------------------------------------
+LAYOUTS = {  # family: (layout, rotary dims of 16) as the model writes it
+    "gptj": ("interleaved", 8),  # rotate_every_two, partial rotary with a pass-through part
+    "cohere": ("interleaved", 16),  # stack(-x2, x1).flatten(-2)
+    "glm": ("interleaved", 8),  # stack/flatten, partial
+    "llama4_text": ("interleaved", 16),  # view_as_complex, then an L2 q/k norm
+    "phi3": ("rotate_half", 16),  # partial_rotary_factor 1.0: an empty pass-through slice
+}
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUTS))
+def test_rope_layout_round_trips_and_is_named(family):
+    model, conv = converted(family)
+    assert len(conv.sites) == fam.count_attention(model, fam.make_inputs(model, 2, 8))
+    assert conv.report.refusals == []
+    for op in conv.sites:
+        assert (op.info.rope, op.info.rotary_dims) == LAYOUTS[family]
+    exact(model, conv)
+
+
+def _rope(x, cos, sin, layout):
+    if layout == "rotate_half":
+        x1, x2 = x.chunk(2, -1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return x * cos + torch.stack([-x2, x1], -1).flatten(-2) * sin
+
+
+def test_rope_layout_is_read_by_execution():
+    b, s, d, r = 2, 5, 8, 4
+    ang = torch.arange(s)[:, None] * torch.tensor([0.3, 0.7])[None, :]  # (S, r/2)
+    half = {"rotate_half": torch.cat([ang, ang], -1), "interleaved": ang.repeat_interleave(2, -1)}
+
+    def partial(layout):
+        cos, sin = half[layout].cos(), half[layout].sin()
+        return lambda x: torch.cat([_rope(x[..., :r], cos, sin, layout), x[..., r:]], -1)
+
+    assert rope_layout(partial("rotate_half"), [], b, s, d) == ("rotate_half", r)
+    assert rope_layout(partial("interleaved"), [], b, s, d) == ("interleaved", r)
+    assert rope_layout(lambda x: x * 2.0, [], b, s, d) == (None, 0)  # nothing rotates
+    flip = lambda x: torch.cat([x[..., 1:2], x[..., 0:1], x[..., 2:]], -1)  # mixes, but is no rotation
+    assert rope_layout(flip, [], b, s, d) == ("other", 2)
+
+
+def _rotations(p: Pairing, heads: int, seed: int = 0) -> torch.Tensor:
+    """Random maps [H, d, d] that a pairing allows: a 2×2 rotation per pair, orthogonal on the free dims."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.eye(p.dim, dtype=torch.float64).repeat(heads, 1, 1)
+    for h in range(heads):
+        th = torch.rand(len(p.pairs), generator=g, dtype=torch.float64) * 6.28
+        i, j = p.pairs[:, 0], p.pairs[:, 1]
+        t[h, i, i], t[h, j, j], t[h, i, j], t[h, j, i] = th.cos(), th.cos(), -th.sin(), th.sin()
+        f = p.free
+        if f.numel():
+            qm, _ = torch.linalg.qr(torch.randn(f.numel(), f.numel(), generator=g, dtype=torch.float64))
+            t[h, f[:, None], f[None, :]] = qm
+    return t
+
+
+@pytest.mark.parametrize("family", ["gptj", "cohere"])
+def test_align_rotations_commute_with_interleaved_rope(family):
+    """align's key pairing for an interleaved site is (2j, 2j+1) on the rotary dims: rotating K heads by maps
+    it allows (queries by the inverse transpose) is exact; rotate_half's pairs on the same site are not."""
+    model, conv = converted(family)
+    op = conv.sites[0]
+    p = key_pairing(op)
+    r = op.info.rotary_dims
+    assert p.pairs.tolist() == [[2 * j, 2 * j + 1] for j in range(r // 2)]
+    assert p.free.tolist() == list(range(r, op.head_dim))
+    calls = []
+    hook = op.register_forward_hook(lambda m, args, out: calls.append((args, out)))
+    with torch.no_grad():
+        conv(**fam.make_inputs(model, 3, 13, seed=2))
+    hook.remove()
+    args, ref = calls[0]
+    good = apply_head_maps(op, _rotations(p, op.k_heads))
+    half = torch.arange(r // 2)
+    wrong = Pairing(op.head_dim, torch.stack([half, half + r // 2], 1), p.free)
+    bad = apply_head_maps(op, _rotations(wrong, op.k_heads))
+    with torch.no_grad():
+        scale = float(ref.abs().max())
+        assert float((good(*args) - ref).abs().max()) <= 1e-5 * scale
+        assert float((bad(*args) - ref).abs().max()) > 1e-3 * scale
+
+
+def test_gqa_on_interleaved_rope():
+    model, conv = converted("cohere")  # 4 query heads, 2 KV heads
+    ex = fam.make_inputs(model, 2, 8)
+    merged = rewrite.convert(model, passes=["gqa{kv_heads=1}"], example_inputs=ex, progress=False)
+    assert [op.kv_heads for op in merged.sites] == [1, 1]
+    assert merged.report.to_json()["stages"][-1]["exact"] is False
+    same = rewrite.convert(model, passes=["gqa{kv_heads=4}"], example_inputs=ex, progress=False)  # KV copies
+    assert [op.kv_heads for op in same.sites] == [4, 4]
+    exact(model, same)
+
+
+# ---- q/k norm over the whole projection (OLMo-2) ----------------------------------------------------------------
+def test_whole_projection_norm_round_trips_and_refuses_head_changes():
+    model, conv = converted("olmo2")
+    exact(model, conv)
+    op = conv.sites[0]
+    assert op.info.qk_norm and (op.info.rope, op.info.rotary_dims) == ("rotate_half", 16)
+    assert (op.q_transform.heads, op.k_transform.heads) == (4, 2)
+    ex = fam.make_inputs(model, 2, 8)
+    with pytest.raises(SpecError, match=r"key norm acts on the whole projection of 2 heads before the head split"):
+        rewrite.convert(model, passes=["gqa{kv_heads=1}"], example_inputs=ex, progress=False)
+    assert merge_site(op, 2, "mean") == (None, {}, [])  # gqa at the head count it has: unchanged, exact
+    pruned = rewrite.convert(model, passes=["prune-heads{heads=0:1}"], example_inputs=ex, progress=False)
+    assert [op.q_heads for op in pruned.sites] == [4, 4]
+    diags = pruned.report.to_json()["stages"][-1]["diagnostics"]
+    assert any("query norm acts on the whole projection of 4 heads" in d and "cannot be exact" in d for d in diags)
+
+
+# ---- a norm of the values before the core (Gemma-4) --------------------------------------------------------------
+def test_value_norm_round_trips_and_blocks_value_rotations():
+    model, conv = converted("gemma4_text")
+    exact(model, conv)
+    op = conv.sites[0]
+    assert op.v_transform is not None and op.info.qk_norm
+    assert value_pairing(op).free.numel() == 0 and key_pairing(op).pairs.numel() == 0  # nothing commutes
+
+
+def test_token_mixing_before_the_core_is_refused_by_name():
+    model, _ = fam.tiny_model("zaya")  # q and k pass through a causal convolution over the sequence
+    found = rewrite.inspect(model, fam.make_inputs(model, 2, 8))
+    assert len(found) == 0
+    assert "mixes tokens or heads (such as a convolution over the sequence)" in found.refusals[0].reason
+
+
+# ---- projections written as x @ W.T (Falcon) ---------------------------------------------------------------------
+def test_falcon_linear_round_trips():
+    model, conv = converted("falcon")
+    assert len(conv.sites) == 2 and conv.report.refusals == []
+    exact(model, conv)
+    src = conv.sites[0].info.sources["wq"]
+    assert src[0].endswith("query_key_value.weight") and src[2] is False  # stored [out, in]
+
+
+# ---- the models' own output gates --------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,per_head", [("afmoe", False), ("laguna", True)])
+def test_output_gate_round_trips(family, per_head):
+    model, conv = converted(family)
+    exact(model, conv)
+    gate = conv.sites[0].head_gate
+    assert type(gate).__name__ == "OutputGate" and gate.per_head is per_head
+
+
+def test_prune_heads_slices_the_output_gate():
+    """prune-heads on a gated site equals the original with that head's W_o columns zeroed."""
+    model, conv = converted("afmoe")
+    ex = fam.make_inputs(model, 2, 8)
+    pruned = rewrite.convert(model, passes=["prune-heads{heads=0:1}"], example_inputs=ex, progress=False)
+    assert [op.q_heads for op in pruned.sites] == [3, 4]
+    assert pruned.sites[0].head_gate.weight.shape[0] == 3
+    ref = fam.tiny_model("afmoe")[0]
+    o = ref.get_submodule(pruned.sites[0].info.name + ".o_proj")
+    d = o.weight.shape[1] // 4
+    with torch.no_grad():
+        o.weight[:, d:2 * d] = 0
+    err = fam.rel_err(ref, pruned, fam.make_inputs(ref, 3, 13, pad=True, seed=1))
+    assert err <= fam.EXACT_TOL
+    new, _, diags = GatedAttention().rewrite_site(0, conv.sites[0], None)
+    assert new is None and "already has a head gate (OutputGate)" in diags[0].message
+
+
+# ---- MLA ------------------------------------------------------------------------------------------------------
+def test_mla_is_refused_by_name():
+    model, _ = fam.tiny_model("deepseek_v2")
+    with pytest.raises(NoAttentionError, match=r"model\.layers\.0\.self_attn: multi-head latent attention \(MLA\) "
+                                               r"is not supported yet"):
+        rewrite.convert(model, passes=[], example_inputs=fam.make_inputs(model, 2, 8), progress=False)
