@@ -10,6 +10,9 @@
   core (RoPE, q/k norms), an extracted fx graph acting on ``[B, H, S, dh]`` for any H;
 - ``score_fn``: ``None`` (softmax, run by SDPA) or a module replacing the core
   (clipped softmax, linear attention);
+- score modifiers (``rewrite.score_mods``): ``s' = c·tanh(s/c) + M[:, bias_map]`` with ``softcap = c``
+  (0: none) and ``bias_map [Hq]`` (None: the mask has no per-head rows), the row of the mask's head axis
+  each query head reads, so per-head biases (ALiBi, relative position) follow the query heads;
 - ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
   (gated attention, MoH);
 - ``weights``: ``None`` (the op owns ``wq..wo`` as Parameters) or a provider module whose
@@ -28,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .score_mods import select_bias, softcapped_attention
 
 __all__ = ["Attention", "HeadTransform", "SiteInfo", "hidden", "causal_keep", "DROP"]
 
@@ -139,6 +144,9 @@ class Attention(nn.Module):
         info: Optional[SiteInfo] = None,
         q_transform: Optional[HeadTransform] = None,
         k_transform: Optional[HeadTransform] = None,
+        bias_map: Optional[torch.Tensor] = None,
+        bias_heads: int = 0,
+        softcap: float = 0.0,
     ):
         super().__init__()
         hq = wq.shape[0]
@@ -154,6 +162,9 @@ class Attention(nn.Module):
         self.info = info or SiteInfo(name="attention")
         self.q_transform = q_transform
         self.k_transform = k_transform
+        self.register_buffer("bias_map", None if bias_map is None else bias_map.clone().long())
+        self.bias_heads = int(bias_heads or (0 if bias_map is None else bias_map.numel()))  # H₀ of the mask
+        self.softcap = float(softcap)
         self.score_fn: Optional[nn.Module] = None
         self.head_gate: Optional[nn.Module] = None
         self.weights: Optional[nn.Module] = None
@@ -222,6 +233,8 @@ class Attention(nn.Module):
         """Choose the cheapest way to expand K/V heads to query heads after the maps change."""
         self._k_group = _contiguous_groups(self.k_map, self.k_heads)
         self._v_group = _contiguous_groups(self.v_map, self.v_heads)
+        self._bias_identity = self.bias_map is None or (self.bias_map.numel() == self.bias_heads and torch.equal(
+            self.bias_map.cpu(), torch.arange(self.bias_heads)))
 
     # ---- the computation ----------------------------------------------------------------------
     def _split(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -260,6 +273,7 @@ class Attention(nn.Module):
         With fewer queries than keys (decoding with a cache) a causal site's queries are the last Sq
         positions: query i sees keys j ≤ i + Sk − Sq.
         """
+        mask = select_bias(mask, self.bias_map, self._bias_identity)  # per-head bias rows of these heads
         if self.score_fn is not None:
             return self.score_fn(self, q, k, v, mask)
         if torch.onnx.is_in_onnx_export():  # one standard ONNX Attention node, same semantics as SDPA
@@ -272,6 +286,10 @@ class Attention(nn.Module):
             mask, causal = None, True  # same function; SDPA then skips the hidden blocks
         if causal and sq != sk:  # SDPA's is_causal is top-left aligned: spell out the bottom-right rule
             mask, causal = (None if sq == 1 else causal_keep(sq, sk, q.device)), False
+        if self.softcap:  # SDPA has no soft-cap: the scores are spelled out
+            k = self._expand(k, self.k_map, self._k_group)
+            v = self._expand(v, self.v_map, self._v_group)
+            return softcapped_attention(q, k, v, mask, self.scale, self.softcap, causal)
         group = self._k_group if self._k_group == self._v_group else None
         if group and group > 1 and not _tracing():  # K/V stay at their own head count (no copies)
             return _grouped_attention(q, k, v, mask, causal, self.scale, group)
@@ -320,7 +338,9 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.info.name}: q_heads={self.q_heads}, k_heads={self.k_heads}, "
                 f"v_heads={self.v_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}, "
-                f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}")
+                f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}"
+                + (f", bias_heads={self.bias_heads}" if self.bias_map is not None else "")
+                + (f", softcap={self.softcap:g}" if self.softcap else ""))
 
 
 def _rows_fold(q, mask, causal: bool, limit: int) -> bool:
