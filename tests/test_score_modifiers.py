@@ -94,10 +94,10 @@ def test_prune_heads_keeps_each_heads_bias(converted, family):
     ref = _zero_heads(model, family, gone, op.head_dim)
     with torch.no_grad():
         want = fam._first(ref(**inputs, **fam.no_cache(ref))).float()
-    got = _run(conv, gm, inputs)
-    assert float((got - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
+    got, tol = _run(conv, gm, inputs), TOL * max(1.0, float(want.abs().max()))
+    assert float((got - want).abs().max()) <= tol
     wrong = rebuild(pruned, bias_map=torch.tensor([0, 1]))  # the same heads reading other heads' bias rows
-    assert float((_run(conv, with_sites(conv.gm, {0: wrong}), inputs) - want).abs().max()) > 1e-3
+    assert float((_run(conv, with_sites(conv.gm, {0: wrong}), inputs) - want).abs().max()) > 10 * tol
 
 
 def test_prune_heads_pass_slices_the_bias(converted):
