@@ -202,6 +202,22 @@ def test_gqa_duplicate_on_alibi_is_exact(alibi):
         assert torch.allclose(conv(x), model(x), rtol=TOL, atol=TOL)
 
 
+def test_sqa_keeps_the_bias_of_the_heads_it_keeps():
+    """sqa (keep case, MHA → 2 query heads): the kept heads compute what they did, with their own ALiBi slopes."""
+    torch.manual_seed(0)
+    model = AlibiAttn(kv_heads=4).eval()
+    conv = rewrite.convert(model, passes=["sqa{q_heads=2,kv_heads=2}"], example_inputs=(_x(2, 8),), progress=False)
+    op = conv.sites[0]
+    kept = op.bias_map.tolist()
+    assert op.q_heads == 2 and len(set(kept)) == 2
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for h in set(range(4)) - set(kept):
+            ref.o.weight[:, h * ref.dh:(h + 1) * ref.dh] = 0
+        x = _x(3, 11, seed=1)
+        assert torch.allclose(conv(x), ref(x), rtol=TOL, atol=TOL)
+
+
 def test_softcap_round_trip_and_triton_refusal():
     torch.manual_seed(0)
     model = AlibiAttn(softcap=2.0).eval()

@@ -166,6 +166,8 @@ def _manual_core(sm: fx.Node, env) -> _Core:
             if not isinstance(a, fx.Node):
                 a, b = b, a
             if not isinstance(b, fx.Node) or env[b].numel() == 1:
+                if softcap:
+                    raise _Skip("a constant is added to the scores inside the tanh soft-cap")
                 node = a  # a constant shift: softmax(s + a) = softmax(s)
                 continue
             if node.kwargs.get("alpha", 1) != 1:
