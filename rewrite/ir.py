@@ -268,7 +268,8 @@ class Attention(nn.Module):
         return q, k, v
 
     def core(self, q, k, v, mask=None, causal: Optional[bool] = None):
-        """softmax(q kᵀ·scale + mask) v over expanded heads, (B, Hq, Sq, dv).
+        """softmax(c·tanh(q kᵀ·scale / c) + M[:, bias_map]) v over expanded heads, (B, Hq, Sq, dv); without a
+        soft-cap (c = 0) the scores are q kᵀ·scale, and a mask without a head axis is shared by all heads.
 
         With fewer queries than keys (decoding with a cache) a causal site's queries are the last Sq
         positions: query i sees keys j ≤ i + Sk − Sq.

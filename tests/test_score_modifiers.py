@@ -226,6 +226,7 @@ def test_softcap_round_trip_and_triton_refusal():
     x = _x(3, 11, seed=1)
     with torch.no_grad():
         assert torch.allclose(conv(x), model(x), rtol=TOL, atol=TOL)
+    assert str(rewrite.inspect(model, (_x(2, 8),))).endswith("per-head score bias (4 of 4 rows), tanh soft-cap c=2")
     from rewrite.backends.triton.lowering import site_kind
 
     with pytest.raises(BackendError, match=r"site .*: the tanh soft-cap of the scores \(c·tanh\(s/c\), c=2\)"):
