@@ -243,6 +243,29 @@ def test_onnx_export_of_soft_cap_and_alibi_matches_onnxruntime(tmp_path):
     assert info["attention_nodes"] == 1 and info["max_abs_err"] <= 1e-4
 
 
+class ShiftedRows(AlibiAttn):
+    """softmax(s − max_j s + 0.5) · v over (B·H, S, S) scores (bmm, as older eager attention code does)."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (t(x).view(b, s, self.h, self.dh).transpose(1, 2).reshape(b * self.h, s, self.dh)
+                   for t in (self.q, self.k, self.v))  # (B·H, S, d); kv_heads == heads
+        scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(self.dh)  # (B·H, S, S)
+        scores = (scores - scores.amax(-1, keepdim=True) + 0.5).view(b, self.h, s, s)
+        y = torch.bmm(torch.softmax(scores, -1).view(b * self.h, s, s), v).view(b, self.h, s, self.dh)
+        return self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_row_shifts_and_head_views_of_the_scores_are_exact():
+    torch.manual_seed(0)
+    model = ShiftedRows(kv_heads=4).eval()
+    conv = rewrite.convert(model, passes=[], example_inputs=(_x(2, 8),), progress=False)
+    assert len(conv.sites) == 1 and conv.report.refusals == []
+    x = _x(3, 11, seed=1)
+    with torch.no_grad():
+        assert torch.allclose(conv(x), model(x), rtol=TOL, atol=TOL)
+
+
 # ---- refusals ---------------------------------------------------------------------------------------------
 def test_deberta_disentangled_attention_is_refused_by_name():
     from transformers import DebertaV2Config, DebertaV2Model

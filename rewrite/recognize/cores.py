@@ -84,6 +84,19 @@ def _heads_view(node: fx.Node, env) -> Optional[str]:
     return None
 
 
+def _row_max_of(m, s: fx.Node) -> bool:
+    """``m`` is ``max(s, -1, keepdim=True)`` (values, or ``amax``), perhaps detached: a per-row shift of ``s``."""
+    while isinstance(m, fx.Node) and op_name(m) in ("detach", "alias", "_to_copy", "to"):
+        m = m.args[0]
+    if isinstance(m, fx.Node) and op_name(m) == "getitem" and m.args[1] == 0:
+        m = m.args[0]
+    if not (isinstance(m, fx.Node) and op_name(m) in ("max", "amax") and m.args[0] is s):
+        return False
+    dim = _arg(m, 1, "dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    return dim == -1 and bool(_arg(m, 2, "keepdim", False))
+
+
 def _floor(v, env) -> bool:
     """A scalar at or below -1e30 (``finfo(float32).min``): flooring scores at it changes no visible score."""
     v = env.get(v) if isinstance(v, fx.Node) else v
@@ -111,7 +124,7 @@ def _manual_core(sm: fx.Node, env) -> _Core:
     """``softmax(c·tanh(q·kᵀ·scale / c) + masks) · v``, reading back from the softmax ``sm``:
 
     scalar scales, additive terms and fills (also in place: ``add_``, ``masked_fill_``), a soft-cap, scalar
-    constants (softmax(s + a) = softmax(s)), views of ``(B·H, Sq, Sk)`` scores as ``(B, H, Sq, Sk)`` (terms
+    constants and the row maximum (softmax(s + a) = softmax(s)), a floor at ``finfo.min``, views of ``(B·H, Sq, Sk)`` scores as ``(B, H, Sq, Sk)`` (terms
     added before the view are marked ``@H`` and unflattened by ``combine_masks``), and ``baddbmm``'s bias.
     """
     dim = sm.args[1]
@@ -151,6 +164,10 @@ def _manual_core(sm: fx.Node, env) -> _Core:
                             "(B, H, Sq, Sk)")
             flat, viewed = flat if form == "same" else form == "split", True
             node = node.args[0]
+        elif name == "sub" and _row_max_of(node.args[1], node.args[0]):
+            if softcap:
+                raise _Skip("the row maximum is subtracted inside the tanh soft-cap")
+            node = node.args[0]  # s − max_j s: softmax(s − a_i) = softmax(s) for a shift a_i per query row
         elif name in ("max", "maximum", "clamp_min") and len(node.args) == 2 and _floor(node.args[1], env):
             node = node.args[0]  # max(s, finfo.min): keeps every score a mask does not hide
         elif name in ("mul", "div") and isinstance(node.args[0], fx.Node):
