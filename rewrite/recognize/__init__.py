@@ -14,7 +14,8 @@
    refusal with the reason.
 
 Stages, one module each: ``cores`` (1), ``projections`` (2), ``layout`` and ``paths`` (3), ``transforms`` (4),
-``masks``; this module assembles a site and confirms it (5).
+``masks``, ``modifiers`` (what lies between the score matmul and the softmax); this module assembles a site and
+confirms it (5).
 """
 from __future__ import annotations
 

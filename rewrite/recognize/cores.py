@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -10,6 +9,8 @@ from torch import fx
 
 from .common import MATMULS, PASS_THROUGH, _arg, _Skip, op_name
 from .masks import _hide_kind
+from .modifiers import (VIEWS, _floor, _heads_view, _peel_scale, _refuse_content_terms, _row_max_of, _scalar,
+                        _softcap_of)
 from .projections import _projection, _weight_of
 
 @dataclasses.dataclass
@@ -36,88 +37,6 @@ def _strip_kt(node: fx.Node) -> fx.Node:
         if p[-2:] == [len(p) - 1, len(p) - 2] or p[-2:] == [-1, -2]:
             return node.args[0]
     raise _Skip(f"key of the score matmul is not a transposed tensor ('{node.name}')")
-
-
-def _scalar(v, env) -> float:
-    if isinstance(v, fx.Node):
-        t = env[v]
-        if isinstance(t, torch.Tensor) and t.numel() == 1:
-            return float(t)
-        if isinstance(t, (int, float)):
-            return float(t)
-        raise _Skip(f"score scaling by a non-scalar tensor '{v.name}'")
-    return float(v)
-
-
-VIEWS = {"view", "reshape", "_unsafe_view"}
-
-
-def _softcap_of(node: fx.Node, env) -> Optional[tuple]:
-    """``(c, s)`` when ``node`` is ``c·tanh(s / c)`` (``s·(1/c)`` accepted), else None."""
-    if op_name(node) != "mul":
-        return None
-    a, b = node.args[0], node.args[1]
-    t, c = (a, b) if isinstance(a, fx.Node) and op_name(a) == "tanh" else (b, a)
-    if not (isinstance(t, fx.Node) and op_name(t) == "tanh") or isinstance(c, fx.Node):
-        return None
-    inner = t.args[0]
-    if not isinstance(inner, fx.Node) or op_name(inner) not in ("div", "mul") or isinstance(inner.args[1], fx.Node):
-        raise _Skip("'tanh' between the score matmul and softmax is not a soft-cap c·tanh(s/c)")
-    inv = float(inner.args[1]) if op_name(inner) == "div" else 1.0 / float(inner.args[1])
-    if not math.isclose(inv, float(c), rel_tol=1e-6):
-        raise _Skip(f"'tanh' soft-cap divides by {inv:g} but multiplies by {float(c):g}")
-    return float(c), inner.args[0]
-
-
-def _heads_view(node: fx.Node, env) -> Optional[str]:
-    """"split" when ``node`` views ``(B·H, Sq, Sk)`` scores as ``(B, H, Sq, Sk)``, "merge" the other way,
-    "same" for a view that keeps the shape, else None."""
-    src, out = env[node.args[0]], env[node]
-    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
-        return None
-    if tuple(src.shape) == tuple(out.shape):
-        return "same"
-    flat, full = (src, out) if src.dim() == 3 else (out, src)
-    if flat.dim() == 3 and full.dim() == 4 and flat.shape[0] == full.shape[0] * full.shape[1] \
-            and tuple(flat.shape[1:]) == tuple(full.shape[2:]):
-        return "split" if src.dim() == 3 else "merge"
-    return None
-
-
-def _row_max_of(m, s: fx.Node) -> bool:
-    """``m`` is ``max(s, -1, keepdim=True)`` (values, or ``amax``), perhaps detached: a per-row shift of ``s``."""
-    while isinstance(m, fx.Node) and op_name(m) in ("detach", "alias", "_to_copy", "to"):
-        m = m.args[0]
-    if isinstance(m, fx.Node) and op_name(m) == "getitem" and m.args[1] == 0:
-        m = m.args[0]
-    if not (isinstance(m, fx.Node) and op_name(m) in ("max", "amax") and m.args[0] is s):
-        return False
-    dim = _arg(m, 1, "dim")
-    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
-    return dim == -1 and bool(_arg(m, 2, "keepdim", False))
-
-
-def _floor(v, env) -> bool:
-    """A scalar at or below -1e30 (``finfo(float32).min``): flooring scores at it changes no visible score."""
-    v = env.get(v) if isinstance(v, fx.Node) else v
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            return False
-        v = float(v)
-    return isinstance(v, (int, float)) and v <= -1e30
-
-
-def _peel_scale(node: fx.Node, env) -> tuple:
-    """(node under scalar mul/div ops, their factor): the ``kᵀ / √d`` some models scale instead of q·kᵀ."""
-    factor = 1.0
-    while op_name(node) in ("mul", "div") and isinstance(node.args[0], fx.Node):
-        other = node.args[1]
-        if isinstance(other, fx.Node) and getattr(env.get(other), "numel", lambda: 2)() != 1:
-            break
-        s = _scalar(other, env)
-        factor *= s if op_name(node) == "mul" else 1.0 / s
-        node = node.args[0]
-    return node, factor
 
 
 def _manual_core(sm: fx.Node, env) -> _Core:
@@ -240,29 +159,6 @@ def _manual_core(sm: fx.Node, env) -> _Core:
         raise _Skip("attention weights are used outside the attention (need_weights=True); "
                     "call the module with need_weights=False")
     return core
-
-
-SHAPE_ONLY = {"sym_size", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones",
-              "new_full", "new_empty"}  # read only the shape of their tensor input
-
-
-def _refuse_content_terms(masks: list, q: fx.Node, k: fx.Node, budget: int = 4000) -> None:
-    """A score term computed from this site's queries or keys (DeBERTa's c2p/p2c) is not a bias of positions."""
-    stop = {q, k}
-    for _, start in masks:
-        frontier, seen = [start], set()
-        while frontier and len(seen) < budget:
-            n = frontier.pop()
-            if n in seen or not isinstance(n, fx.Node):
-                continue
-            if n in stop:
-                raise _Skip("disentangled content-to-position attention (a score term computed from the queries "
-                            "or keys, as in DeBERTa's c2p/p2c) is not supported")
-            seen.add(n)
-            name = op_name(n)
-            if name in SHAPE_ONLY:
-                continue
-            frontier.extend([n.args[0]] if name in ("expand_as", "view_as", "reshape_as") else n.all_input_nodes)
 
 
 def _sdpa_core(node: fx.Node, env) -> _Core:
