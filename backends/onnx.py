@@ -63,7 +63,7 @@ def attention_node(op, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=N
 
 def _attention(op, q, k, v, mask, is_causal: bool = False) -> torch.Tensor:
     y, _, _, _ = torch.onnx.ops.attention(q, k, v, attn_mask=mask, is_causal=is_causal, q_num_heads=op.q_heads,
-                                          kv_num_heads=k.shape[1], scale=op.scale)
+                                          kv_num_heads=k.shape[1], scale=op.scale, softcap=op.softcap)
     return y
 
 

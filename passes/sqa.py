@@ -32,7 +32,7 @@ import torch
 
 from rewrite.errors import SpecError
 from rewrite.graph import sites, with_sites
-from rewrite.heads import contiguous_map, duplicate_kv, pool_kv, rebuild, select_query_heads
+from rewrite.heads import contiguous_map, duplicate_kv, pool_kv, query_fields, rebuild, select_query_heads
 from rewrite.importance import check_method, head_importance
 from rewrite.pass_base import Diagnostic, Pass, PassResult, register
 
@@ -134,8 +134,7 @@ def _reorder(op, current: list, wanted: list):
         return op
     perm = torch.tensor([current.index(h) for h in wanted])
     gate = op.head_gate.select(perm) if hasattr(op.head_gate, "select") else None  # the gates move with their heads
-    return rebuild(op, head_gate=gate, wq=op.wq[perm], bq=op.bq[perm] if op.bq is not None else None,
-                   wo=op.wo[:, perm], k_map=op.k_map[perm], v_map=op.v_map[perm])
+    return rebuild(op, head_gate=gate, **query_fields(op, perm), k_map=op.k_map[perm], v_map=op.v_map[perm])
 
 
 def _pool_groups(op, kv_heads: int, g: int):

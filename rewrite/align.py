@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .calibrate import InputStats, head_grams
-from .heads import rebuild
+from .heads import query_fields, rebuild
 from .ir import Attention
 
 __all__ = ["Pairing", "key_pairing", "value_pairing", "procrustes", "kv_moments", "head_distance",
@@ -243,7 +243,7 @@ def permute_heads(op: Attention, kv_order: Sequence[int]) -> Attention:
     inv[kv_order] = torch.arange(kv_order.numel())
     q_order = torch.argsort(inv[op.k_map] * op.q_heads + torch.arange(op.q_heads))  # stable by new KV head
     pick = (lambda t, i: None if t is None else t[i])
-    return rebuild(op, wq=op.wq[q_order], bq=pick(op.bq, q_order), wo=op.wo[:, q_order],
+    return rebuild(op, **query_fields(op, q_order),
                    wk=op.wk[kv_order], bk=pick(op.bk, kv_order), wv=op.wv[kv_order], bv=pick(op.bv, kv_order),
                    k_map=inv[op.k_map[q_order]], v_map=inv[op.v_map[q_order]])
 

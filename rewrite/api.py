@@ -17,6 +17,7 @@ from .graph import count_params, eliminate_dead_code, install, sites
 from .pass_base import PassContext
 from .recognize import find_sites, mark_causal_masks, run_with_env
 from .report import Report, Stage
+from .score_mods import describe
 from .verify import compare_outputs, first_divergence, site_errors
 
 __all__ = ["convert", "inspect", "load", "Converted", "SiteSummary", "canonicalize"]
@@ -37,11 +38,13 @@ class SiteSummary:
     causal: bool
     masked: bool
     transform: str
+    scores: str = ""  # score modifiers (rewrite.score_mods.describe): per-head bias, soft-cap
 
     def __str__(self):
         extra = f", rope={self.rope}" if self.rope else ""
         return (f"{self.name}: {self.q_heads} q heads, {self.kv_heads} kv heads, head size {self.head_dim}"
-                f"{extra}{', causal' if self.causal else ''}{', masked' if self.masked else ''}")
+                f"{extra}{', causal' if self.causal else ''}{', masked' if self.masked else ''}"
+                + (f", {self.scores}" if self.scores else ""))
 
 
 @dataclasses.dataclass
@@ -113,7 +116,8 @@ def inspect(model: nn.Module, example_inputs) -> Inspection:
         op = m.op
         out.append(SiteSummary(m.name, op.q_heads, op.kv_heads, op.head_dim, op.info.layout, op.info.rope,
                                op.causal, bool(m.masks),
-                               ", ".join(t.description for t in (op.q_transform, op.k_transform, op.v_transform) if t)))
+                               ", ".join(t.description for t in (op.q_transform, op.k_transform, op.v_transform) if t),
+                               describe(op)))
     return Inspection(out, refusals)
 
 

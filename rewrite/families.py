@@ -439,7 +439,7 @@ def summary_markdown(results: list) -> str:
 
 def refusal_reason(r: FamilyResult) -> str:
     """The refusal's cause without the module and node names, so that families refused alike group together:
-    ``NoAttentionError: unsupported op 'tanh' between the score matmul and softmax``."""
+    ``NoAttentionError: unsupported op 'sub' between the score matmul and softmax``."""
     import re
 
     msg = r.message

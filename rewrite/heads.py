@@ -1,6 +1,8 @@
 """Head surgery on the canonical op: every function returns a new ``Attention``; the input is untouched.
 
 - ``rebuild(op, **fields)``: a copy with some weights/maps replaced (transforms, gates, info kept);
+- ``query_fields(op, index)``: the per-query-head fields (W_q rows, b_q, W_o columns, the score-bias rows
+  ``bias_map``) of the query heads ``index``, for passes that slice or permute query heads;
 - ``select_query_heads(op, keep)``: W_q rows and W_o columns of the kept query heads;
   KV heads that no kept query head reads are dropped too; a head gate with ``select`` follows;
 - ``pool_kv(op, groups, weights=None)``: W̃_k^g = Σ_{j∈S_g} ω_j W_k^j (mean when no weights), same for V;
@@ -15,7 +17,7 @@ import torch
 
 from .ir import Attention
 
-__all__ = ["FixedHeads", "refuse_fixed_heads", "rebuild", "select_query_heads", "pool_kv", "duplicate_kv", "contiguous_map"]
+__all__ = ["FixedHeads", "refuse_fixed_heads", "rebuild", "query_fields", "select_query_heads", "pool_kv", "duplicate_kv", "contiguous_map"]
 
 
 class FixedHeads(ValueError):
@@ -44,14 +46,20 @@ def refuse_fixed_heads(op: Attention, fields: dict) -> None:
 
 
 def rebuild(op: Attention, head_gate=None, **fields) -> Attention:
-    """A new op with ``fields`` (wq, bq, wk, bk, wv, bv, wo, bo, k_map, v_map) replaced (and ``head_gate``).
+    """A new op with ``fields`` (wq, bq, wk, bk, wv, bv, wo, bo, k_map, v_map, bias_map) replaced (and
+    ``head_gate``); the soft-cap and the mask's head count ``bias_heads`` are kept.
 
     Raises ``FixedHeads`` when the query or key projection changes under a whole-projection transform.
     """
-    names = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_map", "v_map")
+    names = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_map", "v_map", "bias_map")
     cur = {n: getattr(op, n) for n in names}
     cur.update(fields)
     refuse_fixed_heads(op, fields)
+    if (cur["bias_map"] is not None and "bias_map" not in fields and "wq" in fields
+            and cur["wq"].shape[0] != op.q_heads):
+        raise ValueError(f"{op.info.name}: its score bias has one row per query head and this change of query "
+                         "heads does not say which rows the new heads read (pass bias_map, see "
+                         "heads.query_fields)")
     head_gate = op.head_gate if head_gate is None else head_gate
     if head_gate is not None and head_gate is op.head_gate and cur["wq"].shape[0] != op.q_heads:
         raise ValueError(f"{op.info.name}: its head gate ({type(op.head_gate).__name__}) is sized for "
@@ -59,10 +67,18 @@ def rebuild(op: Attention, head_gate=None, **fields) -> Attention:
                          "passes before moh")
     new = Attention(**{n: (v.detach() if isinstance(v, torch.Tensor) else v) for n, v in cur.items()},
                     scale=op.scale, causal=op.causal, info=copy.deepcopy(op.info),
-                    q_transform=op.q_transform, k_transform=op.k_transform, v_transform=op.v_transform)
+                    q_transform=op.q_transform, k_transform=op.k_transform, v_transform=op.v_transform,
+                    bias_heads=op.bias_heads, softcap=op.softcap)
     new.score_fn = op.score_fn
     new.head_gate = head_gate
     return new
+
+
+def query_fields(op: Attention, index: torch.Tensor) -> dict:
+    """``rebuild`` fields of the query heads ``index`` (in that order): W_q rows, b_q, W_o columns, bias rows."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    return {"wq": op.wq[index], "bq": None if op.bq is None else op.bq[index], "wo": op.wo[:, index],
+            "bias_map": None if op.bias_map is None else op.bias_map[index.to(op.bias_map.device)]}
 
 
 def contiguous_map(q_heads: int, kv_heads: int) -> torch.Tensor:
@@ -87,8 +103,8 @@ def select_query_heads(op: Attention, keep: Sequence[int]) -> Attention:
     wk, bk, k_map = _compact(op.wk, op.bk, op.k_map[keep_t])
     wv, bv, v_map = _compact(op.wv, op.bv, op.v_map[keep_t])
     gate = op.head_gate.select(keep_t) if hasattr(op.head_gate, "select") else None  # a gate that can follow
-    return rebuild(op, head_gate=gate, wq=op.wq[keep_t], bq=op.bq[keep_t] if op.bq is not None else None,
-                   wo=op.wo[:, keep_t], wk=wk, bk=bk, wv=wv, bv=bv, k_map=k_map, v_map=v_map)
+    return rebuild(op, head_gate=gate, **query_fields(op, keep_t), wk=wk, bk=bk, wv=wv, bv=bv, k_map=k_map,
+                   v_map=v_map)
 
 
 def _pool(w, b, groups, weights):

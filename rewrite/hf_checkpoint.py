@@ -27,7 +27,7 @@ import os
 import torch
 
 from .errors import RewriteError
-from .heads import rebuild
+from .heads import query_fields, rebuild
 from .shards import Checkpoint
 
 __all__ = ["FIELDS", "build_model", "HFLayout", "SiteTemplate", "Writeback"]
@@ -124,6 +124,10 @@ class HFLayout:
         if op.k_heads != op.v_heads or not torch.equal(op.k_map, op.v_map) or op.head_dim != op.v_head_dim:
             raise RewriteError(f"{where}: keys and values use different head maps or sizes; Hugging Face "
                                "LLaMA-style attention shares one num_key_value_heads grouping")
+        if op.bias_map is not None and not op._bias_identity:
+            raise RewriteError(f"{where}: the pipeline changes the query heads of a per-head score bias (ALiBi, "
+                               "relative position); the family's stock code computes the bias for its own heads "
+                               "(save_pretrained writes a custom-code folder for such models)")
         hq, hk = op.q_heads, op.k_heads
         if hq % hk or not bool((torch.bincount(op.k_map, minlength=hk) == hq // hk).all()):
             raise RewriteError(f"{where}: KV heads serve unequal numbers of query heads "
@@ -131,8 +135,7 @@ class HFLayout:
         order = torch.argsort(op.k_map, stable=True)
         if torch.equal(order, torch.arange(hq)):
             return op
-        return rebuild(op, wq=op.wq[order], bq=None if op.bq is None else op.bq[order], wo=op.wo[:, order],
-                       k_map=op.k_map[order], v_map=op.v_map[order])
+        return rebuild(op, **query_fields(op, order), k_map=op.k_map[order], v_map=op.v_map[order])
 
 
 class SiteTemplate:

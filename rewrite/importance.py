@@ -24,6 +24,7 @@ from .calibrate import record_site_inputs
 from .errors import PassError, SpecError
 from .graph import sites, with_sites
 from .heads import rebuild
+from .score_mods import select_bias, softcap_scores
 
 __all__ = ["METHODS", "NEEDS_CALIBRATION", "head_importance", "attention_probs", "row_entropy", "check_method",
            "calibration_batches"]
@@ -79,7 +80,8 @@ def _magnitude(op) -> torch.Tensor:
 
 # ---- attention probabilities and entropy ------------------------------------------------------
 def attention_probs(op, args: tuple) -> torch.Tensor:
-    """softmax(q kᵀ·scale + mask) of one site on the args it received: ``[B, Hq, Sq, Sk]``.
+    """softmax(c·tanh(q kᵀ·scale / c) + M[:, bias_map]) of one site on the args it received: ``[B, Hq, Sq, Sk]``
+    (the op's score modifiers, ``rewrite.score_mods``).
 
     Fully masked rows come back as zeros. A site with a custom ``score_fn`` still gets the softmax
     probabilities of its logits (what the original model computed).
@@ -88,7 +90,8 @@ def attention_probs(op, args: tuple) -> torch.Tensor:
     with torch.no_grad():
         q, k, _ = op.project_qkv(x, kv, *side)
         k = op._expand(k, op.k_map, op._k_group)
-        logits = (q @ k.transpose(-1, -2)).float() * op.scale  # (B, Hq, Sq, Sk)
+        logits = softcap_scores((q @ k.transpose(-1, -2)).float() * op.scale, op.softcap)  # (B, Hq, Sq, Sk)
+        mask = select_bias(mask, op.bias_map, op._bias_identity)
         if mask is not None:
             if mask.dtype == torch.bool:
                 logits = logits.masked_fill(~mask, float("-inf"))

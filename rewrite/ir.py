@@ -10,6 +10,9 @@
   q/k norms, a v norm), an extracted fx graph acting on ``[B, H, S, dh]`` for any H;
 - ``score_fn``: ``None`` (softmax, run by SDPA) or a module replacing the core
   (clipped softmax, linear attention);
+- score modifiers (``rewrite.score_mods``): ``s' = c·tanh(s/c) + M[:, bias_map]`` with ``softcap = c``
+  (0: none) and ``bias_map [Hq]`` (None: the mask has no per-head rows), the row of the mask's head axis
+  each query head reads, so per-head biases (ALiBi, relative position) follow the query heads;
 - ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
   (gated attention, MoH), or per feature ``g [B, Hq, Sq, dv]`` (a model's own output gate);
 - ``weights``: ``None`` (the op owns ``wq..wo`` as Parameters) or a provider module whose
@@ -28,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .score_mods import select_bias, softcapped_attention
 
 __all__ = ["Attention", "HeadTransform", "SiteInfo", "hidden", "causal_keep", "DROP"]
 
@@ -143,6 +148,9 @@ class Attention(nn.Module):
         q_transform: Optional[HeadTransform] = None,
         k_transform: Optional[HeadTransform] = None,
         v_transform: Optional[HeadTransform] = None,
+        bias_map: Optional[torch.Tensor] = None,
+        bias_heads: int = 0,
+        softcap: float = 0.0,
     ):
         super().__init__()
         hq = wq.shape[0]
@@ -159,6 +167,9 @@ class Attention(nn.Module):
         self.q_transform = q_transform
         self.k_transform = k_transform
         self.v_transform = v_transform  # a per-head map of the values (Gemma-4's v norm), or None
+        self.register_buffer("bias_map", None if bias_map is None else bias_map.clone().long())
+        self.bias_heads = int(bias_heads or (0 if bias_map is None else bias_map.numel()))  # H₀ of the mask
+        self.softcap = float(softcap)
         self.score_fn: Optional[nn.Module] = None
         self.head_gate: Optional[nn.Module] = None
         self.weights: Optional[nn.Module] = None
@@ -227,6 +238,8 @@ class Attention(nn.Module):
         """Choose the cheapest way to expand K/V heads to query heads after the maps change."""
         self._k_group = _contiguous_groups(self.k_map, self.k_heads)
         self._v_group = _contiguous_groups(self.v_map, self.v_heads)
+        self._bias_identity = self.bias_map is None or (self.bias_map.numel() == self.bias_heads and torch.equal(
+            self.bias_map.cpu(), torch.arange(self.bias_heads)))
 
     # ---- the computation ----------------------------------------------------------------------
     def _split(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -263,11 +276,13 @@ class Attention(nn.Module):
         return q, k, v
 
     def core(self, q, k, v, mask=None, causal: Optional[bool] = None):
-        """softmax(q kᵀ·scale + mask) v over expanded heads, (B, Hq, Sq, dv).
+        """softmax(c·tanh(q kᵀ·scale / c) + M[:, bias_map]) v over expanded heads, (B, Hq, Sq, dv); without a
+        soft-cap (c = 0) the scores are q kᵀ·scale, and a mask without a head axis is shared by all heads.
 
         With fewer queries than keys (decoding with a cache) a causal site's queries are the last Sq
         positions: query i sees keys j ≤ i + Sk − Sq.
         """
+        mask = select_bias(mask, self.bias_map, self._bias_identity)  # per-head bias rows of these heads
         if self.score_fn is not None:
             return self.score_fn(self, q, k, v, mask)
         if torch.onnx.is_in_onnx_export():  # one standard ONNX Attention node, same semantics as SDPA
@@ -280,6 +295,10 @@ class Attention(nn.Module):
             mask, causal = None, True  # same function; SDPA then skips the hidden blocks
         if causal and sq != sk:  # SDPA's is_causal is top-left aligned: spell out the bottom-right rule
             mask, causal = (None if sq == 1 else causal_keep(sq, sk, q.device)), False
+        if self.softcap:  # SDPA has no soft-cap: the scores are spelled out
+            k = self._expand(k, self.k_map, self._k_group)
+            v = self._expand(v, self.v_map, self._v_group)
+            return softcapped_attention(q, k, v, mask, self.scale, self.softcap, causal)
         group = self._k_group if self._k_group == self._v_group else None
         if group and group > 1 and not _tracing():  # K/V stay at their own head count (no copies)
             return _grouped_attention(q, k, v, mask, causal, self.scale, group)
@@ -329,7 +348,9 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.info.name}: q_heads={self.q_heads}, k_heads={self.k_heads}, "
                 f"v_heads={self.v_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}, "
-                f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}")
+                f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}"
+                + (f", bias_heads={self.bias_heads}" if self.bias_map is not None else "")
+                + (f", softcap={self.softcap:g}" if self.softcap else ""))
 
 
 def _rows_fold(q, mask, causal: bool, limit: int) -> bool:

@@ -69,7 +69,11 @@ def _convert(value: str, typ, where: str):
             if ":" not in item:
                 raise SpecError(f"{where}: expected layer:h1/h2;layer:h3, got {value!r}")
             k, v = item.split(":", 1)
-            out[int(k)] = tuple(int(x) for x in v.split("/") if x != "")
+            try:
+                out[int(k)] = tuple(int(x) for x in v.split("/") if x != "")
+            except ValueError:
+                raise SpecError(f"{where}: expected integer layers and heads as layer:h1/h2;layer:h3, got "
+                                f"{value!r}") from None
         return out
     return value
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ir import causal_keep
+from .score_mods import softcap_scores
 
 __all__ = ["attach", "masked_scores", "heads_first", "ClippedSoftmax", "SigmoidHeadGate", "MoHGate"]
 
@@ -47,14 +48,15 @@ def attach(op, **parts):
 
 
 def masked_scores(op, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]):
-    """Logits ``q kᵀ·scale`` with the op's mask applied as SDPA would, and the keep pattern (or None).
+    """Logits ``c·tanh(q kᵀ·scale / c)`` (``c = op.softcap``; plain ``q kᵀ·scale`` for 0) with the op's mask
+    applied as SDPA would, and the keep pattern (or None).
 
     ``mask`` is SDPA's attn_mask: bool (True = keep) or additive float; ``op.causal`` applies only when
     there is no mask (as in ``Attention.core``), bottom-right aligned (the queries are the last Sq keys).
     Returns ``(s [B,Hq,Sq,Sk], keep | None)``; keep is False exactly where the weight must be zero.
     """
     k = op._expand(k, op.k_map, op._k_group)  # (B, Hq, Sk, dh)
-    s = torch.matmul(q, k.transpose(-2, -1)) * op.scale  # (B, Hq, Sq, Sk)
+    s = softcap_scores(torch.matmul(q, k.transpose(-2, -1)) * op.scale, op.softcap)  # (B, Hq, Sq, Sk)
     keep = None
     if mask is not None:
         if mask.dtype == torch.bool:

@@ -2,7 +2,7 @@
 its adapter reads the module's arguments. The weights travel separately, in the folder's weights file.
 
     op_spec(op) -> {"shapes", "k_map", "v_map", "scale", "causal", "info", "q_transform", "k_transform",
-                    "score_fn", "head_gate", "weights"}
+                    "score_fn", "head_gate", "weights", "bias_map", "bias_heads", "softcap"}
     plan_spec(plan) -> {"name", "inputs": [{"paths", "graph"} | None], "out_path", "out_spec", "layer_idx", "causal"}
 
 Parts (score functions, head gates, weight providers) are stored by class name with their ``to_spec()``
@@ -64,6 +64,8 @@ def op_spec(op: Attention, groups: dict) -> dict:
         "v_transform": _transform_spec(op.v_transform),
         "score_fn": _part_spec(op.score_fn, groups), "head_gate": _part_spec(op.head_gate, groups),
         "weights": _part_spec(op.weights, groups),
+        "bias_map": None if op.bias_map is None else op.bias_map.tolist(), "bias_heads": op.bias_heads,
+        "softcap": op.softcap,
     }
 
 
@@ -77,8 +79,11 @@ def op_from_spec(spec: dict, groups: dict) -> Attention:
         transforms[key] = None if d is None else HeadTransform(graph_from_json(d["graph"]), d["n_side"],
                                                                  d["description"], heads=d.get("heads"))
     maps = {m: torch.tensor(spec[m], device="cpu") for m in ("k_map", "v_map")}  # real values, even under meta
+    bias_map = spec.get("bias_map")
     op = Attention(**t, **maps, scale=spec["scale"],
-                   causal=spec["causal"], info=SiteInfo(**spec["info"]), **transforms)
+                   causal=spec["causal"], info=SiteInfo(**spec["info"]), **transforms,
+                   bias_map=None if bias_map is None else torch.tensor(bias_map, device="cpu"),
+                   bias_heads=spec.get("bias_heads", 0), softcap=spec.get("softcap", 0.0))
     op.score_fn = _part_from_spec(spec["score_fn"], groups)
     op.head_gate = _part_from_spec(spec["head_gate"], groups)
     provider = _part_from_spec(spec["weights"], groups)

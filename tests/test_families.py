@@ -85,18 +85,19 @@ def test_check_reports_a_pass_with_gqa_and_onnx_parity():
     assert counts["exact"] == 1 and counts["onnx_ok"] == counts["gqa_ok"] == 1
 
 
-# A family rewrite refuses today, and the feature its message names: Gemma-2's tanh soft-cap of the scores.
-# When soft-capping is captured (issue 11), Gemma-2 moves to PASSING and another refusal takes its place.
-REFUSED = ("gemma2", "'tanh' between the score matmul and softmax")
+# A family rewrite refuses today, and the feature its message names: GPT-1's multiplicative causal mask
+# (``w·b − 1e4·(1 − b)``). When it is captured, another refusal takes its place. (Gemma-2's tanh soft-cap
+# was the refusal here until score modifiers were captured: tests/test_score_modifiers.py.)
+REFUSED = ("openai-gpt", "scores are multiplied by a tensor", "transformer.h.0.attn")
 
 
 def test_a_refused_family_names_the_feature():
-    family, feature = REFUSED
+    family, feature, module = REFUSED
     res = fam.check(family)  # "refused" only when convert raised a rewrite.errors.RewriteError
     assert res.status == "refused" and not res.exact
     assert res.error == "NoAttentionError"
     cls = getattr(errors, res.error)
     assert issubclass(cls, errors.RewriteError) and cls.__module__ == "rewrite.errors"
     assert feature in res.message
-    assert "model.layers.0.self_attn" in res.message  # and the module
+    assert module in res.message  # and the module
     assert res.attention == 2 and res.sites == 0 and math.isnan(res.max_err)

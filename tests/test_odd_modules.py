@@ -157,7 +157,7 @@ def test_only_rewrite_errors_escape_and_what_converts_is_exact(name):
 @pytest.mark.parametrize("name", ["one-head", "head-dim-1", "odd-width", "empty-rotary-pass-through",
                                   "partial-rotary", "attention-used-twice", "softmax-over-classifier",
                                   "non-contiguous-weights", "seq-length-1", "batch-1-seq-1", "zero-size-branch",
-                                  "in-place-write-before"])
+                                  "in-place-write-before", "soft-capped-scores"])
 def test_odd_but_valid_modules_convert(name):
     factory, example, _, n_sites = ODD[name]
     conv = rewrite.convert(factory().eval(), passes=[], example_inputs=(example,), progress=False)
@@ -175,11 +175,20 @@ def test_empty_example_is_refused_by_name():
         rewrite.convert(Attn().eval(), passes=[], example_inputs=(x(0, 8),), progress=False)
 
 
-def test_soft_capped_scores_are_refused_by_name():
-    found = rewrite.inspect(Attn(softcap=5.0).eval(), (x(2, 8),))
+class TanhScores(Attn):
+    """softmax(tanh(s)) · v: a tanh of the scores that is not a soft-cap c·tanh(s/c)."""
+
+    def forward(self, x):
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        s = torch.tanh(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]))
+        return self.o((torch.softmax(s, -1) @ v).transpose(1, 2).reshape(x.shape))
+
+
+def test_a_tanh_that_is_no_soft_cap_is_refused_by_name():
+    found = rewrite.inspect(TanhScores().eval(), (x(2, 8),))
     assert len(found) == 0 and "unsupported op 'tanh' between the score matmul and softmax" in str(found.refusals[0])
     with pytest.raises(NoAttentionError, match="tanh"):
-        rewrite.convert(Attn(softcap=5.0).eval(), passes=[], example_inputs=(x(2, 8),), progress=False)
+        rewrite.convert(TanhScores().eval(), passes=[], example_inputs=(x(2, 8),), progress=False)
 
 
 def test_softmax_over_a_classifier_alone_is_not_a_candidate():

@@ -12,9 +12,9 @@ Handled:
  4. head gates (``head_gate``) → ``head_scale`` (softmax) or a product after the kernel (linear);
  5. masks: None (``op.causal``), or bool / additive (0 or ≤ -1e4) masks that are exactly a key padding
     mask, optionally with a causal triangle: ``mask[b, i, j] = pad[b, j] ∧ (j ≤ i + Sk - Sq)``.
-Refused with ``BackendError`` (naming the site and the feature): other score functions, per-head or
-arbitrary masks, padding with linear attention, a top-left causal ``Sq != Sk`` core, no GPU without
-``TRITON_INTERPRET=1``. Clipped/linear score functions are confirmed by execution at lowering time:
+Refused with ``BackendError`` (naming the site and the feature): a tanh soft-cap, other score functions,
+per-head biases (ALiBi, relative position) and other arbitrary masks, padding with linear attention, a
+top-left causal ``Sq != Sk`` core, no GPU without ``TRITON_INTERPRET=1``. Clipped/linear score functions are confirmed by execution at lowering time:
 the kernel must agree with the module on a small random input, or the site is refused.
 """
 from __future__ import annotations
@@ -45,6 +45,9 @@ def _is_linear(fn) -> bool:
 def site_kind(op) -> tuple:
     """(kind, options) for the kernel that runs ``op``'s core, or BackendError naming the feature."""
     fn, name = op.score_fn, op.info.name
+    if op.softcap:
+        raise BackendError(f"site {name}: the tanh soft-cap of the scores (c·tanh(s/c), c={op.softcap:g}) is not in "
+                           "the Triton kernels; use backend='eager' or 'onnxruntime' for this model")
     if fn is None:
         return "softmax", {}
     learned = [n for n, _ in fn.named_parameters()]

@@ -15,7 +15,8 @@
    refusal with the reason.
 
 Stages, one module each: ``cores`` (1), ``projections`` (2), ``layout`` and ``paths`` (3), ``transforms`` and
-``rope`` (4), ``gates`` (the output gate), ``masks``; this module assembles a site and confirms it (5).
+``rope`` (4), ``gates`` (the output gate), ``masks``, ``modifiers`` (what lies between the score matmul and the
+softmax); this module assembles a site and confirms it (5).
 """
 from __future__ import annotations
 
@@ -66,14 +67,17 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
                     qk_norm=q.norm or k.norm, cross=k.x is not q.x,
                     sources={"wq": q.sources["w"], "bq": q.sources["b"], "wk": k.sources["w"], "bk": k.sources["b"],
                              "wv": v.sources["w"], "bv": v.sources["b"], **o_sources},
-                    mask_kind=None if not core.masks else ("bool" if all(m[0] in ("keep", "drop")
+                    mask_kind=None if not core.masks else ("bool" if all(m[0].partition("@")[0] in ("keep", "drop")
                                                                          for m in core.masks) else "additive"))
-    op = Attention(q.w, k.w, v.w, wo, q.b, k.b, v.b, bo, k_map, v_map, scale=scale, causal=core.causal,
-                   info=info, q_transform=q.transform, k_transform=k.transform, v_transform=v.transform)
-    op.head_gate = gate  # the model's own output gate (rewrite.output_gate), or None
     sides = q.sides + k.sides + v.sides
     kv = None if k.x is q.x else k.x
-    m = Match(name, op, q.x, kv, core.masks, sides, o_proj, out_2d)
+    masks = [(k.replace("@H", f"@{hq}"), n) for k, n in core.masks]  # terms of (B·H, Sq, Sk) scores
+    m = Match(name, None, q.x, kv, masks, sides, o_proj, out_2d)
+    bias_map = _bias_rows(m, env, hq)
+    m.op = Attention(q.w, k.w, v.w, wo, q.b, k.b, v.b, bo, k_map, v_map, scale=scale, causal=core.causal,
+                     info=info, q_transform=q.transform, k_transform=k.transform, v_transform=v.transform,
+                     bias_map=bias_map, softcap=core.softcap)
+    m.op.head_gate = gate  # the model's own output gate (rewrite.output_gate), or None
     for e in (env, probe_env):
         if e is None:
             continue
@@ -82,6 +86,17 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
             raise _Skip(f"the canonical op does not reproduce the region (max abs error {err:.3g} at output "
                         f"scale {ref:.3g})")
     return m
+
+
+def _bias_rows(m: Match, env, hq: int) -> Optional[torch.Tensor]:
+    """``arange(Hq)`` when the site's mask has a head axis (a per-query-head bias such as ALiBi or a relative
+    position bias: head-count passes must slice it with the query heads), None when all heads share it."""
+    mask = _mask_of(m, env)
+    if mask is None or mask.dim() != 4 or mask.shape[1] == 1:
+        return None
+    if mask.shape[1] != hq:
+        raise _Skip(f"the mask has {mask.shape[1]} head rows for {hq} query heads")
+    return torch.arange(hq)
 
 
 def _check(m: Match, env) -> tuple:

@@ -9,6 +9,8 @@ from torch import fx
 
 from .common import MATMULS, PASS_THROUGH, _arg, _Skip, op_name
 from .masks import _hide_kind
+from .modifiers import (VIEWS, _floor, _heads_view, _peel_scale, _refuse_content_terms, _row_max_of, _scalar,
+                        _softcap_of)
 from .projections import _projection, _weight_of
 
 @dataclasses.dataclass
@@ -21,6 +23,7 @@ class _Core:
     causal: bool
     masks: list
     probs: Optional[fx.Node] = None
+    softcap: float = 0.0
 
 
 def _strip_kt(node: fx.Node) -> fx.Node:
@@ -36,35 +39,56 @@ def _strip_kt(node: fx.Node) -> fx.Node:
     raise _Skip(f"key of the score matmul is not a transposed tensor ('{node.name}')")
 
 
-def _scalar(v, env) -> float:
-    if isinstance(v, fx.Node):
-        t = env[v]
-        if isinstance(t, torch.Tensor) and t.numel() == 1:
-            return float(t)
-        if isinstance(t, (int, float)):
-            return float(t)
-        raise _Skip(f"score scaling by a non-scalar tensor '{v.name}'")
-    return float(v)
-
-
 def _manual_core(sm: fx.Node, env) -> _Core:
+    """``softmax(c·tanh(q·kᵀ·scale / c) + masks) · v``, reading back from the softmax ``sm``:
+
+    scalar scales, additive terms and fills (also in place: ``add_``, ``masked_fill_``), a soft-cap, scalar
+    constants and the row maximum (softmax(s + a) = softmax(s)), a floor at ``finfo.min``, views of ``(B·H, Sq, Sk)`` scores as ``(B, H, Sq, Sk)`` (terms
+    added before the view are marked ``@H`` and unflattened by ``combine_masks``), and ``baddbmm``'s bias.
+    """
     dim = sm.args[1]
     if dim not in (-1, env[sm].ndim - 1):
         raise _Skip("softmax is not over the last dim")
-    scale, masks = 1.0, []
+    scale, masks, softcap = 1.0, [], 0.0
     node = sm.args[0]
+    flat = env[node].dim() == 3  # the scores walked are (B·H, Sq, Sk), not (B, H, Sq, Sk)
+    viewed = flat
     seen_scale = False
 
     def mask_seen():
         if seen_scale:
             raise _Skip("scores are scaled after the mask was applied")
+        if softcap:
+            raise _Skip("a mask is added before the tanh soft-cap")
+
+    def kind(k: str) -> str:
+        return f"{k}@H" if flat else k  # H: the site's query heads (``_match_site`` writes the number)
 
     while True:
         name = op_name(node)
         if name in MATMULS:
             break
-        if name in ("_to_copy", "to", "clone", "contiguous"):
+        capped = _softcap_of(node, env) if name == "mul" else None
+        if capped is not None:
+            if softcap:
+                raise _Skip("two tanh soft-caps on the scores")
+            softcap = capped[0] * scale  # a·c·tanh(b·s/c) = c'·tanh(a·b·s/c') with c' = a·c
+            node = capped[1]
+        elif name in ("_to_copy", "to", "clone", "contiguous"):
             node = node.args[0]
+        elif name in VIEWS:
+            form = _heads_view(node, env)
+            if form is None:
+                raise _Skip(f"scores are reshaped ('{node.name}') other than between (B·H, Sq, Sk) and "
+                            "(B, H, Sq, Sk)")
+            flat, viewed = flat if form == "same" else form == "split", True
+            node = node.args[0]
+        elif name == "sub" and _row_max_of(node.args[1], node.args[0]):
+            if softcap:
+                raise _Skip("the row maximum is subtracted inside the tanh soft-cap")
+            node = node.args[0]  # s − max_j s: softmax(s − a_i) = softmax(s) for a shift a_i per query row
+        elif name in ("max", "maximum", "clamp_min") and len(node.args) == 2 and _floor(node.args[1], env):
+            node = node.args[0]  # max(s, finfo.min): keeps every score a mask does not hide
         elif name in ("mul", "div") and isinstance(node.args[0], fx.Node):
             other = node.args[1]
             if isinstance(other, fx.Node) and env[other].numel() != 1:
@@ -73,41 +97,54 @@ def _manual_core(sm: fx.Node, env) -> _Core:
             seen_scale = True
             scale *= s if name == "mul" else 1.0 / s
             node = node.args[0]
-        elif name == "add":
+        elif name in ("add", "add_"):
             a, b = node.args[0], node.args[1]
-            if not isinstance(b, fx.Node):
-                raise _Skip("a constant is added to the scores")
+            if not isinstance(a, fx.Node):
+                a, b = b, a
+            if not isinstance(b, fx.Node) or env[b].numel() == 1:
+                if softcap:
+                    raise _Skip("a constant is added to the scores inside the tanh soft-cap")
+                node = a  # a constant shift: softmax(s + a) = softmax(s)
+                continue
+            if node.kwargs.get("alpha", 1) != 1:
+                raise _Skip("a term is added to the scores with alpha != 1")
             mask_seen()
-            masks.append(("additive", b))
+            masks.append((kind("additive"), b))
             node = a
-        elif name == "masked_fill":
+        elif name in ("masked_fill", "masked_fill_"):
             mask_seen()
-            masks.append((_hide_kind("drop", _arg(node, 2, "value"), env), node.args[1]))
+            masks.append((kind(_hide_kind("drop", _arg(node, 2, "value"), env)), node.args[1]))
             node = node.args[0]
         elif name == "where" and isinstance(node.args[1], fx.Node):
             mask_seen()
-            masks.append((_hide_kind("keep", node.args[2], env), node.args[0]))
+            masks.append((kind(_hide_kind("keep", node.args[2], env)), node.args[0]))
             node = node.args[1]
         else:
             raise _Skip(f"unsupported op '{name}' between the score matmul and softmax")
     mm = node
     name = op_name(mm)
     if name == "baddbmm":
-        masks.append(("additive", mm.args[0]))
+        if softcap:
+            raise _Skip("a baddbmm bias is added before the tanh soft-cap")
+        masks.append((kind("additive"), mm.args[0]))
         scale *= float(mm.kwargs.get("alpha", 1.0))
         if mm.kwargs.get("beta", 1.0) != 1.0:
             raise _Skip("baddbmm with beta != 1")
         q, kt = mm.args[1], mm.args[2]
     else:
         q, kt = mm.args[0], mm.args[1]
+    kt, factor = _peel_scale(kt, env)
+    scale *= factor
     k = _strip_kt(kt)
-    # forward: softmax -> (dropout, casts) -> matmul(p, v)
+    _refuse_content_terms(masks, q, k)
+    # forward: softmax -> (dropout, casts, the inverse view) -> matmul(p, v)
     p = sm
     probs_users = []
     while True:
         users = list(p.users)
         mm_users = [u for u in users if op_name(u) in MATMULS and u.args[0] is p]
-        nxt = [u for u in users if op_name(u) in PASS_THROUGH]
+        nxt = [u for u in users if u.args and u.args[0] is p and (op_name(u) in PASS_THROUGH or op_name(u) == "type_as"
+                                                                 or (viewed and op_name(u) in VIEWS))]
         if mm_users:
             pv = mm_users[0]
             probs_users += [u for u in users if u is not pv]
@@ -117,7 +154,7 @@ def _manual_core(sm: fx.Node, env) -> _Core:
             p = nxt[0]
             continue
         raise _Skip("softmax output does not feed a matmul with v")
-    core = _Core(pv, q, k, pv.args[1], scale, False, masks[::-1])
+    core = _Core(pv, q, k, pv.args[1], scale, False, masks[::-1], softcap=softcap)
     if any(op_name(u) not in ("_assert_tensor_metadata",) for u in probs_users):
         raise _Skip("attention weights are used outside the attention (need_weights=True); "
                     "call the module with need_weights=False")

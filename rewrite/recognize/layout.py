@@ -14,6 +14,8 @@ def _run_node_with(node: fx.Node, env: dict, overrides: dict):
     kwargs = fx.map_arg(node.kwargs, lambda a: overrides[a] if a in overrides else env[a])
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if op_name(node) == "cat":  # an empty cache (XLM's cat((past, k))) would promote int tags to float
+        args = ([t for t in args[0] if t.numel()],) + tuple(args[1:])
     return node.target(*args, **kwargs)
 
 

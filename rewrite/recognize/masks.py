@@ -25,8 +25,11 @@ def combine_masks(kinds: tuple, *masks):
     """One SDPA mask from the masks of a hand-written core: bool (True = keep) or additive float.
 
     kinds: "additive", "keep"/"drop" (hidden = -inf), "keep=v"/"drop=v" (hidden scores replaced by v), in
-    the order the model applies them.
+    the order the model applies them; a suffix ``@H`` marks a term of ``(B·H, Sq, Sk)`` scores.
     """
+    if any("@" in k for k in kinds):  # terms added to (B·H, Sq, Sk) scores: (B, H, Sq, Sk)
+        masks = tuple(_unfold(x, int(k.partition("@")[2])) if "@" in k else x for k, x in zip(kinds, masks))
+        kinds = tuple(k.partition("@")[0] for k in kinds)
     if len(masks) == 1 and kinds[0] in ("keep", "additive"):
         m = masks[0]
     elif len(masks) == 1 and kinds[0] == "drop":
@@ -49,6 +52,13 @@ def combine_masks(kinds: tuple, *masks):
     if m.dim() == 3:
         m = m.unsqueeze(1) if m.shape[0] != 1 else m.unsqueeze(0)
     return m
+
+
+def _unfold(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """A term of ``(B·H, Sq, Sk)`` scores as ``(B, H, Sq, Sk)`` (a leading 1 broadcasts: ``(1, 1, Sq, Sk)``)."""
+    while x.dim() < 3:
+        x = x.unsqueeze(0)
+    return x.unsqueeze(0) if x.shape[0] == 1 else x.unflatten(0, (-1, heads))
 
 
 def _mask_of(m: Match, env) -> Optional[torch.Tensor]:

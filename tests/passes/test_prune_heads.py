@@ -93,6 +93,7 @@ def test_spec_round_trip():
     ("prune-heads", "exactly one of ratio"),
     ("prune-heads{ratio=0.25,heads={0:1}}", "exactly one of ratio"),
     ("prune-heads{ratio=0.25,scope=model}", "unknown scope"),
+    ("prune-heads{heads={0:a}}", r"prune-heads\{heads\}: expected integer layers and heads as layer:h1/h2"),
 ])
 def test_option_refusals(spec, message):
     with pytest.raises(SpecError, match=message):

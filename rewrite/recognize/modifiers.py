@@ -1,0 +1,122 @@
+"""Score modifiers as recognition reads them, between the score matmul and the softmax (``cores._manual_core``).
+
+- ``_softcap_of``: ``c·tanh(s / c)``; ``_peel_scale`` / ``_scalar``: scalar factors (also on ``kᵀ``);
+- ``_heads_view``: views between ``(B·H, Sq, Sk)`` and ``(B, H, Sq, Sk)`` scores;
+- shifts that leave the softmax unchanged: ``_row_max_of`` (s − max_j s), ``_floor`` (max(s, finfo.min));
+- ``_refuse_content_terms``: a score term built from the site's own queries or keys (DeBERTa's c2p/p2c) is
+  refused by name; only terms of positions and masks become the op's bias (``rewrite.score_mods``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import fx
+
+from .common import _arg, _Skip, op_name
+
+
+def _scalar(v, env) -> float:
+    if isinstance(v, fx.Node):
+        t = env[v]
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t)
+        if isinstance(t, (int, float)):
+            return float(t)
+        raise _Skip(f"score scaling by a non-scalar tensor '{v.name}'")
+    return float(v)
+
+
+VIEWS = {"view", "reshape", "_unsafe_view"}
+
+
+def _softcap_of(node: fx.Node, env) -> Optional[tuple]:
+    """``(c, s)`` when ``node`` is ``c·tanh(s / c)`` (``s·(1/c)`` accepted), else None."""
+    if op_name(node) != "mul":
+        return None
+    a, b = node.args[0], node.args[1]
+    t, c = (a, b) if isinstance(a, fx.Node) and op_name(a) == "tanh" else (b, a)
+    if not (isinstance(t, fx.Node) and op_name(t) == "tanh") or isinstance(c, fx.Node):
+        return None
+    inner = t.args[0]
+    if not isinstance(inner, fx.Node) or op_name(inner) not in ("div", "mul") or isinstance(inner.args[1], fx.Node):
+        raise _Skip("'tanh' between the score matmul and softmax is not a soft-cap c·tanh(s/c)")
+    inv = float(inner.args[1]) if op_name(inner) == "div" else 1.0 / float(inner.args[1])
+    if not math.isclose(inv, float(c), rel_tol=1e-6):
+        raise _Skip(f"'tanh' soft-cap divides by {inv:g} but multiplies by {float(c):g}")
+    return float(c), inner.args[0]
+
+
+def _heads_view(node: fx.Node, env) -> Optional[str]:
+    """"split" when ``node`` views ``(B·H, Sq, Sk)`` scores as ``(B, H, Sq, Sk)``, "merge" the other way,
+    "same" for a view that keeps the shape, else None."""
+    src, out = env[node.args[0]], env[node]
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return None
+    if tuple(src.shape) == tuple(out.shape):
+        return "same"
+    flat, full = (src, out) if src.dim() == 3 else (out, src)
+    if flat.dim() == 3 and full.dim() == 4 and flat.shape[0] == full.shape[0] * full.shape[1] \
+            and tuple(flat.shape[1:]) == tuple(full.shape[2:]):
+        return "split" if src.dim() == 3 else "merge"
+    return None
+
+
+def _row_max_of(m, s: fx.Node) -> bool:
+    """``m`` is ``max(s, -1, keepdim=True)`` (values, or ``amax``), perhaps detached: a per-row shift of ``s``."""
+    while isinstance(m, fx.Node) and op_name(m) in ("detach", "alias", "_to_copy", "to"):
+        m = m.args[0]
+    if isinstance(m, fx.Node) and op_name(m) == "getitem" and m.args[1] == 0:
+        m = m.args[0]
+    if not (isinstance(m, fx.Node) and op_name(m) in ("max", "amax") and m.args[0] is s):
+        return False
+    dim = _arg(m, 1, "dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    return dim == -1 and bool(_arg(m, 2, "keepdim", False))
+
+
+def _floor(v, env) -> bool:
+    """A scalar at or below -1e30 (``finfo(float32).min``): flooring scores at it changes no visible score."""
+    v = env.get(v) if isinstance(v, fx.Node) else v
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            return False
+        v = float(v)
+    return isinstance(v, (int, float)) and v <= -1e30
+
+
+def _peel_scale(node: fx.Node, env) -> tuple:
+    """(node under scalar mul/div ops, their factor): the ``kᵀ / √d`` some models scale instead of q·kᵀ."""
+    factor = 1.0
+    while op_name(node) in ("mul", "div") and isinstance(node.args[0], fx.Node):
+        other = node.args[1]
+        if isinstance(other, fx.Node) and getattr(env.get(other), "numel", lambda: 2)() != 1:
+            break
+        s = _scalar(other, env)
+        factor *= s if op_name(node) == "mul" else 1.0 / s
+        node = node.args[0]
+    return node, factor
+
+
+SHAPE_ONLY = {"sym_size", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones",
+              "new_full", "new_empty"}  # read only the shape of their tensor input
+
+
+def _refuse_content_terms(masks: list, q: fx.Node, k: fx.Node, budget: int = 4000) -> None:
+    """A score term computed from this site's queries or keys (DeBERTa's c2p/p2c) is not a bias of positions."""
+    stop = {q, k}
+    for _, start in masks:
+        frontier, seen = [start], set()
+        while frontier and len(seen) < budget:
+            n = frontier.pop()
+            if n in seen or not isinstance(n, fx.Node):
+                continue
+            if n in stop:
+                raise _Skip("disentangled content-to-position attention (a score term computed from the queries "
+                            "or keys, as in DeBERTa's c2p/p2c) is not supported")
+            seen.add(n)
+            name = op_name(n)
+            if name in SHAPE_ONLY:
+                continue
+            frontier.extend([n.args[0]] if name in ("expand_as", "view_as", "reshape_as") else n.all_input_nodes)
