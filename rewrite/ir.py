@@ -83,7 +83,7 @@ class SiteInfo:
 
     name: str  # module path, e.g. "model.layers.0.self_attn"
     layout: str = "BSD"  # token layout of x and of the output: "BSD" or "SBD"
-    rope: Optional[str] = None  # "rotate_half" | "interleaved" | None
+    rope: Optional[str] = None  # "rotate_half" | "interleaved" | "other" (read by execution) | None
     rotary_dims: int = 0
     qk_norm: bool = False
     cross: bool = False
