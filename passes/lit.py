@@ -251,7 +251,9 @@ class Lit(SitePass):
         st = {"causal": causal, "inherited": self.inherit,
               "conv": f"{new.score_fn.conv.kernel_size[0]}x{new.score_fn.conv.kernel_size[0]} on {side}x{side} "
                       f"grid, {cls} class tokens" if use_conv else "off"}
-        return new, st, []
+        notes = [Diagnostic("warning", f"the scores' soft-cap {op.softcap:g}·tanh(s/{op.softcap:g}) has no counterpart "
+                            "in linear attention; it is dropped at this site", site)] if op.softcap else []
+        return new, st, notes
 
 
 def _reinitialised(op, seed: int):

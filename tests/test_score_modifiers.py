@@ -278,3 +278,14 @@ def test_deberta_disentangled_attention_is_refused_by_name():
     with pytest.raises(NoAttentionError, match=r"encoder\.layer\.0\.attention\.self: disentangled "
                                                r"content-to-position attention"):
         rewrite.convert(model, passes=[], example_inputs={"input_ids": ids}, progress=False)
+
+
+def test_lit_says_it_drops_a_soft_cap():
+    """Linear attention has no scores to cap: lit converts the site and says the cap is gone."""
+    torch.manual_seed(0)
+    model = AlibiAttn(softcap=2.0).eval()
+    model.slopes.zero_()  # a zero ALiBi: the causal mask alone, which lit takes
+    conv = rewrite.convert(model, passes=["lit"], example_inputs=(_x(2, 8),), progress=False, verify=False)
+    assert conv.sites[0].score_fn is not None
+    assert any("soft-cap 2·tanh(s/2) has no counterpart in linear attention; it is dropped" in d
+               for d in conv.report.stages[-1].diagnostics)
