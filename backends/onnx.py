@@ -187,7 +187,7 @@ def write_file(conv, path: str, opset: int = 23, native_gqa: bool = True, extern
     """Export ``conv`` to ``path`` (quantized when asked: fp32 first, at ``*.fp32.onnx``); the file's facts."""
     extra = {}
     if quantize:
-        from .onnxruntime import quantize_int8
+        from .ort_session import quantize_int8
 
         fp32 = os.path.splitext(path)[0] + ".fp32.onnx"
         external = export_graph(conv, fp32, opset, native_gqa, external_data, causal_chunks)
@@ -327,7 +327,7 @@ def check_file(conv, session, inputs: Optional[dict] = None) -> dict:
     """Run ``session`` and ``conv`` (PyTorch) on ``inputs`` (fresh ones by default); the max error."""
     from torch.utils import _pytree as pytree
 
-    from .onnxruntime import run_session
+    from .ort_session import run_session
 
     inputs = fresh_inputs(conv) if inputs is None else inputs
     with torch.no_grad():
@@ -349,7 +349,7 @@ def check_file(conv, session, inputs: Optional[dict] = None) -> dict:
 
 def choose_gqa(conv, gqa: str, provider: str, check: bool) -> tuple:
     """(native_gqa, note): whether GQA stays native in the file, and why not when it does not."""
-    from .onnxruntime import attention_problem
+    from .ort_session import attention_problem
 
     if gqa not in ("auto", "native", "expand"):
         raise BackendError(f"gqa={gqa!r}: expected 'auto', 'native' or 'expand'")
@@ -385,14 +385,14 @@ def export_onnx(conv, path: str, opset: int = 23, check: bool = True, external_d
         causal_chunks: split causal sites into this many query chunks that skip the hidden key blocks
             (faster on ONNX Runtime's CPU kernel, which computes them all; 8 is a good choice there).
         quantize: None, or "int8": ``path`` holds the weight matmuls quantized dynamically
-            (``rewrite.backends.onnxruntime.quantize_int8``; lossy: the check measures the error).
+            (``rewrite.backends.ort_session.quantize_int8``; lossy: the check measures the error).
     Returns:
         the summary also stored in ``conv.report.extras["onnx"]``.
     """
     t0 = time.perf_counter()
     if opset < 23:
         log.warning("opset %d has no standard Attention op: attention is exported as MatMul/Softmax", opset)
-    from .onnxruntime import check_quantize
+    from .ort_session import check_quantize
 
     check_quantize(quantize)
     native, note = choose_gqa(conv, gqa, provider, check)
@@ -402,7 +402,7 @@ def export_onnx(conv, path: str, opset: int = 23, check: bool = True, external_d
     if check:
         import onnxruntime
 
-        from .onnxruntime import make_session
+        from .ort_session import make_session
 
         session = make_session(path, provider)
         info.update(check_file(conv, session))

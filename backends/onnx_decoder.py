@@ -218,7 +218,7 @@ def _static_pairs(conv):
 
 def _check(step: DecodeStep, session, layers: list, vocab: int) -> dict:
     """Max abs error of ONNX Runtime against PyTorch on shapes the graph was not traced with."""
-    from .onnxruntime import run_session
+    from .ort_session import run_session
 
     names = io_names(len(layers))[0]
     err, checked = 0.0, []
@@ -302,7 +302,7 @@ def export_decoder(conv, out_dir: str, opset: int = 23, check: bool = True, gena
     info["genai"] = {"written": False, "reason": problem or "not asked for"} if (problem or genai is False) else \
         {"written": True, "path": write_genai_config(out_dir, hf, layers, model.generation_config)}
     if check:
-        from .onnxruntime import make_session
+        from .ort_session import make_session
 
         info.update(_check(step, make_session(path, provider), layers, vocab))
     info["seconds"] = round(time.perf_counter() - t0, 3)

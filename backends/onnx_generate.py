@@ -34,7 +34,7 @@ class OnnxDecoder:
 
     def __init__(self, folder: str, provider: str = "CPUExecutionProvider", threads: Optional[int] = None):
         from .onnx_decoder import LAYOUT_FILE, MODEL_FILE
-        from .onnxruntime import make_session
+        from .ort_session import make_session
 
         layout = os.path.join(folder, LAYOUT_FILE)
         if not os.path.isfile(layout):

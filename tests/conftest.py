@@ -15,7 +15,7 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 def _one_core_sessions():
-    from rewrite.backends import onnxruntime as ort_backend
+    from rewrite.backends import ort_session as ort_backend
 
     make_session = ort_backend.make_session
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import models
 import rewrite
-from rewrite.backends.onnxruntime import make_session, run_session
+from rewrite.backends.ort_session import make_session, run_session
 from rewrite.errors import BackendError
 
 TOL = 1e-4
