@@ -3,14 +3,8 @@
     OrtModule(*args, **kwargs) = tree_unflatten(session.run(inputs), output spec of the PyTorch module)
 
 CUDAExecutionProvider when onnxruntime-gpu and a GPU are there, CPU otherwise; all graph
-optimizations on. The standard ``Attention`` op is not equally supported everywhere:
-
- 1. CPU, 1.23.0: GQA computed wrongly → GQA exported with expanded KV heads (``gqa="auto"``) or
-    refused (``gqa="native"``).
- 2. CUDA, ≤ 1.24: no CUDA kernel, nodes silently fall back to CPU → refused when CUDA was asked
-    for; with ``provider="auto"`` the CPU provider is used and the report says why.
- 3. CUDA, 1.25–1.26: GQA only in fp16/bf16 without a mask → GQA exported with expanded KV heads.
- 4. CUDA ≥ 1.27, CPU ≥ 1.23.1: native.
+optimizations on. The standard ``Attention`` op is not equally supported everywhere: what each
+runtime version gets wrong, and what is done about it, is listed in ``ort_session``.
 """
 from __future__ import annotations
 
