@@ -178,6 +178,7 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
     ctx = PassContext(calibration=calib, captured=cap, progress=track)
     done = []
     current = gm
+    graphs = [gm]  # one model per report stage (they share every unchanged site), for rewrite.evaluate
     for p in pipeline:
         if p.needs_calibration and not calib:
             raise PassError(f"pass '{p.spec()}' needs calibration data; pass calibration=[batches, ...] "
@@ -208,7 +209,8 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
                     f"{step.max_abs_err:.3g}; first diverging site: {stage.first_divergence}")
         done.append(p)
         current = new
-    conv = Converted(current, cap, report, model)
+        graphs.append(new)
+    conv = Converted(current, cap, report, model, stage_graphs=graphs)
     if backend != "eager":
         from rewrite.backends import lower
 
@@ -230,7 +232,8 @@ def _changed(old: fx.GraphModule, new: fx.GraphModule) -> int:
 class Converted(nn.Module):
     """The converted model: call it like the original; ``.report`` says what changed."""
 
-    def __init__(self, gm: fx.GraphModule, cap: Captured, report: Report, model: Optional[nn.Module] = None):
+    def __init__(self, gm: fx.GraphModule, cap: Captured, report: Report, model: Optional[nn.Module] = None,
+                 stage_graphs: Optional[list] = None):
         super().__init__()
         self.gm = gm
         self.fixed = dict(cap.fixed)
@@ -242,6 +245,7 @@ class Converted(nn.Module):
         self._captured = cap
         self.__dict__["_source"] = model  # the caller's model, read (never changed) by to_transformers
         self.__dict__["_hf"] = None
+        self.__dict__["_stage_graphs"] = stage_graphs  # not submodules: they share the final graph's weights
 
     @property
     def sites(self) -> list:

@@ -11,6 +11,7 @@ shares memory with the teacher is replaced by its own copy first.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import types
@@ -119,6 +120,7 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     batches = [_student_inputs(student, normalize_inputs(teacher, b)) for b in data]
     if not batches:
         raise RewriteError("distill needs at least one batch of data")
+    _detach_from_stages(student)
     chosen = _untie_from(student, teacher, trainable_parameters(student, params))
     if not chosen:
         raise RewriteError("distill: no parameters to train (no site was changed by the passes); "
@@ -163,7 +165,27 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
                                         stats={"trained_params": sum(p.numel() for p in chosen),
                                                "first_loss": losses[0], "last_loss": losses[-1]}))
     student.report.extras["loss (distill)"] = losses
+    graphs = student.__dict__.get("_stage_graphs")
+    if graphs is not None:
+        graphs.append(student.gm)
     return losses
+
+
+def _detach_from_stages(student) -> None:
+    """Give the student private copies of its changed sites, so the earlier stages' models stay as they were
+    (``rewrite.evaluate`` measures them). One deepcopy for all, so weights shared across sites stay shared."""
+    graphs = student.__dict__.get("_stage_graphs")
+    if not graphs:
+        return
+    from .graph import with_sites
+
+    before = sites(student._captured.gm)
+    changed = {i: op for i, op in enumerate(sites(student.gm)) if i >= len(before) or op is not before[i]}
+    if not changed:
+        return
+    copies = copy.deepcopy(changed)
+    student.gm = with_sites(student.gm, copies)
+    student.__dict__["_hf"] = None  # a to_transformers view built earlier ran the old ops
 
 
 def _student_inputs(student, kw: dict) -> dict:
