@@ -10,7 +10,8 @@ Python version and thread count.
     python examples/train_reference_lm.py --steps 50      # a quick smoke run
 
 Output: ``config.json`` and fp16 ``model.safetensors`` in ``--out``, ``heldout.txt`` (one paragraph a line) and
-``train_log.json`` with the loss curve and the held-out bits per byte.
+``train_log.json`` with the loss curve and the held-out bits per byte, ``calibration.txt`` (training paragraphs for
+calibration and distillation) and a byte-level ``tokenizer.json``.
 """
 from __future__ import annotations
 
@@ -173,7 +174,10 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--heldout-lines", type=int, default=400)
+    ap.add_argument("--calibration-lines", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--texts-only", action="store_true", help="write heldout.txt, calibration.txt and the tokenizer "
+                                                             "into --out without training")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)  # one thread: reproducible reductions, and fastest on a shared 2-core machine
@@ -183,6 +187,14 @@ def main(argv=None):
     random.Random(args.seed).shuffle(held)
     held = held[:args.heldout_lines]
     val = held[: len(held) // 4]  # a quarter of the held-out text is watched during training
+    calib = random.Random(args.seed + 1).sample(train, args.calibration_lines)  # training text, for passes
+    os.makedirs(args.out, exist_ok=True)
+    for name, lines in (("heldout.txt", held), ("calibration.txt", calib)):
+        with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    save_byte_tokenizer(args.out)
+    if args.texts_only:
+        return
     stream = encode(train)
     print(f"corpus: {len(train)} train paragraphs ({len(stream)/1e6:.2f} MB), {len(held)} held-out "
           f"paragraphs from {len(HELD_OUT)} modules ({time.time()-t0:.0f} s)", flush=True)
@@ -215,13 +227,9 @@ def main(argv=None):
                   f"{time.time()-t1:.0f} s", flush=True)
     log["train_seconds"] = round(time.time() - t1, 1)
 
-    os.makedirs(args.out, exist_ok=True)
     model = model.half()
-    model.config.torch_dtype = "float16"
+    model.config.dtype = "float16"
     model.save_pretrained(args.out, safe_serialization=True)
-    save_byte_tokenizer(args.out)
-    with open(os.path.join(args.out, "heldout.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(held) + "\n")
     model = model.float()
     log["heldout_bpb_fp16"] = round(bits_per_byte(model, held, args.seq), 4)
     with open(os.path.join(args.out, "train_log.json"), "w") as f:

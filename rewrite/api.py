@@ -1,6 +1,7 @@
 """Public API: ``convert``, ``inspect``, ``load`` and the ``Converted`` module."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect as _inspect
 import json
@@ -19,7 +20,7 @@ from .recognize import find_sites, mark_causal_masks, run_with_env
 from .report import Report, Stage
 from .verify import compare_outputs, first_divergence, site_errors
 
-__all__ = ["convert", "inspect", "load", "Converted", "SiteSummary", "canonicalize"]
+__all__ = ["convert", "restage", "inspect", "load", "Converted", "SiteSummary", "canonicalize"]
 
 EXACT_TOL = 1e-5  # relative to the output's scale
 
@@ -216,6 +217,32 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
 
         conv = lower(conv, backend)
     return conv
+
+
+def restage(conv: "Converted", passes, calibration=None) -> "Converted":
+    """A new ``Converted`` running ``passes`` on the captured graph of ``conv``, without a second capture.
+
+    One capture then serves many pipelines (a perplexity table). Stages are not verified: their ``max_abs_err``
+    and ``cosine`` are NaN; ``rewrite.evaluate`` measures them. ``calibration`` is a list of kwargs dicts.
+    """
+    cap, source = conv._captured, conv.__dict__.get("_source")
+    report = Report(pipeline=_pipeline.to_spec(_pipeline.parse(passes)), model=conv.report.model,
+                    backend="eager", refusals=list(conv.report.refusals),
+                    stages=[copy.deepcopy(conv.report.stages[0])])
+    ctx = PassContext(calibration=calibration, captured=cap)
+    dtype_bytes = next(iter(source.parameters())).element_size() if source is not None else 4
+    current, graphs = cap.gm, [cap.gm]
+    for p in _pipeline.parse(passes):
+        if p.needs_calibration and not calibration:
+            raise PassError(f"pass '{p.spec()}' needs calibration data; pass calibration=[batches, ...]")
+        t = time.perf_counter()
+        result = p.run(current, ctx)
+        report.stages.append(_stage(p.name, p.spec(), p.exact, result.graph, _changed(current, result.graph),
+                                    time.perf_counter() - t, _nan_cmp(), [], dtype_bytes, result.diagnostics,
+                                    result.stats))
+        current = result.graph
+        graphs.append(current)
+    return Converted(current, cap, report, source, stage_graphs=graphs)
 
 
 def _nan_cmp():

@@ -120,7 +120,7 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     batches = [_student_inputs(student, normalize_inputs(teacher, b)) for b in data]
     if not batches:
         raise RewriteError("distill needs at least one batch of data")
-    _detach_from_stages(student)
+    _snapshot_stages(student, params)
     chosen = _untie_from(student, teacher, trainable_parameters(student, params))
     if not chosen:
         raise RewriteError("distill: no parameters to train (no site was changed by the passes); "
@@ -171,21 +171,25 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     return losses
 
 
-def _detach_from_stages(student) -> None:
-    """Give the student private copies of its changed sites, so the earlier stages' models stay as they were
-    (``rewrite.evaluate`` measures them). One deepcopy for all, so weights shared across sites stay shared."""
+def _snapshot_stages(student, params: str) -> None:
+    """Give the earlier stages' models private copies of the sites about to train, so they stay as they were
+    (``rewrite.evaluate`` measures them) while the student keeps its own objects. One memo for all copies:
+    weights shared across sites (MASA atoms) stay shared in the snapshot too."""
     graphs = student.__dict__.get("_stage_graphs")
     if not graphs:
         return
+    if params == "all":  # every stage shares the weights about to train: their models are no longer kept
+        graphs[:] = [None] * len(graphs)
+        return
     from .graph import with_sites
 
-    before = sites(student._captured.gm)
-    changed = {i: op for i, op in enumerate(sites(student.gm)) if i >= len(before) or op is not before[i]}
-    if not changed:
-        return
-    copies = copy.deepcopy(changed)
-    student.gm = with_sites(student.gm, copies)
-    student.__dict__["_hf"] = None  # a to_transformers view built earlier ran the old ops
+    captured = {id(op) for op in sites(student._captured.gm)}  # never trained: only changed sites are
+    live = {id(op) for op in sites(student.gm)} - captured
+    memo = {}
+    for j, g in enumerate(graphs):
+        shared = {i: op for i, op in enumerate(sites(g)) if id(op) in live}
+        if shared:
+            graphs[j] = with_sites(g, {i: copy.deepcopy(op, memo) for i, op in shared.items()})
 
 
 def _student_inputs(student, kw: dict) -> dict:

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from .errors import EvaluationError
 from .graph import sites
 
-__all__ = ["evaluate", "Evaluation", "StageEval", "tokenize_texts"]
+__all__ = ["evaluate", "Evaluation", "StageEval", "tokenize_texts", "require_language_model"]
 
 
 @dataclasses.dataclass
@@ -151,11 +151,15 @@ def _logits(out) -> torch.Tensor:
     return t
 
 
-def _check_causal(conv) -> None:
-    src = _source(conv)
-    if src is not None and hasattr(src, "can_generate") and not src.can_generate():
-        raise EvaluationError(f"perplexity needs a causal language model; {type(src).__name__} is encoder-only or "
+def require_language_model(model) -> None:
+    """Raise EvaluationError unless ``model`` (a Hugging Face model) can predict the next token."""
+    if model is not None and hasattr(model, "can_generate") and not model.can_generate():
+        raise EvaluationError(f"perplexity needs a causal language model; {type(model).__name__} is encoder-only or "
                               "has no language-model head. Convert its *ForCausalLM class instead")
+
+
+def _check_causal(conv) -> None:
+    require_language_model(_source(conv))
     bidirectional = [op.info.name for op in sites(conv.gm)
                      if not op.info.cross and not (op.causal or op.info.causal_mask)]
     if bidirectional:
@@ -169,7 +173,10 @@ def _stage_models(conv) -> tuple:
     names = [s.name for s in conv.report.stages]
     graphs = conv.__dict__.get("_stage_graphs")
     if graphs is not None and len(graphs) == len(names):
-        return [(i, n, g) for i, (n, g) in enumerate(zip(names, graphs))], []
+        kept = [(i, n, g) for i, (n, g) in enumerate(zip(names, graphs)) if g is not None]
+        gone = [(n, "distill{params=all} trained the weights its model shared") for n, g in zip(names, graphs)
+                if g is None]
+        return kept, gone
     kept = [(0, names[0], conv._captured.gm)] if names else []
     if len(names) > 1:
         kept.append((len(names) - 1, names[-1], conv.gm))
