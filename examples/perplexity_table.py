@@ -36,9 +36,10 @@ ROWS = [  # (spec, what it is compared at)
     ("prune-heads{ratio=0.5,importance=entropy}", "1/2 heads"),
     ("prune-heads{ratio=0.5,importance=random}", "1/2 heads"),
     ("moh{active_ratio=0.75}", "3/4 heads active"),
+    ("moh{active_ratio=0.75,router=qnorm}", "3/4 heads active"),
     ("lit", "linear attention"),
     ("masa{atoms=2}", "1/2 attn weights"),
-    ("masa{atoms=2,refine_rank=4}", "1/2 attn weights + rank 4"),
+    ("masa{atoms=2,refine_rank=8}", "1/2 attn weights + rank 8"),
     ("clipped-softmax{gamma=-0.01}", "same KV"),
 ]
 
@@ -86,6 +87,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--texts", type=int, default=400, help="held-out paragraphs evaluated")
+    ap.add_argument("--distill-length", type=int, default=128, help="tokens per distillation paragraph")
     ap.add_argument("--only", default="", help="comma list: rows whose spec contains one of these")
     ap.add_argument("--json", default="perplexity_table.json")
     ap.add_argument("--threads", type=int, default=1)
@@ -98,7 +100,7 @@ def main(argv=None):
     with open(os.path.join(reference_lm_path(), "calibration.txt"), encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
     calib = batches(tok, lines[:64], 8)  # 8 batches for the passes' statistics
-    train = batches(tok, lines, 8)  # 32 batches of training paragraphs for distillation
+    train = batches(tok, lines, 8, max_length=args.distill_length)  # 32 batches of training paragraphs
     texts = heldout_texts(args.texts)
 
     cache = {}
@@ -116,7 +118,7 @@ def main(argv=None):
     for spec, _ in ROWS:
         if wanted and not any(w in spec for w in wanted):
             continue
-        key = f"{spec}/{args.steps}/{args.lr:g}/{args.texts}"
+        key = f"{spec}/{args.steps}/{args.lr:g}/{args.texts}/{args.distill_length}"
         if key not in cache:
             try:
                 cache[key] = measure(spec, base, model, tok, calib, train, texts, args.steps, args.lr)

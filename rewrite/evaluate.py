@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import types
 from typing import Optional
 
 import torch
@@ -278,3 +280,13 @@ def record(report, result: Evaluation) -> None:
         if ev.index is not None and ev.index < len(report.stages):
             report.stages[ev.index].perplexity = ev.perplexity
             report.stages[ev.index].bits_per_byte = ev.bits_per_byte
+
+
+class _CallableModule(types.ModuleType):
+    """``import rewrite.evaluate`` rebinds ``rewrite.evaluate`` to this module; keep ``rewrite.evaluate(...)``."""
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

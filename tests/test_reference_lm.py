@@ -61,7 +61,7 @@ def test_reference_lm_loads_in_under_a_second_and_is_llama_shaped():
     tok = tokenizer_for(folder)
     assert tok("Hé!")["input_ids"] == [256, 72, 195, 169, 33, 257]  # <s>, the UTF-8 bytes, </s>
     sites = rewrite.inspect(model, {"input_ids": torch.tensor([[256, 72, 105]])}).sites
-    assert len(sites) == 4 and all(s.rope == "rotate_half" and s.causal and s.q_heads == 8 for s in sites)
+    assert len(sites) == 4 and all(s.rope == "rotate_half" and s.q_heads == 8 and s.head_dim == 16 for s in sites)
 
 
 def test_original_bits_per_byte_is_the_one_training_measured():
