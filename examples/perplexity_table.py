@@ -107,10 +107,16 @@ def main(argv=None):
     if os.path.isfile(args.json):
         with open(args.json) as f:
             cache = json.load(f)
-    base = rewrite.convert(model, passes=[], example_inputs=calib[0], progress=False)
+    captured = []  # the one capture every row restages, made when a row is not cached
+
+    def base():
+        if not captured:
+            captured.append(rewrite.convert(model, passes=[], example_inputs=calib[0], progress=False))
+        return captured[0]
+
     key0 = f"original/{args.texts}"
     if key0 not in cache:
-        cache[key0] = rewrite.evaluate(base, texts, tokenizer=tok, progress=False)["original"].bits_per_byte
+        cache[key0] = rewrite.evaluate(base(), texts, tokenizer=tok, stages=[], progress=False)["original"].bits_per_byte
     original = cache[key0]
     print(f"original: {original:.4f} bits per byte on {len(texts)} held-out paragraphs", flush=True)
     wanted = [w for w in args.only.split(",") if w]
@@ -121,7 +127,7 @@ def main(argv=None):
         key = f"{spec}/{args.steps}/{args.lr:g}/{args.texts}/{args.distill_length}"
         if key not in cache:
             try:
-                cache[key] = measure(spec, base, model, tok, calib, train, texts, args.steps, args.lr)
+                cache[key] = measure(spec, base(), model, tok, calib, train, texts, args.steps, args.lr)
             except rewrite.RewriteError as e:
                 print(f"{spec}: {type(e).__name__}: {e}", flush=True)
                 continue

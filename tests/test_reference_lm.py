@@ -68,12 +68,10 @@ def test_original_bits_per_byte_is_the_one_training_measured():
     model, tok, base, _, _ = reference()
     with open(os.path.join(reference_lm_path(), "train_log.json")) as f:
         trained = json.load(f)["heldout_bpb_fp16"]
-    ev = rewrite.evaluate(base, heldout_texts(), tokenizer=tok, progress=False)
-    assert [s.name for s in ev.stages] == ["original", "captured"]
+    ev = rewrite.evaluate(base, heldout_texts(), tokenizer=tok, stages=[], progress=False)  # the original only
+    assert [s.name for s in ev.stages] == ["original"]
     assert ev["original"].bits_per_byte == pytest.approx(trained, abs=1e-3)
     assert 1.3 < trained < 3.0
-    assert ev["captured"].bits_per_byte == pytest.approx(ev["original"].bits_per_byte, abs=1e-6)
-    assert ev["captured"].site_errors == [0.0] * 4
     assert ev.bytes == sum(len(t.encode()) for t in heldout_texts()) and ev.tokens == ev.bytes + ev.texts  # + EOS
     assert ev["original"].perplexity == pytest.approx(2 ** (ev["original"].bits_per_byte * ev.bytes / ev.tokens))
 
@@ -81,7 +79,9 @@ def test_original_bits_per_byte_is_the_one_training_measured():
 def test_padding_batch_size_and_windows_do_not_change_the_figures():
     _, tok, base, _, _ = reference()
     texts = heldout_texts(12) + ["A paragraph much longer than any window. " * 12]  # 492 bytes
-    a = rewrite.evaluate(base, texts, tokenizer=tok, batch_size=1, original=False, progress=False)
+    a = rewrite.evaluate(base, texts, tokenizer=tok, batch_size=1, progress=False)
+    assert a["captured"].nll == pytest.approx(a["original"].nll, rel=1e-6)  # capture is exact
+    assert a["captured"].site_errors == [0.0] * 4
     b = rewrite.evaluate(base, texts, tokenizer=tok, batch_size=5, original=False, progress=False)
     assert a["captured"].nll == pytest.approx(b["captured"].nll, rel=1e-6)  # pads never counted
     short = rewrite.evaluate(base, texts, tokenizer=tok, window=32, original=False, progress=False)
@@ -92,10 +92,9 @@ def test_padding_batch_size_and_windows_do_not_change_the_figures():
     assert c["captured"].nll == pytest.approx(a["captured"].nll, rel=1e-6) and c["captured"].bits_per_byte is None
 
 
-def test_aligned_gqa_beats_mean_pooled_gqa():
-    for kv in (4, 2):
-        mean, aligned = bpb(f"gqa{{kv_heads={kv},method=mean}}"), bpb(f"gqa{{kv_heads={kv},method=aligned}}")
-        assert aligned < mean, f"kv_heads={kv}: aligned {aligned:.3f} vs mean {mean:.3f}"
+def test_aligned_gqa_beats_mean_pooled_gqa():  # at a quarter of the KV heads (1/2: examples/perplexity_table.py)
+    mean, aligned = bpb("gqa{kv_heads=2,method=mean}"), bpb("gqa{kv_heads=2,method=aligned}")
+    assert aligned < mean - 0.5, f"aligned {aligned:.3f} vs mean {mean:.3f}"
 
 
 def test_taylor_beats_magnitude_beats_random_pruning_at_half_the_heads():
