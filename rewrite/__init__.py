@@ -12,8 +12,8 @@ import os as _os
 import sys as _sys
 import warnings as _warnings
 
-from .errors import (BackendError, CaptureError, NoAttentionError, PassError, RewriteError, SpecError,
-                     VerificationError)
+from .errors import (BackendError, CaptureError, EvaluationError, NoAttentionError, PassError, RewriteError,
+                     SpecError, VerificationError)
 
 __version__ = "0.1.0"
 
@@ -53,13 +53,17 @@ from .hf_remote import register_on_demand as _register_on_demand  # noqa: E402
 _register_on_demand()  # saved custom-code folders load without trust_remote_code where rewrite is installed
 
 __all__ = ["convert", "inspect", "load", "Converted", "parse_pipeline", "RewriteError", "CaptureError",
-           "NoAttentionError", "SpecError", "PassError", "VerificationError", "BackendError", "load_onnx_decoder"]
+           "NoAttentionError", "SpecError", "PassError", "VerificationError", "BackendError", "EvaluationError",
+           "load_onnx_decoder", "evaluate", "distill", "analyze"]
 
 
 def __getattr__(name):  # lazy: analysis and distillation pull in more code
     if name == "analyze":
         from .analysis import analyze
         return analyze
+    if name == "evaluate":
+        from .evaluate import evaluate
+        return evaluate
     if name == "distill":
         from .distill import distill
         return distill

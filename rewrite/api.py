@@ -1,6 +1,7 @@
 """Public API: ``convert``, ``inspect``, ``load`` and the ``Converted`` module."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect as _inspect
 import json
@@ -20,7 +21,7 @@ from .report import Report, Stage
 from .score_mods import describe
 from .verify import compare_outputs, first_divergence, site_errors
 
-__all__ = ["convert", "inspect", "load", "Converted", "SiteSummary", "canonicalize"]
+__all__ = ["convert", "restage", "inspect", "load", "Converted", "SiteSummary", "canonicalize"]
 
 EXACT_TOL = 1e-5  # relative to the output's scale
 
@@ -182,6 +183,7 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
     ctx = PassContext(calibration=calib, captured=cap, progress=track)
     done = []
     current = gm
+    graphs = [gm]  # one model per report stage (they share every unchanged site), for rewrite.evaluate
     for p in pipeline:
         if p.needs_calibration and not calib:
             raise PassError(f"pass '{p.spec()}' needs calibration data; pass calibration=[batches, ...] "
@@ -212,12 +214,39 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
                     f"{step.max_abs_err:.3g}; first diverging site: {stage.first_divergence}")
         done.append(p)
         current = new
-    conv = Converted(current, cap, report, model)
+        graphs.append(new)
+    conv = Converted(current, cap, report, model, stage_graphs=graphs)
     if backend != "eager":
         from rewrite.backends import lower
 
         conv = lower(conv, backend)
     return conv
+
+
+def restage(conv: "Converted", passes, calibration=None) -> "Converted":
+    """A new ``Converted`` running ``passes`` on the captured graph of ``conv``, without a second capture.
+
+    One capture then serves many pipelines (a perplexity table). Stages are not verified: their ``max_abs_err``
+    and ``cosine`` are NaN; ``rewrite.evaluate`` measures them. ``calibration`` is a list of kwargs dicts.
+    """
+    cap, source = conv._captured, conv.__dict__.get("_source")
+    report = Report(pipeline=_pipeline.to_spec(_pipeline.parse(passes)), model=conv.report.model,
+                    backend="eager", refusals=list(conv.report.refusals),
+                    stages=[copy.deepcopy(conv.report.stages[0])])
+    ctx = PassContext(calibration=calibration, captured=cap)
+    dtype_bytes = next(iter(source.parameters())).element_size() if source is not None else 4
+    current, graphs = cap.gm, [cap.gm]
+    for p in _pipeline.parse(passes):
+        if p.needs_calibration and not calibration:
+            raise PassError(f"pass '{p.spec()}' needs calibration data; pass calibration=[batches, ...]")
+        t = time.perf_counter()
+        result = p.run(current, ctx)
+        report.stages.append(_stage(p.name, p.spec(), p.exact, result.graph, _changed(current, result.graph),
+                                    time.perf_counter() - t, _nan_cmp(), [], dtype_bytes, result.diagnostics,
+                                    result.stats))
+        current = result.graph
+        graphs.append(current)
+    return Converted(current, cap, report, source, stage_graphs=graphs)
 
 
 def _nan_cmp():
@@ -234,7 +263,8 @@ def _changed(old: fx.GraphModule, new: fx.GraphModule) -> int:
 class Converted(nn.Module):
     """The converted model: call it like the original; ``.report`` says what changed."""
 
-    def __init__(self, gm: fx.GraphModule, cap: Captured, report: Report, model: Optional[nn.Module] = None):
+    def __init__(self, gm: fx.GraphModule, cap: Captured, report: Report, model: Optional[nn.Module] = None,
+                 stage_graphs: Optional[list] = None):
         super().__init__()
         self.gm = gm
         self.fixed = dict(cap.fixed)
@@ -246,6 +276,7 @@ class Converted(nn.Module):
         self._captured = cap
         self.__dict__["_source"] = model  # the caller's model, read (never changed) by to_transformers
         self.__dict__["_hf"] = None
+        self.__dict__["_stage_graphs"] = stage_graphs  # not submodules: they share the final graph's weights
 
     @property
     def sites(self) -> list:

@@ -1,6 +1,7 @@
-"""The ``rewrite`` command line: inspect, convert, analyze, distill, bench, demo.
+"""The ``rewrite`` command line: inspect, convert, analyze, distill, eval, bench, demo.
 
-MODEL is ``demo`` (the bundled all-MiniLM-L6-v2), a local Hugging Face folder, or ``package.module:factory``.
+MODEL is ``demo`` (the bundled all-MiniLM-L6-v2), ``demo-lm`` (the bundled byte-level reference decoder), a local
+Hugging Face folder, or ``package.module:factory``.
 """
 from __future__ import annotations
 
@@ -144,6 +145,58 @@ def cmd_distill(args, console):
     return 0
 
 
+def _read_texts(path: str) -> list:
+    """--text FILE: one text a line; a missing or empty file is an error that names it."""
+    from .errors import EvaluationError
+
+    if not os.path.isfile(path):
+        raise EvaluationError(f"--text {path}: no such file; give a UTF-8 text file, one text a line "
+                              "(e.g. rewrite/data/reference_lm/heldout.txt)")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if not lines:
+        raise EvaluationError(f"--text {path}: the file holds no text; put one text a line in it")
+    return lines
+
+
+def cmd_eval(args, console):
+    import rewrite
+    from .models import tokenizer_for
+
+    from .evaluate import require_language_model
+
+    texts = _read_texts(args.text)
+    model, folder, example = _load(args)
+    require_language_model(model)
+    tok = tokenizer_for(folder)
+    if tok is None:
+        raise rewrite.EvaluationError(f"eval: {args.model} has no tokenizer to turn --text into ids; give a "
+                                      "Hugging Face folder that holds one")
+    calib = _calibration(args, folder, model)
+    if calib is None and args.passes:
+        n = args.calibration_batch
+        calib = [{k: v for k, v in tok(texts[i:i + n], padding=True, truncation=True, max_length=128,
+                                      return_tensors="pt").items() if k in ("input_ids", "attention_mask")}
+                 for i in range(0, min(len(texts), 4 * n), n)]
+        console.print(f"calibration: the first {min(len(texts), 4 * n)} texts of {args.text} (--calibration FILE "
+                      "to use other text)", soft_wrap=True)
+    conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib)
+    if args.distill_steps:
+        rewrite.distill(conv, model, calib or [example], steps=args.distill_steps, lr=args.lr)
+    result = rewrite.evaluate(conv, texts[:args.limit] if args.limit else texts, tokenizer=tok,
+                              window=args.window, batch_size=args.eval_batch)
+    console.print(result.rich_table(title=f"{args.model}: {args.passes or '(capture only)'}"))
+    for why in result.skipped:
+        console.print(f"[yellow]not evaluated[/] {why}")
+    if args.report:
+        conv.report.to_html(args.report)
+        console.print(f"report: {args.report}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result.to_json(), f, indent=1)
+    return 0
+
+
 def cmd_bench(args, console):
     from .bench import bench
 
@@ -220,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp):
-        sp.add_argument("model", help="demo | local Hugging Face folder | package.module:factory")
+        sp.add_argument("model", help="demo | demo-lm | local Hugging Face folder | package.module:factory")
         sp.add_argument("--batch", type=int, default=2, help="example batch size")
         sp.add_argument("--seq", type=int, default=16, help="example sequence length (random ids)")
 
@@ -270,6 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report")
     sp.add_argument("--save")
     sp.set_defaults(func=cmd_distill)
+
+    sp = sub.add_parser("eval", help="perplexity and bits per byte of the original and every stage on a text file")
+    model_args(sp)
+    calib_args(sp)
+    sp.add_argument("--passes", default="", help="pipeline spec; calibration defaults to the first texts")
+    sp.add_argument("--text", required=True, help="UTF-8 text file, one text a line")
+    sp.add_argument("--limit", type=int, default=0, help="evaluate only the first N texts")
+    sp.add_argument("--window", type=int, help="most tokens predicted per forward pass (default: the config's "
+                                               "max_position_embeddings, at most 1024)")
+    sp.add_argument("--eval-batch", type=int, default=8)
+    sp.add_argument("--distill-steps", type=int, default=0, help="distill from the original first (on the "
+                                                                  "calibration text)")
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--report", help="write the HTML report (with the perplexity column and plot) here")
+    sp.add_argument("--json", help="write the evaluation as JSON here")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("bench", help="time original vs converted per backend and sequence length")
     model_args(sp)

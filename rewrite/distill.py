@@ -11,6 +11,7 @@ shares memory with the teacher is replaced by its own copy first.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import types
@@ -119,6 +120,7 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     batches = [_student_inputs(student, normalize_inputs(teacher, b)) for b in data]
     if not batches:
         raise RewriteError("distill needs at least one batch of data")
+    _snapshot_stages(student, params)
     chosen = _untie_from(student, teacher, trainable_parameters(student, params))
     if not chosen:
         raise RewriteError("distill: no parameters to train (no site was changed by the passes); "
@@ -163,7 +165,31 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
                                         stats={"trained_params": sum(p.numel() for p in chosen),
                                                "first_loss": losses[0], "last_loss": losses[-1]}))
     student.report.extras["loss (distill)"] = losses
+    graphs = student.__dict__.get("_stage_graphs")
+    if graphs is not None:
+        graphs.append(student.gm)
     return losses
+
+
+def _snapshot_stages(student, params: str) -> None:
+    """Give the earlier stages' models private copies of the sites about to train, so they stay as they were
+    (``rewrite.evaluate`` measures them) while the student keeps its own objects. One memo for all copies:
+    weights shared across sites (MASA atoms) stay shared in the snapshot too."""
+    graphs = student.__dict__.get("_stage_graphs")
+    if not graphs:
+        return
+    if params == "all":  # every stage shares the weights about to train: their models are no longer kept
+        graphs[:] = [None] * len(graphs)
+        return
+    from .graph import with_sites
+
+    captured = {id(op) for op in sites(student._captured.gm)}  # never trained: only changed sites are
+    live = {id(op) for op in sites(student.gm)} - captured
+    memo = {}
+    for j, g in enumerate(graphs):
+        shared = {i: op for i, op in enumerate(sites(g)) if id(op) in live}
+        if shared:
+            graphs[j] = with_sites(g, {i: copy.deepcopy(op, memo) for i, op in shared.items()})
 
 
 def _student_inputs(student, kw: dict) -> dict:

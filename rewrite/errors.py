@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __all__ = ["RewriteError", "CaptureError", "NoAttentionError", "SpecError", "PassError",
-           "VerificationError", "BackendError"]
+           "VerificationError", "BackendError", "EvaluationError"]
 
 
 class RewriteError(Exception):
@@ -31,3 +31,7 @@ class VerificationError(RewriteError):
 
 class BackendError(RewriteError):
     """A backend cannot run a site; the message names the site and the feature."""
+
+
+class EvaluationError(RewriteError):
+    """A model or text cannot be evaluated (no causal LM head, no tokenizer, empty text)."""

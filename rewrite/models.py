@@ -9,7 +9,11 @@ import torch
 
 from .errors import RewriteError
 
-__all__ = ["minilm_path", "load_model", "example_inputs_for", "tokenizer_for", "sentences"]
+__all__ = ["minilm_path", "reference_lm_path", "load_reference_lm", "heldout_texts", "load_model",
+           "example_inputs_for", "tokenizer_for", "sentences"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+REFERENCE_LM_NAMES = ("demo-lm", "reference-lm")
 
 
 def minilm_path() -> str:
@@ -22,11 +26,36 @@ def minilm_path() -> str:
     return str(pkg.get_model_path())
 
 
+def reference_lm_path() -> str:
+    """The folder of the bundled reference decoder (``examples/train_reference_lm.py`` made it)."""
+    return os.path.join(_HERE, "data", "reference_lm")
+
+
+def load_reference_lm():
+    """The bundled byte-level LLaMA ``demo-lm`` (4 layers x 8 heads, trained on standard-library docstrings), fp32."""
+    import transformers
+
+    folder = reference_lm_path()
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        raise RewriteError(f"the reference decoder is missing from {folder}; make it with "
+                           "python examples/train_reference_lm.py")
+    return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def heldout_texts(limit: Optional[int] = None) -> list:
+    """Held-out paragraphs of the reference decoder: standard-library modules its training never saw."""
+    with open(os.path.join(reference_lm_path(), "heldout.txt"), encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    return lines[:limit] if limit else lines
+
+
 def load_model(spec: str):
-    """MODEL from the CLI: ``demo``, a local Hugging Face folder, or ``package.module:factory``.
+    """MODEL from the CLI: ``demo``, ``demo-lm``, a local Hugging Face folder, or ``package.module:factory``.
 
     Returns (model, folder or None).
     """
+    if spec in REFERENCE_LM_NAMES:
+        return load_reference_lm(), reference_lm_path()
     if spec in ("demo", "default", "minilm"):
         spec = minilm_path()
     if os.path.isdir(spec):
@@ -53,7 +82,8 @@ def load_model(spec: str):
             raise RewriteError(f"cannot import '{spec}': {e}. Expected package.module:factory") from None
         model = factory()
         return model.eval(), None
-    raise RewriteError(f"MODEL '{spec}' is neither 'demo', a local Hugging Face folder, nor package.module:factory")
+    raise RewriteError(f"MODEL '{spec}' is neither 'demo', 'demo-lm', a local Hugging Face folder, nor "
+                       "package.module:factory")
 
 
 def tokenizer_for(folder: Optional[str]):
@@ -86,7 +116,6 @@ def example_inputs_for(model, folder: Optional[str] = None, batch: int = 2, seq:
 
 def sentences() -> list:
     """The committed sample of standard-library docstring sentences (real, varied English)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, "data", "sentences.txt")
+    path = os.path.join(_HERE, "data", "sentences.txt")
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]

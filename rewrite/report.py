@@ -31,6 +31,8 @@ class Stage:
     stats: dict = dataclasses.field(default_factory=dict)
     first_divergence: Optional[str] = None
     state_bytes: int = 0  # fixed-size decoding state per sequence (linear attention), beside the per-token KV bytes
+    perplexity: Optional[float] = None  # on the text given to rewrite.evaluate
+    bits_per_byte: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -57,16 +59,26 @@ class Report:
     COLUMNS = ("stage", "exact", "changed", "params", "q heads", "kv heads", "KV B/tok", "attn GFLOP",
                "max abs err", "cosine", "s")
 
+    def columns(self) -> tuple:
+        """COLUMNS, plus perplexity and bits per byte once ``rewrite.evaluate`` has measured them."""
+        evaluated = any(s.perplexity is not None for s in self.stages)
+        return self.COLUMNS + (("ppl", "bits/byte") if evaluated else ())
+
     def _rows(self):
+        evaluated = len(self.columns()) > len(self.COLUMNS)
         for s in self.stages:
-            yield (s.name, "yes" if s.exact else "no", str(s.sites_changed), f"{s.params:,}",
+            row = (s.name, "yes" if s.exact else "no", str(s.sites_changed), f"{s.params:,}",
                    _heads(s.q_heads), _heads(s.kv_heads), f"{s.kv_cache_bytes_per_token:,}",
                    f"{s.attn_flops / 1e9:.4g}", f"{s.max_abs_err:.3g}", f"{s.cosine:.6f}", f"{s.seconds:.2f}")
+            if evaluated:
+                row += ("-" if s.perplexity is None else f"{s.perplexity:.4g}",
+                        "-" if s.bits_per_byte is None else f"{s.bits_per_byte:.4f}")
+            yield row
 
     def to_markdown(self) -> str:
         lines = ["# rewrite report", "", f"pipeline: `{self.pipeline or '(none)'}`", "",
                  f"model: {self.model}  backend: {self.backend}", "",
-                 "| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
+                 "| " + " | ".join(self.columns()) + " |", "|" + "---|" * len(self.columns())]
         lines += ["| " + " | ".join(r) + " |" for r in self._rows()]
         notes = [(s.name, d) for s in self.stages for d in s.diagnostics]
         if notes or self.refusals:
@@ -84,7 +96,7 @@ class Report:
         from rich.table import Table
 
         t = Table(title=f"rewrite: {self.pipeline or '(capture only)'}")
-        for c in self.COLUMNS:
+        for c in self.columns():
             t.add_column(c, justify="right" if c not in ("stage", "q heads", "kv heads") else "left",
                          min_width=len(max((s.name for s in self.stages), key=len, default="")) if c == "stage" else None)
         for r in self._rows():
@@ -104,11 +116,11 @@ class Report:
 
     # ---- html ---------------------------------------------------------------------------------
     def to_html(self, path: Optional[str] = None) -> str:
-        figs = [_plot_heads(self), _plot_site_errors(self)]
+        figs = [_plot_heads(self), _plot_site_errors(self), _plot_evaluation(self)]
         figs += [_plot_heatmap(title, data) for title, data in self.heatmaps.items()]
         figs += [_plot_curve(k, v) for k, v in self.extras.items() if k.startswith("loss")]
         rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self._rows())
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.COLUMNS)
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns())
         diag = "".join(f"<li>{html.escape(s.name)}: {html.escape(str(d))}</li>"
                        for s in self.stages for d in s.diagnostics)
         diag += "".join(f"<li>not canonicalized: {html.escape(str(r))}</li>" for r in self.refusals)
@@ -206,4 +218,35 @@ def _plot_curve(title: str, values) -> str:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
+    return _png(fig)
+
+
+def _plot_evaluation(report: Report) -> str:
+    """Bits per byte (or perplexity) per stage, and each stage's relative error per site, from rewrite.evaluate."""
+    ev = report.extras.get("evaluation")
+    if not isinstance(ev, dict) or not ev.get("stages"):
+        return ""
+    stages = ev["stages"]
+    use_bpb = all(s.get("bits_per_byte") is not None for s in stages)
+    values = [s["bits_per_byte"] if use_bpb else s["perplexity"] for s in stages]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.4))
+    ax.bar(range(len(values)), values, color=["#888"] + ["#3a7"] * (len(values) - 1))
+    ax.set_xticks(range(len(values)), [s["name"] for s in stages], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("bits per byte" if use_bpb else "perplexity")
+    ax.set_title(f"Language-model fidelity ({ev.get('tokens', 0):,} tokens)")
+    for s in stages:
+        if s.get("site_errors") and any(s["site_errors"]):
+            bx.plot(range(len(s["site_errors"])), [max(e, 1e-9) for e in s["site_errors"]], marker="o",
+                    label=s["name"])
+    bx.set_yscale("log")
+    bx.set_xlabel("site (layer)")
+    bx.set_ylabel("relative error of the site's output")
+    bx.set_title("Per-site error on the evaluation text")
+    if bx.lines:
+        bx.legend(fontsize=7)
     return _png(fig)

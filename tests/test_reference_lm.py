@@ -1,0 +1,151 @@
+"""The bundled reference decoder ``demo-lm`` and ``rewrite.evaluate`` on it: it loads fast, the original's bits
+per byte on the held-out text is the one training measured, padding and windows do not change the figures, the
+orderings the papers claim hold where they do here (aligned < mean GQA; taylor < magnitude < random pruning), and
+distillation improves a lossy pass. One capture serves every pass (``rewrite.api.restage``)."""
+import functools
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import models as M
+import rewrite
+from rewrite.api import restage
+from rewrite.cli import main
+from rewrite.errors import EvaluationError
+from rewrite.models import heldout_texts, load_model, load_reference_lm, reference_lm_path, tokenizer_for
+
+N_TEXTS = 48  # held-out paragraphs for the orderings (about 6 KB)
+
+
+@functools.lru_cache(maxsize=None)
+def reference():
+    """(model, tokenizer, captured Converted, 4 calibration batches of training paragraphs, 16 for distillation)."""
+    torch.manual_seed(0)
+    model = load_reference_lm()
+    tok = tokenizer_for(reference_lm_path())
+    with open(os.path.join(reference_lm_path(), "calibration.txt"), encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+
+    def enc(chunk):
+        e = tok(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
+
+    calib = [enc(lines[i:i + 8]) for i in range(0, 32, 8)]
+    train = [enc(lines[i:i + 8]) for i in range(32, 160, 8)]
+    base = rewrite.convert(model, [], example_inputs=calib[0], progress=False)
+    return model, tok, base, calib, train
+
+
+@functools.lru_cache(maxsize=None)
+def bpb(spec: str) -> float:
+    model, tok, base, calib, _ = reference()
+    conv = restage(base, spec, calib)
+    ev = rewrite.evaluate(conv, heldout_texts(N_TEXTS), tokenizer=tok, original=False, stages=[conv.report.stages[-1].name],
+                          progress=False)
+    return ev.stages[-1].bits_per_byte
+
+
+def test_reference_lm_loads_in_under_a_second_and_is_llama_shaped():
+    load_reference_lm()  # imports transformers' LLaMA once
+    t0 = time.perf_counter()
+    model, folder = load_model("demo-lm")
+    seconds = time.perf_counter() - t0
+    assert seconds < 1.0, f"demo-lm took {seconds:.2f} s to load"
+    cfg = model.config
+    assert type(model).__name__ == "LlamaForCausalLM" and folder == reference_lm_path()
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (4, 8, 8, 258)
+    assert next(model.parameters()).dtype == torch.float32
+    tok = tokenizer_for(folder)
+    assert tok("Hé!")["input_ids"] == [256, 72, 195, 169, 33, 257]  # <s>, the UTF-8 bytes, </s>
+    sites = rewrite.inspect(model, {"input_ids": torch.tensor([[256, 72, 105]])}).sites
+    assert len(sites) == 4 and all(s.rope == "rotate_half" and s.q_heads == 8 and s.head_dim == 16 for s in sites)
+
+
+def test_original_bits_per_byte_is_the_one_training_measured():
+    model, tok, base, _, _ = reference()
+    with open(os.path.join(reference_lm_path(), "train_log.json")) as f:
+        trained = json.load(f)["heldout_bpb_fp16"]
+    ev = rewrite.evaluate(base, heldout_texts(), tokenizer=tok, stages=[], progress=False)  # the original only
+    assert [s.name for s in ev.stages] == ["original"]
+    assert ev["original"].bits_per_byte == pytest.approx(trained, abs=1e-3)
+    assert 1.3 < trained < 3.0
+    assert ev.bytes == sum(len(t.encode()) for t in heldout_texts()) and ev.tokens == ev.bytes + ev.texts  # + EOS
+    assert ev["original"].perplexity == pytest.approx(2 ** (ev["original"].bits_per_byte * ev.bytes / ev.tokens))
+
+
+def test_padding_batch_size_and_windows_do_not_change_the_figures():
+    _, tok, base, _, _ = reference()
+    texts = heldout_texts(12) + ["A paragraph much longer than any window. " * 12]  # 492 bytes
+    a = rewrite.evaluate(base, texts, tokenizer=tok, batch_size=1, progress=False)
+    assert a["captured"].nll == pytest.approx(a["original"].nll, rel=1e-6)  # capture is exact
+    assert a["captured"].site_errors == [0.0] * 4
+    b = rewrite.evaluate(base, texts, tokenizer=tok, batch_size=5, original=False, progress=False)
+    assert a["captured"].nll == pytest.approx(b["captured"].nll, rel=1e-6)  # pads never counted
+    short = rewrite.evaluate(base, texts, tokenizer=tok, window=32, original=False, progress=False)
+    assert short.tokens == a.tokens  # every token still predicted once
+    assert a["captured"].nll < short["captured"].nll  # but with less context
+    ids = [tok(t)["input_ids"] for t in texts]
+    c = rewrite.evaluate(base, ids, original=False, progress=False)  # token ids: no byte count
+    assert c["captured"].nll == pytest.approx(a["captured"].nll, rel=1e-6) and c["captured"].bits_per_byte is None
+
+
+def test_aligned_gqa_beats_mean_pooled_gqa():  # at a quarter of the KV heads (1/2: examples/perplexity_table.py)
+    mean, aligned = bpb("gqa{kv_heads=2,method=mean}"), bpb("gqa{kv_heads=2,method=aligned}")
+    assert aligned < mean - 0.5, f"aligned {aligned:.3f} vs mean {mean:.3f}"
+
+
+def test_taylor_beats_magnitude_beats_random_pruning_at_half_the_heads():
+    taylor, magnitude, rand = (bpb(f"prune-heads{{ratio=0.5,importance={m}}}") for m in ("taylor", "magnitude", "random"))
+    assert taylor < magnitude < rand, (taylor, magnitude, rand)
+
+
+def test_distillation_improves_a_lossy_pass_and_earlier_stages_keep_their_figures():
+    model, tok, base, calib, train = reference()
+    conv = restage(base, "gqa{kv_heads=2,method=mean}", calib)
+    texts = heldout_texts(24)
+    before = rewrite.evaluate(conv, texts, tokenizer=tok, original=False, stages=["gqa"], progress=False)["gqa"]
+    rewrite.distill(conv, model, train[:12], steps=12, lr=3e-3, progress=False)
+    ev = rewrite.evaluate(conv, texts, tokenizer=tok, progress=False)
+    assert [s.name for s in ev.stages] == ["original", "captured", "gqa", "distill"]
+    assert ev["gqa"].bits_per_byte == pytest.approx(before.bits_per_byte, abs=1e-6)  # the stage kept its model
+    assert ev["distill"].bits_per_byte < before.bits_per_byte - 0.1, (before.bits_per_byte, ev["distill"].bits_per_byte)
+    assert ev["original"].bits_per_byte < ev["distill"].bits_per_byte
+    report = conv.report
+    assert report.extras["evaluation"]["stages"][-1]["name"] == "distill"
+    assert report.stages[-1].bits_per_byte == ev["distill"].bits_per_byte
+    assert "bits/byte" in report.to_markdown().splitlines()[6]  # the stage table's header
+    assert report.to_html().count("<img") == 4  # heads, site errors, evaluation, the distill loss curve
+
+
+def test_bad_inputs_are_named_errors():
+    _, tok, base, _, _ = reference()
+    with pytest.raises(EvaluationError, match="no texts"):
+        rewrite.evaluate(base, [], tokenizer=tok, progress=False)
+    with pytest.raises(EvaluationError, match="only empty texts"):
+        rewrite.evaluate(base, ["", "  "], tokenizer=tok, progress=False)
+    with pytest.raises(EvaluationError, match="window"):
+        rewrite.evaluate(base, ["some text"], tokenizer=tok, window=0, progress=False)
+    enc = rewrite.convert(M.bert(), [], example_inputs={"input_ids": M.ids()}, progress=False)
+    with pytest.raises(EvaluationError, match="encoder-only"):
+        rewrite.evaluate(enc, [[1, 2, 3]], progress=False)
+    bare = rewrite.convert(M.llama(), [], example_inputs={"input_ids": M.ids()}, progress=False)
+    with pytest.raises(EvaluationError, match="needs a tokenizer"):
+        rewrite.evaluate(bare, ["text without a tokenizer"], progress=False)
+
+
+def test_cli_eval_prints_the_table_and_names_bad_files(tmp_path, capsys):
+    text = tmp_path / "held.txt"
+    text.write_text("\n".join(heldout_texts(6)) + "\n")
+    assert main(["eval", "demo-lm", "--passes", "gqa{kv_heads=4}", "--text", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert "bits/byte" in out and "original" in out and "gqa" in out
+    assert main(["eval", "demo-lm", "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().out
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert main(["eval", "demo-lm", "--text", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no text" in capsys.readouterr().out
+    assert main(["eval", "demo", "--text", str(text)]) == 2  # MiniLM: an encoder
+    assert "encoder-only" in capsys.readouterr().out
