@@ -40,6 +40,10 @@ def refuse_fixed_heads(op: Attention, fields: dict) -> None:
             continue
         if not (_same(fields.get(w, getattr(op, w)), getattr(op, w)) and _same(fields.get(b, getattr(op, b)),
                                                                                 getattr(op, b))):
+            if "per-head constants" in t.description:
+                raise FixedHeads(f"{op.info.name}: its {side} transform ({t.description}) holds one entry per "
+                                 f"head for {t.heads} heads; changing its {side} heads would leave them without "
+                                 "their constants, so this pass cannot be exact here")
             raise FixedHeads(f"{op.info.name}: its {side} norm acts on the whole projection of {t.heads} heads "
                              f"before the head split ({t.description}); changing its {side} heads would change "
                              "the norm's denominator and gains, so this pass cannot be exact here")

@@ -11,7 +11,7 @@ from torch import nn
 
 import rewrite
 from rewrite import families as fam
-from rewrite.errors import BackendError, NoAttentionError
+from rewrite.errors import BackendError, NoAttentionError, SpecError
 from rewrite.graph import with_sites
 from rewrite.heads import rebuild, select_query_heads
 from rewrite.ir import only_causal
@@ -289,3 +289,15 @@ def test_lit_says_it_drops_a_soft_cap():
     assert conv.sites[0].score_fn is not None
     assert any("soft-cap 2·tanh(s/2) has no counterpart in linear attention; it is dropped" in d
                for d in conv.report.stages[-1].diagnostics)
+
+
+def test_a_per_head_value_bias_refuses_a_change_of_value_heads():
+    """DeBERTa adds its value bias after the head split: the value transform holds 4 heads' constants, so gqa
+    (fewer value heads) must refuse by name instead of broadcasting the bias over the wrong heads."""
+    model, _ = fam.tiny_model("deberta")
+    example = fam.make_inputs(model, 2, 8)
+    conv = rewrite.convert(model, passes=[], example_inputs=example, progress=False)
+    assert "per-head constants for 4 heads" in conv.sites[0].v_transform.description
+    with pytest.raises(SpecError, match=r"its value transform \(add with per-head constants for 4 heads\) holds "
+                                        r"one entry per head"):
+        rewrite.convert(model, passes=["gqa{kv_heads=1}"], example_inputs=example, progress=False)

@@ -18,6 +18,15 @@ from .common import INDEX_OPS, SCALAR_OPS, _Skip, op_name
 from . import layout
 from .rope import is_linear, rope_layout
 
+def _has_head_axis(value, kind: str, n_heads: int) -> bool:
+    """An operand of a per-head op with one entry per head (a per-head bias, DeBERTa's value bias): the transform
+    then holds that head count and is not head-agnostic."""
+    if not isinstance(value, torch.Tensor) or n_heads < 2:
+        return False
+    axis = {"BHSD": -3, "BSHD": -2}.get(kind)
+    return axis is not None and value.ndim >= -axis and value.shape[axis] == n_heads
+
+
 def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_row, n_heads, dh, core_in, role):
     """The ops between the head split and the core, replayed on (B, H, S, d) values."""
     cls = {n: layout._classify(tags[n], lay, n_rows, head_of_row, dpos_of_row, n_heads, dh)
@@ -31,6 +40,7 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
     consts: dict = {}
     replayed = []
     whole = False  # an op acts on all heads' features at once: exact at this head count only
+    per_head = False  # an operand holds one entry per head (a per-head bias): exact at this head count only
 
     def side(a: fx.Node):
         if a.op == "get_attr":
@@ -121,14 +131,17 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
             raw[n] = out
         else:
             cv[n] = from_kind(out, kind)
+            per_head = per_head or any(_has_head_axis(env.get(a), kind, n_heads) for a in n.all_input_nodes
+                                       if a not in conv)
         kinds[n] = kind
         replayed.append(name)
     if not replayed:
         return None, [], {}
     g.output(canon(core_in))
     gm = fx.GraphModule(consts, g)
-    description = ", ".join(sorted(set(replayed))) + (f" over the whole projection of {n_heads} heads" if whole else "")
-    transform = HeadTransform(gm, len(sides), description, heads=n_heads if whole else None)
+    description = ", ".join(sorted(set(replayed))) + (f" over the whole projection of {n_heads} heads" if whole else
+                                                      f" with per-head constants for {n_heads} heads" if per_head else "")
+    transform = HeadTransform(gm, len(sides), description, heads=n_heads if whole or per_head else None)
     dtype = env[proj].dtype if env[proj].is_floating_point() else None
     return transform, sides, _describe(transform, sides, env, lay, replayed, dh, dtype or torch.float32)
 
