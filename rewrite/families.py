@@ -14,7 +14,6 @@ import dataclasses
 import inspect
 import math
 import time
-from typing import Optional
 
 import torch
 
@@ -407,8 +406,16 @@ def summary(results: list) -> dict:
         "refused_by": dict(collections.Counter(r.error for r in results if r.status == "refused").most_common()),
         "skipped_by": dict(collections.Counter(r.error for r in results if r.status == "skipped").most_common()),
         "gqa_checked": sum(bool(r.gqa) for r in results), "gqa_ok": sum(r.gqa == "ok" for r in results),
+        "gqa_refused": sum(r.gqa.split(":")[0] in _rewrite_errors() for r in results if r.gqa),
         "onnx_checked": sum(bool(r.onnx) for r in results), "onnx_ok": sum(r.onnx == "ok" for r in results),
     }
+
+
+def _rewrite_errors() -> set:
+    """Names of the ``rewrite.errors`` classes (a named refusal, not a failure)."""
+    from . import errors
+
+    return {n for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.RewriteError)}
 
 
 def summary_markdown(results: list) -> str:
@@ -425,7 +432,8 @@ def summary_markdown(results: list) -> str:
     ]
     if s["onnx_checked"]:
         lines.append(f"- Extended checks on the exact families: `gqa{{kv_heads=1}}` converts and runs on {s['gqa_ok']} "
-                     f"of {s['gqa_checked']}; ONNX export matches ONNX Runtime (≤ {ONNX_TOL:g}, at a shape other than "
+                     f"of {s['gqa_checked']} (refused with a named `rewrite.errors` class on {s['gqa_refused']}, "
+                     f"failed on {s['gqa_checked'] - s['gqa_ok'] - s['gqa_refused']}); ONNX export matches ONNX Runtime (≤ {ONNX_TOL:g}, at a shape other than "
                      f"traced) on {s['onnx_ok']} of {s['onnx_checked']}.")
     bugs = [r for r in results if r.status in ("inexact", "crashed", "miscounted", "timeout")]
     if bugs:
