@@ -58,7 +58,7 @@ def test_decoder_generates_as_the_converted_model(tmp_path, spec, kv_heads):
 
 
 def test_linear_attention_exports_its_fixed_state_and_genai_is_refused(tmp_path):
-    conv = converted(M.llama(kv_heads=2), "lit")
+    conv = converted(M.llama(kv_heads=2, layers=1), "lit")  # one layer: the state layout is per layer
     with pytest.raises(GenerationError, match=r"genai_config.json cannot be written: LiT layers keep a fixed-size "
                                               r"state \(S, z\), not a KV cache"):
         conv.export_onnx(str(tmp_path / "refused"), decoder=True, genai=True)
