@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import operator
 import re
 import traceback
 import warnings
@@ -195,6 +196,56 @@ def _grow_unit_dims(kwargs: dict, dynamic_shapes: dict):
     return out if grew else None
 
 
+def _inline_grad_regions(gm: fx.GraphModule) -> None:
+    """Inline export's ``wrap_with_set_grad_enabled`` regions (a ``torch.no_grad()`` block becomes a subgraph) into
+    ``gm``: grad mode does not change what inference computes, and attention inside them must be visible to
+    recognition (HRM runs its early recurrent cycles under ``no_grad``)."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    graph = gm.graph
+    while hop is not None:
+        regions = [n for n in graph.nodes if n.op == "call_function" and n.target is hop]
+        if not regions:
+            break
+        for node in regions:
+            holder = node.args[1]
+            sub = getattr(gm, holder.target)
+            env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], node.args[2:]))
+            out = None
+            with graph.inserting_before(node):
+                for sn in sub.graph.nodes:
+                    if sn.op == "placeholder":
+                        continue
+                    if sn.op == "output":
+                        out = fx.map_arg(sn.args[0], env.__getitem__)
+                        break
+                    if sn.op == "get_attr":
+                        name = f"{holder.target}_{sn.target}".replace(".", "_")
+                        value = sub.get_submodule(sn.target) if isinstance(_attr(sub, sn.target), torch.nn.Module) \
+                            else _attr(sub, sn.target)
+                        setattr(gm, name, value)
+                        env[sn] = graph.get_attr(name)
+                    else:
+                        env[sn] = graph.node_copy(sn, env.__getitem__)
+            for user in list(node.users):
+                if user.op == "call_function" and user.target is operator.getitem:
+                    user.replace_all_uses_with(out[user.args[1]])
+                    graph.erase_node(user)
+            if node.users:
+                node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            if not holder.users:
+                graph.erase_node(holder)
+                delattr(gm, holder.target)
+    graph.lint()
+    gm.recompile()
+
+
+def _attr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def _export(model, kwargs: dict, fixed: dict, dynamic_shapes) -> Captured:
     """``torch.export`` (non-strict) of ``model`` on ``kwargs``, with the dynamic dims' symbols and sizes."""
     tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
@@ -210,6 +261,7 @@ def _export(model, kwargs: dict, fixed: dict, dynamic_shapes) -> Captured:
                                "reset it to a fixed buffer")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     gm = ep.module()
+    _inline_grad_regions(gm)
     sizes, ranges = {}, {}
     for sym, vr in ep.range_constraints.items():
         ranges[str(sym)] = (_as_int(vr.lower, 0), _as_int(vr.upper, 1 << 30))

@@ -97,6 +97,16 @@ class InPlaceWrite(Attn):
         return super().forward(x + h)
 
 
+class UnderNoGrad(Attn):
+    """Attention inside a ``torch.no_grad()`` block (HRM's early recurrent cycles): export puts it in a
+    set-grad-enabled subgraph, which must not hide it from recognition."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = super().forward(x)
+        return y + x
+
+
 class KeepsState(Attn):
     """Stores a tensor on the module during forward (a recurrent state held between calls)."""
 
@@ -128,6 +138,7 @@ ODD = {
     "zero-width": (lambda: Attn(dim=0, heads=1), x(2, 8, 0), None, 1),
     "soft-capped-scores": (lambda: Attn(softcap=5.0), x(2, 8), x(3, 5), 1),
     "in-place-write-before": (InPlaceWrite, x(2, 8), x(3, 5), 1),
+    "under-no-grad": (UnderNoGrad, x(2, 8), x(3, 5), 1),
     "keeps-state": (KeepsState, x(2, 8), x(3, 5), 1),
 }
 
@@ -157,7 +168,7 @@ def test_only_rewrite_errors_escape_and_what_converts_is_exact(name):
 @pytest.mark.parametrize("name", ["one-head", "head-dim-1", "odd-width", "empty-rotary-pass-through",
                                   "partial-rotary", "attention-used-twice", "softmax-over-classifier",
                                   "non-contiguous-weights", "seq-length-1", "batch-1-seq-1", "zero-size-branch",
-                                  "in-place-write-before", "soft-capped-scores"])
+                                  "in-place-write-before", "soft-capped-scores", "under-no-grad"])
 def test_odd_but_valid_modules_convert(name):
     factory, example, _, n_sites = ODD[name]
     conv = rewrite.convert(factory().eval(), passes=[], example_inputs=(example,), progress=False)
