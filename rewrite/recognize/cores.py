@@ -119,6 +119,9 @@ def _manual_core(sm: fx.Node, env) -> _Core:
             mask_seen()
             masks.append((kind(_hide_kind("keep", node.args[2], env)), node.args[0]))
             node = node.args[1]
+        elif name == "cat":
+            raise _Skip("attention sinks (extra per-head logits concatenated to the scores before the softmax, as in "
+                        "gpt-oss) are not supported yet")
         else:
             raise _Skip(f"unsupported op '{name}' between the score matmul and softmax")
     mm = node
