@@ -91,7 +91,7 @@ def _dynamic_spec(t: Any):
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
+def _capture_mode(model: torch.nn.Module):
     """Trace in eval mode without a KV cache, and put the caller's flags back afterwards.
 
     ``config.use_cache = False`` on every config the modules hold: a forward that takes ``use_cache`` only
@@ -139,7 +139,7 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Capt
         grown = _grow_unit_dims(kwargs, dynamic_shapes)
         tries = [grown, kwargs] if grown is not None else tries
     errors, where = [], ""
-    with _eval_mode(model):
+    with _capture_mode(model):
         for kwargs in tries:
             try:
                 return _export(model, kwargs, fixed, dynamic_shapes)
@@ -220,9 +220,7 @@ def _inline_grad_regions(gm: fx.GraphModule) -> None:
                         break
                     if sn.op == "get_attr":
                         name = f"{holder.target}_{sn.target}".replace(".", "_")
-                        value = sub.get_submodule(sn.target) if isinstance(_attr(sub, sn.target), torch.nn.Module) \
-                            else _attr(sub, sn.target)
-                        setattr(gm, name, value)
+                        setattr(gm, name, operator.attrgetter(sn.target)(sub))  # a tensor or a nested region
                         env[sn] = graph.get_attr(name)
                     else:
                         env[sn] = graph.node_copy(sn, env.__getitem__)
@@ -238,12 +236,6 @@ def _inline_grad_regions(gm: fx.GraphModule) -> None:
                 delattr(gm, holder.target)
     graph.lint()
     gm.recompile()
-
-
-def _attr(module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _export(model, kwargs: dict, fixed: dict, dynamic_shapes) -> Captured:
