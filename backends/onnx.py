@@ -56,7 +56,7 @@ def attention_node(op, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=N
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)  # ONNX wants an additive mask in Q's type
     causal = op.causal if mask is None else op.info.causal_mask
-    if _state["causal_chunks"] > 1 and causal and not op.info.cross:
+    if _state["causal_chunks"] > 1 and causal and not op.info.cross and op.sink_logits is None:
         return _causal_chunks(op, q, k, v, mask, _state["causal_chunks"])
     return _attention(op, q, k, v, mask, is_causal=bool(op.causal and mask is None))
 

@@ -253,6 +253,10 @@ class Lit(SitePass):
                       f"grid, {cls} class tokens" if use_conv else "off"}
         notes = [Diagnostic("warning", f"the scores' soft-cap {op.softcap:g}·tanh(s/{op.softcap:g}) has no counterpart "
                             "in linear attention; it is dropped at this site", site)] if op.softcap else []
+        if new.sink_logits is not None:
+            new.sink_logits = None
+            notes.append(Diagnostic("warning", "the attention sinks (a logit per head in every softmax row) have no "
+                                    "counterpart in linear attention; they are dropped at this site", site))
         return new, st, notes
 
 

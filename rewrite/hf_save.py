@@ -29,7 +29,7 @@ from .hf_checkpoint import HFLayout, flat
 
 __all__ = ["save_pretrained", "stock_state"]
 
-FIELDS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
+FIELDS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "sink_logits")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "spiece.model", "chat_template.jinja")
 REMOTE_FILES = {"configuration_rewrite.py": ("RewriteConfig = family_classes({arch!r})[0]\n"),

@@ -12,7 +12,8 @@
   (clipped softmax, linear attention);
 - score modifiers (``rewrite.score_mods``): ``s' = c·tanh(s/c) + M[:, bias_map]`` with ``softcap = c``
   (0: none) and ``bias_map [Hq]`` (None: the mask has no per-head rows), the row of the mask's head axis
-  each query head reads, so per-head biases (ALiBi, relative position) follow the query heads;
+  each query head reads, so per-head biases (ALiBi, relative position) follow the query heads; and
+  attention sinks ``sink_logits [Hq]`` (None: none), a learned logit per head in every row's softmax;
 - ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
   (gated attention, MoH), or per feature ``g [B, Hq, Sq, dv]`` (a model's own output gate);
 - ``weights``: ``None`` (the op owns ``wq..wo`` as Parameters) or a provider module whose
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .score_mods import select_bias, softcapped_attention
+from .score_mods import append_sink, select_bias, softcapped_attention
 
 __all__ = ["Attention", "HeadTransform", "SiteInfo", "hidden", "causal_keep", "DROP"]
 
@@ -151,6 +152,7 @@ class Attention(nn.Module):
         bias_map: Optional[torch.Tensor] = None,
         bias_heads: int = 0,
         softcap: float = 0.0,
+        sink_logits: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         hq = wq.shape[0]
@@ -170,6 +172,7 @@ class Attention(nn.Module):
         self.register_buffer("bias_map", None if bias_map is None else bias_map.clone().long())
         self.bias_heads = int(bias_heads or (0 if bias_map is None else bias_map.numel()))  # H₀ of the mask
         self.softcap = float(softcap)
+        self.sink_logits = None if sink_logits is None else nn.Parameter(sink_logits.detach().clone())
         self.score_fn: Optional[nn.Module] = None
         self.head_gate: Optional[nn.Module] = None
         self.weights: Optional[nn.Module] = None
@@ -283,13 +286,16 @@ class Attention(nn.Module):
         positions: query i sees keys j ≤ i + Sk − Sq.
         """
         mask = select_bias(mask, self.bias_map, self._bias_identity)  # per-head bias rows of these heads
-        if self.score_fn is not None:
-            return self.score_fn(self, q, k, v, mask)
+        causal = (self.causal if causal is None else causal) and mask is None
+        if self.sink_logits is not None:  # one more key: score σ_h, value 0 (score_mods.append_sink)
+            k, v, mask = append_sink(q, k, v, mask, self.sink_logits, causal)
+            causal = False
+        if self.score_fn is not None:  # score functions read the causal rule from op.causal
+            return self.score_fn(_Causal(self) if causal and not self.causal else self, q, k, v, mask)
         if torch.onnx.is_in_onnx_export():  # one standard ONNX Attention node, same semantics as SDPA
             from rewrite.backends.onnx import attention_node
             return attention_node(self, q, k, v, mask)
         sq, sk = q.shape[2], k.shape[2]
-        causal = (self.causal if causal is None else causal) and mask is None
         if (mask is not None and self.info.causal_mask and isinstance(mask, torch.Tensor) and not _tracing()
                 and only_causal(mask, sq, sk)):
             mask, causal = None, True  # same function; SDPA then skips the hidden blocks
@@ -311,8 +317,6 @@ class Attention(nn.Module):
     def _scores(self, q, k, v, mask, is_causal):
         if not is_causal or mask is not None or self.causal:
             return self.core(q, k, v, mask)
-        if self.score_fn is not None:  # score functions read the causal rule from op.causal
-            return self.score_fn(_Causal(self), q, k, v, mask)
         return self.core(q, k, v, mask, causal=True)
 
     def merge(self, o: torch.Tensor, wo: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -350,7 +354,8 @@ class Attention(nn.Module):
                 f"v_heads={self.v_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}, "
                 f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}"
                 + (f", bias_heads={self.bias_heads}" if self.bias_map is not None else "")
-                + (f", softcap={self.softcap:g}" if self.softcap else ""))
+                + (f", softcap={self.softcap:g}" if self.softcap else "")
+                + (", sinks" if self.sink_logits is not None else ""))
 
 
 def _rows_fold(q, mask, causal: bool, limit: int) -> bool:

@@ -2,7 +2,7 @@
 its adapter reads the module's arguments. The weights travel separately, in the folder's weights file.
 
     op_spec(op) -> {"shapes", "k_map", "v_map", "scale", "causal", "info", "q_transform", "k_transform",
-                    "score_fn", "head_gate", "weights", "bias_map", "bias_heads", "softcap"}
+                    "score_fn", "head_gate", "weights", "bias_map", "bias_heads", "softcap", "sinks"}
     plan_spec(plan) -> {"name", "inputs": [{"paths", "graph"} | None], "out_path", "out_spec", "layer_idx", "causal"}
 
 Parts (score functions, head gates, weight providers) are stored by class name with their ``to_spec()``
@@ -65,7 +65,7 @@ def op_spec(op: Attention, groups: dict) -> dict:
         "score_fn": _part_spec(op.score_fn, groups), "head_gate": _part_spec(op.head_gate, groups),
         "weights": _part_spec(op.weights, groups),
         "bias_map": None if op.bias_map is None else op.bias_map.tolist(), "bias_heads": op.bias_heads,
-        "softcap": op.softcap,
+        "softcap": op.softcap, "sinks": op.sink_logits is not None,
     }
 
 
@@ -83,7 +83,8 @@ def op_from_spec(spec: dict, groups: dict) -> Attention:
     op = Attention(**t, **maps, scale=spec["scale"],
                    causal=spec["causal"], info=SiteInfo(**spec["info"]), **transforms,
                    bias_map=None if bias_map is None else torch.tensor(bias_map, device="cpu"),
-                   bias_heads=spec.get("bias_heads", 0), softcap=spec.get("softcap", 0.0))
+                   bias_heads=spec.get("bias_heads", 0), softcap=spec.get("softcap", 0.0),
+                   sink_logits=torch.zeros(t["wq"].shape[0], dtype=dtype) if spec.get("sinks") else None)
     op.score_fn = _part_from_spec(spec["score_fn"], groups)
     op.head_gate = _part_from_spec(spec["head_gate"], groups)
     provider = _part_from_spec(spec["weights"], groups)

@@ -262,23 +262,3 @@ def test_finite_fill_after_a_bias_is_exact_where_every_key_is_hidden():
     keep[0] = 0  # every key hidden: the original averages all values
     keep[1, :5] = 0
     assert M.rel_err(model, conv, (x(3, 13), keep))[0] <= TOL
-
-
-class WithSinks(Attn):
-    """gpt-oss style attention sinks: one learned logit per head concatenated to the scores, dropped after."""
-
-    def __init__(self):
-        super().__init__(manual=True)
-        self.sinks = nn.Parameter(torch.zeros(self.heads))
-
-    def forward(self, x):
-        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
-        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        sink = self.sinks.reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
-        p = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1]
-        return self.o((p @ v).transpose(1, 2).reshape(x.shape))
-
-
-def test_attention_sinks_are_refused_by_name():
-    with pytest.raises(NoAttentionError, match=r"attention sinks \(extra per-head logits concatenated to the scores"):
-        rewrite.convert(WithSinks().eval(), passes=[], example_inputs=(x(2, 8),), progress=False)

@@ -48,6 +48,9 @@ def site_kind(op) -> tuple:
     if op.softcap:
         raise BackendError(f"site {name}: the tanh soft-cap of the scores (c·tanh(s/c), c={op.softcap:g}) is not in "
                            "the Triton kernels; use backend='eager' or 'onnxruntime' for this model")
+    if op.sink_logits is not None:
+        raise BackendError(f"site {name}: attention sinks (a learned logit per head in every softmax row) are not "
+                           "in the Triton kernels; use backend='eager' or 'onnxruntime' for this model")
     if fn is None:
         return "softmax", {}
     learned = [n for n, _ in fn.named_parameters()]

@@ -66,7 +66,8 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
     info = SiteInfo(name=name, layout=q.lay.L, q_len=q.lay.S, kv_len=k.lay.S, rope=q.rope, rotary_dims=q.rotary_dims,
                     qk_norm=q.norm or k.norm, cross=k.x is not q.x,
                     sources={"wq": q.sources["w"], "bq": q.sources["b"], "wk": k.sources["w"], "bk": k.sources["b"],
-                             "wv": v.sources["w"], "bv": v.sources["b"], **o_sources},
+                             "wv": v.sources["w"], "bv": v.sources["b"], **o_sources,
+                             "sink_logits": (core.sink_source, None, False) if core.sink_source else None},
                     mask_kind=None if not core.masks else ("bool" if all(m[0].partition("@")[0] in ("keep", "drop")
                                                                          for m in core.masks) else "additive"))
     sides = q.sides + k.sides + v.sides
@@ -76,7 +77,7 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
     bias_map = _bias_rows(m, env, hq)
     m.op = Attention(q.w, k.w, v.w, wo, q.b, k.b, v.b, bo, k_map, v_map, scale=scale, causal=core.causal,
                      info=info, q_transform=q.transform, k_transform=k.transform, v_transform=v.transform,
-                     bias_map=bias_map, softcap=core.softcap)
+                     bias_map=bias_map, softcap=core.softcap, sink_logits=core.sinks)
     m.op.head_gate = gate  # the model's own output gate (rewrite.output_gate), or None
     for e in (env, probe_env):
         if e is None:

@@ -9,8 +9,8 @@ from torch import fx
 
 from .common import MATMULS, PASS_THROUGH, _arg, _Skip, op_name
 from .masks import _hide_kind
-from .modifiers import (VIEWS, _floor, _heads_view, _peel_scale, _refuse_content_terms, _row_max_of, _scalar,
-                        _softcap_of)
+from .modifiers import (VIEWS, _drops_sink, _floor, _heads_view, _peel_scale, _refuse_content_terms, _row_max_of,
+                        _scalar, _sinks_of, _softcap_of)
 from .projections import _projection, _weight_of
 
 @dataclasses.dataclass
@@ -24,6 +24,8 @@ class _Core:
     masks: list
     probs: Optional[fx.Node] = None
     softcap: float = 0.0
+    sinks: Optional[torch.Tensor] = None  # one logit per query head (``score_mods.append_sink``)
+    sink_source: Optional[str] = None  # the stored tensor they came from
 
 
 def _strip_kt(node: fx.Node) -> fx.Node:
@@ -50,6 +52,7 @@ def _manual_core(sm: fx.Node, env) -> _Core:
     if dim not in (-1, env[sm].ndim - 1):
         raise _Skip("softmax is not over the last dim")
     scale, masks, softcap = 1.0, [], 0.0
+    sinks = sink_source = None
     node = sm.args[0]
     flat = env[node].dim() == 3  # the scores walked are (B·H, Sq, Sk), not (B, H, Sq, Sk)
     viewed = flat
@@ -120,8 +123,11 @@ def _manual_core(sm: fx.Node, env) -> _Core:
             masks.append((kind(_hide_kind("keep", node.args[2], env)), node.args[0]))
             node = node.args[1]
         elif name == "cat":
-            raise _Skip("attention sinks (extra per-head logits concatenated to the scores before the softmax, as in "
-                        "gpt-oss) are not supported yet")
+            if sinks is not None:
+                raise _Skip("two sets of attention sinks on the scores")
+            if masks or seen_scale or softcap or flat:
+                raise _Skip("the scores are scaled, capped or masked after the attention sinks are joined")
+            node, sinks, sink_source = _sinks_of(node, env)
         else:
             raise _Skip(f"unsupported op '{name}' between the score matmul and softmax")
     mm = node
@@ -143,11 +149,14 @@ def _manual_core(sm: fx.Node, env) -> _Core:
     # forward: softmax -> (dropout, casts, the inverse view) -> matmul(p, v)
     p = sm
     probs_users = []
+    dropped = False
     while True:
         users = list(p.users)
         mm_users = [u for u in users if op_name(u) in MATMULS and u.args[0] is p]
         nxt = [u for u in users if u.args and u.args[0] is p and (op_name(u) in PASS_THROUGH or op_name(u) == "type_as"
-                                                                 or (viewed and op_name(u) in VIEWS))]
+                                                                 or (viewed and op_name(u) in VIEWS)
+                                                                 or (sinks is not None and not dropped
+                                                                     and _drops_sink(u, env)))]
         if mm_users:
             pv = mm_users[0]
             probs_users += [u for u in users if u is not pv]
@@ -155,9 +164,13 @@ def _manual_core(sm: fx.Node, env) -> _Core:
         if len(nxt) >= 1:
             probs_users += [u for u in users if u is not nxt[0]]
             p = nxt[0]
+            dropped = dropped or op_name(p) == "slice"
             continue
         raise _Skip("softmax output does not feed a matmul with v")
-    core = _Core(pv, q, k, pv.args[1], scale, False, masks[::-1], softcap=softcap)
+    if sinks is not None and not dropped:
+        raise _Skip("the attention sinks' column is not dropped from the weights before the matmul with v")
+    core = _Core(pv, q, k, pv.args[1], scale, False, masks[::-1], softcap=softcap, sinks=sinks,
+                 sink_source=sink_source)
     if any(op_name(u) not in ("_assert_tensor_metadata",) for u in probs_users):
         raise _Skip("attention weights are used outside the attention (need_weights=True); "
                     "call the module with need_weights=False")

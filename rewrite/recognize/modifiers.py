@@ -3,6 +3,8 @@
 - ``_softcap_of``: ``c·tanh(s / c)``; ``_peel_scale`` / ``_scalar``: scalar factors (also on ``kᵀ``);
 - ``_heads_view``: views between ``(B·H, Sq, Sk)`` and ``(B, H, Sq, Sk)`` scores;
 - shifts that leave the softmax unchanged: ``_row_max_of`` (s − max_j s), ``_floor`` (max(s, finfo.min));
+- ``_sinks_of``: attention sinks, ``cat([s, σ_h], -1)`` with one stored logit per head (gpt-oss), and
+  ``_drops_sink``: the slice that drops their column after the softmax;
 - ``_refuse_content_terms``: a score term built from the site's own queries or keys (DeBERTa's c2p/p2c) is
   refused by name; only terms of positions and masks become the op's bias (``rewrite.score_mods``).
 """
@@ -61,6 +63,39 @@ def _heads_view(node: fx.Node, env) -> Optional[str]:
             and tuple(flat.shape[1:]) == tuple(full.shape[2:]):
         return "split" if src.dim() == 3 else "merge"
     return None
+
+
+SINK_PATH = VIEWS | {"expand", "unsqueeze", "_to_copy", "to", "clone", "contiguous", "alias", "detach", "repeat"}
+
+
+def _sinks_of(node: fx.Node, env) -> tuple:
+    """``(s, σ [H], stored name)`` of ``cat([s, σ_h broadcast to (B, H, Sq, 1)], -1)``: a learned logit per
+    head joining every softmax row. Sinks computed from anything but one stored tensor are refused."""
+    parts, dim = node.args[0], _arg(node, 1, "dim", 0)
+    if len(parts) != 2 or not all(isinstance(p, fx.Node) for p in parts) or dim not in (-1, env[node].dim() - 1):
+        raise _Skip("scores are concatenated with something other than one sink logit per row")
+    s, sink = parts
+    scores, value = env[s], env[sink]
+    if scores.dim() != 4 or value.dim() != 4 or value.shape[-1] != 1 or value.shape[1] != scores.shape[1]:
+        raise _Skip(f"scores are concatenated with a tensor of shape {tuple(value.shape)}, not one sink logit "
+                    "per head and row")
+    per_head = value[0, :, 0, 0]
+    if not torch.equal(value, per_head.reshape(1, -1, 1, 1).expand_as(value)):
+        raise _Skip("attention sinks that differ between rows or batch entries (not one logit per head)")
+    root = sink
+    while root.op == "call_function" and op_name(root) in SINK_PATH:
+        root = root.args[0]
+    if root.op != "get_attr":
+        raise _Skip(f"attention sinks computed from '{root.name}' (only a stored logit per head is supported)")
+    return s, per_head.detach().clone(), root.target
+
+
+def _drops_sink(node: fx.Node, env) -> bool:
+    """``node`` is ``p[..., :-1]`` (or ``p[..., :Sk]``): the slice dropping the sink column of the weights."""
+    if op_name(node) != "slice" or _arg(node, 1, "dim", 0) not in (-1, env[node.args[0]].dim() - 1):
+        return False
+    start, end = _arg(node, 2, "start", 0), _arg(node, 3, "end", None)
+    return start in (0, None) and end in (-1, env[node.args[0]].shape[-1] - 1)
 
 
 def _row_max_of(m, s: fx.Node) -> bool:

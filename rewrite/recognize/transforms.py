@@ -10,6 +10,8 @@ all H·d features) run on the flat (B, S, H·d) value; such a transform is exact
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -74,6 +76,7 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
         return g.call_method("unflatten", (v, 0, (b, -1)))
 
     raw: dict = {}  # node -> its value in the projection's own flat layout (ops over the whole projection)
+    split_of: dict = {}  # a multi-output index op (chunk, split, unbind) -> its input, replayed when a part is computed on
 
     def canon(a):  # the canonical (B, H, S, d) value of a path node
         if a not in cv:
@@ -96,6 +99,18 @@ def _build_transform(path, proj, tags, env, lay, n_rows, head_of_row, dpos_of_ro
             else:
                 cv[n] = canon(chain[0])
             kinds[n] = c[0] if c is not None else None
+            if isinstance(env.get(n), (tuple, list)):
+                split_of[n] = chain[0]
+            continue
+        if name == "getitem" and len(chain) == 1 and chain[0] in split_of and kinds.get(split_of[chain[0]]) not in (
+                None, "flat"):  # a part of the head dims (gpt-oss RoPE: torch.chunk(x, 2, -1)), computed on next
+            parts, src = chain[0], split_of[chain[0]]
+            kind = kinds[src]
+            remap = lambda a: as_kind(a, kind) if a is src else side(a)  # noqa: E731
+            split = g.create_node(parts.op, parts.target, fx.map_arg(parts.args, remap), fx.map_arg(parts.kwargs, remap))
+            cv[n] = from_kind(g.call_function(operator.getitem, (split, n.args[1])), kind)
+            kinds[n] = kind
+            replayed.append(op_name(parts))
             continue
         if not chain:
             raise _Skip(f"{role} path: '{n.name}' lost track of the heads")
