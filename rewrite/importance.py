@@ -81,7 +81,7 @@ def _magnitude(op) -> torch.Tensor:
 # ---- attention probabilities and entropy ------------------------------------------------------
 def attention_probs(op, args: tuple) -> torch.Tensor:
     """softmax(c·tanh(q kᵀ·scale / c) + M[:, bias_map]) of one site on the args it received: ``[B, Hq, Sq, Sk]``
-    (the op's score modifiers, ``rewrite.score_mods``).
+    (the op's score modifiers, ``rewrite.score_mods``; with attention sinks a row sums to less than 1).
 
     Fully masked rows come back as zeros. A site with a custom ``score_fn`` still gets the softmax
     probabilities of its logits (what the original model computed).
@@ -101,6 +101,9 @@ def attention_probs(op, args: tuple) -> torch.Tensor:
             sq, sk = logits.shape[-2:]
             keep = torch.ones(sq, sk, dtype=torch.bool, device=logits.device).tril()
             logits = logits.masked_fill(~keep, float("-inf"))
+        if op.sink_logits is not None:  # the sink's column joins the softmax and is dropped after it
+            sink = op.sink_logits.detach().float().reshape(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+            return torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :-1].nan_to_num(0.0)
         return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 

@@ -1,4 +1,4 @@
-"""Attention sinks (gpt-oss, MiMo-V2-Flash): a learned logit per head joining every softmax row, exact through
+"""Attention sinks (gpt-oss, MiMo-V2-Flash, Granite-SWA): a learned logit per head joining every softmax row, exact through
 capture, head-count passes, generation, ONNX and the stock folder; refused where a backend has no form for it."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def gpt_oss():
     return model, rewrite.convert(model, passes=[], example_inputs=fam.make_inputs(model, 2, 8), progress=False)
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "mimo_v2_flash"])
+@pytest.mark.parametrize("family", ["gpt_oss", "mimo_v2_flash", "granite_swa"])  # granite: sigmoid(lse − σ) after
 def test_round_trip_is_exact_with_the_sinks_on_the_op(family, gpt_oss):
     model, conv = gpt_oss if family == "gpt_oss" else (sinky(family), None)
     conv = conv or rewrite.convert(model, passes=[], example_inputs=fam.make_inputs(model, 2, 8), progress=False)

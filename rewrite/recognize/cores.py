@@ -26,6 +26,7 @@ class _Core:
     softcap: float = 0.0
     sinks: Optional[torch.Tensor] = None  # one logit per query head (``score_mods.append_sink``)
     sink_source: Optional[str] = None  # the stored tensor they came from
+    scores: Optional[fx.Node] = None  # the softmax's input (hand-written cores)
 
 
 def _strip_kt(node: fx.Node) -> fx.Node:
@@ -170,7 +171,7 @@ def _manual_core(sm: fx.Node, env) -> _Core:
     if sinks is not None and not dropped:
         raise _Skip("the attention sinks' column is not dropped from the weights before the matmul with v")
     core = _Core(pv, q, k, pv.args[1], scale, False, masks[::-1], softcap=softcap, sinks=sinks,
-                 sink_source=sink_source)
+                 sink_source=sink_source, scores=sm.args[0])
     if any(op_name(u) not in ("_assert_tensor_metadata",) for u in probs_users):
         raise _Skip("attention weights are used outside the attention (need_weights=True); "
                     "call the module with need_weights=False")

@@ -90,6 +90,38 @@ def _sinks_of(node: fx.Node, env) -> tuple:
     return s, per_head.detach().clone(), root.target
 
 
+CASTS = {"_to_copy", "to", "type_as", "unsqueeze", "view", "reshape", "alias", "detach"}
+
+
+def _lse_sinks_of(scale: fx.Node, scores: Optional[fx.Node], env) -> Optional[tuple]:
+    """``(σ [H], stored name)`` when ``scale`` is ``sigmoid(logsumexp_j(s) − σ_h)`` of the core's own scores ``s``
+    (Granite-SWA): multiplying softmax(s)·v by it is attention with sinks, ``softmax([s, σ_h])[..., :-1]·v``.
+    None for any other factor."""
+    node = scale
+    while isinstance(node, fx.Node) and op_name(node) in CASTS:
+        node = node.args[0]
+    if scores is None or not isinstance(node, fx.Node) or op_name(node) != "sigmoid":
+        return None
+    node = node.args[0]
+    while isinstance(node, fx.Node) and op_name(node) in CASTS:
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or op_name(node) != "sub":
+        return None
+    lse, sink = node.args[0], node.args[1]
+    while isinstance(lse, fx.Node) and op_name(lse) in CASTS:
+        lse = lse.args[0]
+    if not (isinstance(lse, fx.Node) and op_name(lse) == "logsumexp" and lse.args[0] is scores
+            and tuple(_arg(lse, 1, "dim", ())) in ((-1,), (env[scores].dim() - 1,))):
+        return None
+    root = sink
+    while isinstance(root, fx.Node) and root.op == "call_function" and op_name(root) in SINK_PATH:
+        root = root.args[0]
+    if not isinstance(root, fx.Node) or root.op != "get_attr":
+        return None
+    value = env[root].detach().reshape(-1)
+    return (value.clone(), root.target) if value.numel() == env[scores].shape[1] else None
+
+
 def _drops_sink(node: fx.Node, env) -> bool:
     """``node`` is ``p[..., :-1]`` (or ``p[..., :Sk]``): the slice dropping the sink column of the weights."""
     if op_name(node) != "slice" or _arg(node, 1, "dim", 0) not in (-1, env[node.args[0]].dim() - 1):

@@ -12,6 +12,7 @@ from .common import HEAD_OPS, _Skip, op_name
 from .cores import _Core
 from .gates import read_gate
 from .layout import _Layout, _propagate, _to_bhsd
+from .modifiers import _lse_sinks_of
 from .projections import _path, _projection, _projection_sources, _walk_back_to_projection
 from .transforms import _build_transform
 
@@ -111,7 +112,11 @@ def _output_projection(gm, core: _Core, q: _Proj, env):
         u = users[0]
         if _projection(gm, u) is not None and _projection(gm, u)[0] is node:
             break
-        if op_name(u) == "mul" and gated is None and len(u.all_input_nodes) == 2:
+        lse_sinks = _lse_sinks_of(u.args[1] if u.args[0] is node else u.args[0], core.scores, env) \
+            if op_name(u) == "mul" and core.sinks is None else None
+        if lse_sinks is not None:  # softmax(s)·v·sigmoid(lse(s) − σ): attention sinks (Granite-SWA)
+            core.sinks, core.sink_source = lse_sinks
+        elif op_name(u) == "mul" and gated is None and len(u.all_input_nodes) == 2:
             gated = (u, node)
         elif op_name(u) in CASTS and env[u].dtype == env[node].dtype and env[u].shape == env[node].shape:
             pass  # a cast to the dtype it already has
