@@ -143,13 +143,13 @@ def head_distance(c: torch.Tensor, p: Pairing):
 
 
 def equal_groups(dist: torch.Tensor, n_groups: int, seed: int = 0, restarts: int = 8) -> list:
-    """Equal-size groups minimising the summed within-group distance (best pair swaps, seeded starts)."""
+    """Equal-size groups (sizes differing by at most one when ``n_groups`` does not divide the heads) minimising
+    the summed within-group distance (best pair swaps, seeded starts)."""
     d = dist.detach().double().cpu().numpy()
     h = d.shape[0]
-    size = h // n_groups
     rng = np.random.default_rng(seed)
     best, best_cost = None, np.inf
-    for lab in [np.arange(h) // size] + [rng.permutation(h) // size for _ in range(restarts)]:
+    for lab in [np.arange(h) * n_groups // h] + [rng.permutation(h) * n_groups // h for _ in range(restarts)]:
         for _ in range(h * h):
             s = d @ np.eye(n_groups)[lab]  # s[i, g] = Σ_{k∈g} d_ik
             own = s[np.arange(h), lab]

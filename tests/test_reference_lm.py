@@ -1,6 +1,7 @@
 """The bundled reference decoder ``demo-lm`` and ``rewrite.evaluate`` on it: it loads fast, the original's bits
 per byte on the held-out text is the one training measured, padding and windows do not change the figures, the
-orderings the papers claim hold where they do here (aligned < mean GQA; taylor < magnitude < random pruning), and
+orderings the papers claim hold where they do here (aligned < mean GQA; dha ≤ aligned GQA at the same KV bytes;
+taylor < magnitude < random pruning), and
 distillation improves a lossy pass. One capture serves every pass (``rewrite.api.restage``)."""
 import functools
 import json
@@ -95,6 +96,11 @@ def test_padding_batch_size_and_windows_do_not_change_the_figures():
 def test_aligned_gqa_beats_mean_pooled_gqa():  # at a quarter of the KV heads (1/2: examples/perplexity_table.py)
     mean, aligned = bpb("gqa{kv_heads=2,method=mean}"), bpb("gqa{kv_heads=2,method=aligned}")
     assert aligned < mean - 0.5, f"aligned {aligned:.3f} vs mean {mean:.3f}"
+
+
+def test_dha_beats_aligned_gqa_at_the_same_kv_bytes():  # a quarter of the KV heads, K and V budgets by the output
+    aligned, dha = bpb("gqa{kv_heads=2,method=aligned}"), bpb("dha{kv_ratio=0.25}")
+    assert dha <= aligned, f"dha {dha:.3f} vs aligned {aligned:.3f}"
 
 
 def test_taylor_beats_magnitude_beats_random_pruning_at_half_the_heads():

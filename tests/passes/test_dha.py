@@ -8,7 +8,7 @@ import models
 import rewrite
 from rewrite.errors import PassError, SpecError
 from rewrite.pass_base import PassContext
-from rewrite.passes.dha import DHA, allocate, refine
+from rewrite.passes.dha import DHA, balance, refine, uniform_shares
 from rewrite.passes.gqa import GQA
 
 
@@ -56,7 +56,11 @@ def test_allocation_and_refinement():
             return self.errors[n - 1]
 
     flat, steep = Curve([0.2, 0.15, 0.1, 0.0]), Curve([0.9, 0.3, 0.1, 0.0])
-    assert allocate([flat, steep], 4) == [1, 3]
+    assert uniform_shares([4, 4], 0.5) == [2, 2] and uniform_shares([4, 4, 4], 0.25) == [1, 1, 1]
+    assert uniform_shares([8, 8, 8], 0.3) == [3, 2, 2] and sum(uniform_shares([6, 2], 0.5)) == 4
+    assert balance([flat, steep], [2, 2], [1.0, 1.0]) == [1, 3]  # steep gains 0.2, flat loses 0.05
+    assert balance([flat, steep], [2, 2], [1.0, 0.05]) == [3, 1]  # the model barely feels the steep site
+    assert balance([flat, steep], [2, 2], [1.0, 0.2]) == [2, 2]  # no move pays
     d = np.array([[0, 1, 9, 9], [1, 0, 9, 9], [9, 9, 0, 1], [9, 9, 1, 0]], float)
     assert refine(d, np.array([0, 1, 0, 1])).tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
 
