@@ -8,6 +8,11 @@ the batch's ``attention_mask`` keeps. θ are, by default, the parameters of ever
 differs from the captured stage (its weights, score_fn, head_gate, shared atoms); ``params="all"``
 trains every parameter of the student. The teacher is never modified: a trainable parameter that
 shares memory with the teacher is replaced by its own copy first.
+
+``transfer_steps``: first train each changed site alone on the original's site inputs (``rewrite.transfer``).
+``eval_data``: held-out batches whose loss is measured before training and every ``eval_every`` steps; the best
+parameters are kept (restored at the end) and training stops after ``patience`` evaluations without a new best
+(0: never).
 """
 from __future__ import annotations
 
@@ -101,7 +106,8 @@ def _loss(kind: str, s_out, t_out, batch: dict) -> torch.Tensor:
 
 
 def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-4, params: str = "changed",
-            loss: str = "auto", progress: bool = True) -> list:
+            loss: str = "auto", progress: bool = True, eval_data=None, eval_every: int = 25, patience: int = 0,
+            transfer_steps: int = 0, transfer_lr: Optional[float] = None) -> list:
     """Train ``student`` (a ``rewrite.Converted``) to reproduce ``teacher`` on ``data``.
 
     Args:
@@ -111,6 +117,10 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
         steps, lr: Adam steps and learning rate.
         params: "changed" (parameters of the sites the passes changed) or "all".
         loss: "auto" (KL on logits, else MSE on hidden states), "kl" or "mse".
+        eval_data, eval_every, patience: held-out batches, how often they are measured, and how many
+            evaluations without a new best stop training (0: never); the best parameters are kept.
+        transfer_steps, transfer_lr: steps (and learning rate, default ``lr``) of per-site attention transfer
+            before the end-to-end steps.
     Returns:
         the loss of every step.
     """
@@ -132,11 +142,22 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
         p.requires_grad_(True)
     teacher_mode = teacher.training
     teacher.eval()
+    held_out = [_student_inputs(student, normalize_inputs(teacher, b)) for b in (eval_data or [])]
+    if eval_data is not None and (not held_out or eval_every < 1 or patience < 0):
+        raise RewriteError("distill: eval_data needs at least one batch, eval_every >= 1 and patience >= 0")
+    t0 = time.perf_counter()
+    track = _progress() if progress else None
+    if transfer_steps:
+        from .transfer import attention_transfer
+
+        student.report.extras["loss (attention transfer)"] = attention_transfer(
+            student, batches, transfer_steps, transfer_lr or lr, chosen, track)
     optimizer = torch.optim.Adam(chosen, lr=lr)
-    losses, t0 = [], time.perf_counter()
-    steps_iter = range(steps)
-    if progress:
-        steps_iter = _progress()(steps_iter, "distilling")
+    losses, evals, best = [], {}, None
+    if held_out:  # step 0 counts: when training only hurts, the converted parameters are kept
+        evals[0] = _held_out_loss(student, teacher, held_out, loss)
+        best = (0, evals[0], [p.detach().clone() for p in chosen])
+    steps_iter = track(range(steps), "distilling") if track else range(steps)
     try:
         for step in steps_iter:
             batch = batches[step % len(batches)]
@@ -147,6 +168,16 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
             value.backward()
             optimizer.step()
             losses.append(float(value.detach()))
+            if held_out and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                evals[step + 1] = _held_out_loss(student, teacher, held_out, loss)
+                if best is None or evals[step + 1] < best[1]:
+                    best = (step + 1, evals[step + 1], [p.detach().clone() for p in chosen])
+                elif patience and sum(1 for s in evals if s > best[0]) >= patience:
+                    break
+        if best is not None and best[0] != max(evals):
+            with torch.no_grad():
+                for p, kept in zip(chosen, best[2]):
+                    p.copy_(kept)
     finally:
         for p in student.gm.parameters():
             p.requires_grad_(flags.get(id(p), True))
@@ -161,14 +192,23 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     dtype_bytes = next(iter(teacher.parameters())).element_size()
     changed = sum(1 for a, b in zip(sites(captured), sites(student.gm)) if a is not b)
     spec = f"distill{{steps={steps},lr={lr:g},params={params},loss={loss}}}"
+    stats = {"trained_params": sum(p.numel() for p in chosen), "first_loss": losses[0], "last_loss": losses[-1]}
+    if best is not None:
+        stats.update(best_step=best[0], best_held_out_loss=best[1], steps_run=len(losses))
+        student.report.extras["loss (distill, held-out)"] = evals
     student.report.stages.append(_stage("distill", spec, False, student.gm, changed, seconds, cmp, errs, dtype_bytes,
-                                        stats={"trained_params": sum(p.numel() for p in chosen),
-                                               "first_loss": losses[0], "last_loss": losses[-1]}))
+                                        stats=stats))
     student.report.extras["loss (distill)"] = losses
     graphs = student.__dict__.get("_stage_graphs")
     if graphs is not None:
         graphs.append(student.gm)
     return losses
+
+
+def _held_out_loss(student, teacher, batches: list, loss: str) -> float:
+    with torch.no_grad():
+        return sum(float(_loss(loss, student.gm(**b, **student.fixed), teacher(**b, **student.fixed), b))
+                   for b in batches) / len(batches)
 
 
 def _snapshot_stages(student, params: str) -> None:

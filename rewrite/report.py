@@ -211,10 +211,15 @@ def _plot_heatmap(title: str, data: list) -> str:
 
 
 def _plot_curve(title: str, values) -> str:
-    if not isinstance(values, list) or not values:
+    """A loss curve: a list (one value per step) or a dict {step: value} (held-out evaluations)."""
+    if isinstance(values, dict) and values:
+        steps, values = [int(k) for k in values], list(values.values())
+    elif isinstance(values, list) and values:
+        steps = list(range(1, len(values) + 1))
+    else:
         return ""
     fig, ax = _figure()
-    ax.plot(values)
+    ax.plot(steps, values, marker="o" if len(values) < 50 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

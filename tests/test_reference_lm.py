@@ -15,7 +15,7 @@ import models as M
 import rewrite
 from rewrite.api import restage
 from rewrite.cli import main
-from rewrite.errors import EvaluationError
+from rewrite.errors import EvaluationError, RewriteError
 from rewrite.models import heldout_texts, load_model, load_reference_lm, reference_lm_path, tokenizer_for
 
 N_TEXTS = 48  # held-out paragraphs for the orderings (about 6 KB)
@@ -124,6 +124,29 @@ def test_distillation_improves_a_lossy_pass_and_earlier_stages_keep_their_figure
     assert report.stages[-1].bits_per_byte == ev["distill"].bits_per_byte
     assert "bits/byte" in report.to_markdown().splitlines()[6]  # the stage table's header
     assert report.to_html().count("<img") == 4  # heads, site errors, evaluation, the distill loss curve
+
+
+def test_attention_transfer_then_held_out_early_stopping_keeps_the_best():
+    """lit: per-site transfer lowers its own loss; with a learning rate far too high the held-out loss rises over
+    the one measured before training, training stops after ``patience`` evaluations, and the best evaluated
+    parameters (those transfer left) are the ones kept."""
+    from rewrite.distill import _held_out_loss
+
+    model, tok, base, calib, train = reference()
+    conv = restage(base, "lit", calib)
+    rewrite.distill(conv, model, train[:2], steps=30, lr=3.0, progress=False, eval_data=calib[:2], eval_every=3,
+                    patience=2, transfer_steps=8, transfer_lr=1e-3)
+    extras, stats = conv.report.extras, conv.report.stages[-1].stats
+    transfer = extras["loss (attention transfer)"]
+    assert len(transfer) == 8 and sum(transfer[-2:]) < sum(transfer[:2])  # the same two batches, first and last
+    evals = extras["loss (distill, held-out)"]
+    assert sorted(evals) == [0, 3, 6] and stats["steps_run"] == 6  # stopped after 2 evaluations without a new best
+    assert stats["best_step"] == 0 == min(evals, key=evals.get)
+    inputs = [{k: v for k, v in b.items() if k in conv.input_names} for b in calib[:2]]
+    assert _held_out_loss(conv, model, inputs, "auto") == pytest.approx(stats["best_held_out_loss"], rel=1e-6)
+    assert conv.report.to_html().count("<img") == 5  # + the transfer and held-out curves, no evaluation plot
+    with pytest.raises(RewriteError, match="eval_data needs at least one batch, eval_every >= 1 and patience >= 0"):
+        rewrite.distill(conv, model, train[:2], steps=2, eval_data=calib[:1], eval_every=0, progress=False)
 
 
 def test_bad_inputs_are_named_errors():
