@@ -60,7 +60,8 @@ def decoder_layers(conv) -> list:
             raise GenerationError(f"{op.info.name}: cross-attention cannot be exported as a decoder with past KV")
         if getattr(op.score_fn, "recurrent", False):
             pairs = len(set(zip(op.k_map.tolist(), op.v_map.tolist())))
-            out.append({"kind": "state", "key": [pairs, op.head_dim, op.v_head_dim], "value": [pairs, op.head_dim],
+            f = getattr(op.score_fn, "feature_dim", 0) or op.head_dim  # features per head
+            out.append({"kind": "state", "key": [pairs, f, op.v_head_dim], "value": [pairs, f],
                         "dtype": "float32", "q_heads": op.q_heads})
         else:
             dtype = str(op.wk.dtype).replace("torch.", "")

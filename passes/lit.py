@@ -2,6 +2,11 @@
 
     softmax(Q Kᵀ/√d) V  →  O_t = φ(q_t) (Σ_j φ(k_j)ᵀ v_j) / (φ(q_t) · Σ_j φ(k_j) + ε),   φ = ReLU
 
+``feature_map=hedgehog`` (Zhang et al., Hedgehog; LoLCATs): a learned map per head, the query head's for
+queries and the key head's for keys, φ(x) = [softmax(x W_h + b_h), softmax(−x W_h − b_h)] (2d features,
+W = I at the start); train it with ``rewrite.distill(..., transfer_steps=N)`` (per-site attention transfer)
+before end-to-end steps. ``relu`` and ``elu`` (elu + 1) are fixed.
+
 per query head, in fp32. Causal sites sum over j ≤ t in chunks of 64 (a masked block inside the chunk
 plus prefix sums of the chunk states; bottom-right aligned prefix sums when Sq < Sk); key positions a
 padding mask drops contribute nothing. On a 2-D token grid an optional
@@ -38,7 +43,7 @@ from rewrite.pass_base import Diagnostic, SitePass, register, rewrite_each_site
 
 __all__ = ["Lit", "LinearAttention", "classify_mask"]
 
-FEATURE_MAPS = {"relu": F.relu, "elu": lambda x: F.elu(x) + 1.0}
+FEATURE_MAPS = {"relu": F.relu, "elu": lambda x: F.elu(x) + 1.0, "hedgehog": None}  # hedgehog: learned, per head
 MASKED = -1e3  # additive mask entries below this drop the key
 CHUNK = 64  # causal chunk length: C×C scores per chunk plus one d×dv state per chunk
 
@@ -54,20 +59,38 @@ class LinearAttention(nn.Module):
     """score_fn: φ(Q)(φ(K)ᵀV) / (φ(Q)·Σφ(K) + ε), optionally plus a depthwise conv of V on a patch grid."""
 
     def __init__(self, feature_map: str = "relu", eps: float = 1e-6, causal: bool = False,
-                 grid: int = 0, class_tokens: int = 0, channels: int = 0, kernel: int = 3):
+                 grid: int = 0, class_tokens: int = 0, channels: int = 0, kernel: int = 3,
+                 q_heads: int = 0, k_heads: int = 0, head_dim: int = 0):
         super().__init__()
         self.feature_map, self.eps, self.causal = feature_map, float(eps), bool(causal)
         self.grid, self.class_tokens = grid, class_tokens
+        self.maps = None
+        if feature_map == "hedgehog":  # W [H, d, d] = I, b = 0 per query head ("q") and key head ("k")
+            eye = torch.eye(head_dim)
+            self.maps = nn.ParameterDict({
+                "wq": nn.Parameter(eye.repeat(q_heads, 1, 1)), "bq": nn.Parameter(torch.zeros(q_heads, 1, head_dim)),
+                "wk": nn.Parameter(eye.repeat(k_heads, 1, 1)), "bk": nn.Parameter(torch.zeros(k_heads, 1, head_dim))})
         self.conv: Optional[nn.Conv2d] = None
         if grid:
             self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
             nn.init.zeros_(self.conv.weight)
             nn.init.zeros_(self.conv.bias)
 
+    @property
+    def feature_dim(self) -> int:
+        """Features per head (the state is feature_dim × dv per head pair); 0: the head size."""
+        return 2 * self.maps["wq"].shape[-1] if self.maps is not None else 0
+
+    def phi(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        """φ of queries (``side="q"``, ``[B, Hq, S, d]``) or keys (``"k"``, ``[B, Hk, S, d]``), in fp32."""
+        if self.maps is None:
+            return FEATURE_MAPS[self.feature_map](x.float())
+        y = x.float() @ self.maps["w" + side] + self.maps["b" + side]  # (B, H, S, d)
+        return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], -1)
+
     def forward(self, op, q, k, v, mask):
-        phi = FEATURE_MAPS[self.feature_map]
-        fq = phi(q.float())  # (B, Hq, Sq, d)
-        fk = phi(op._expand(k, op.k_map, op._k_group).float())  # (B, Hq, Sk, d)
+        fq = self.phi(q, "q")  # (B, Hq, Sq, f)
+        fk = op._expand(self.phi(k, "k"), op.k_map, op._k_group)  # (B, Hq, Sk, f)
         vf = op._expand(v, op.v_map, op._v_group).float()  # (B, Hq, Sk, dv)
         if mask is not None:
             fk = fk * key_keep(mask)
@@ -90,9 +113,13 @@ class LinearAttention(nn.Module):
 
     def to_spec(self) -> dict:
         conv = self.conv
+        maps = self.maps
         return {"feature_map": self.feature_map, "eps": self.eps, "causal": self.causal, "grid": self.grid,
                 "class_tokens": self.class_tokens, "channels": conv.in_channels if conv is not None else 0,
-                "kernel": conv.kernel_size[0] if conv is not None else 3}
+                "kernel": conv.kernel_size[0] if conv is not None else 3,
+                "q_heads": maps["wq"].shape[0] if maps is not None else 0,
+                "k_heads": maps["wk"].shape[0] if maps is not None else 0,
+                "head_dim": maps["wq"].shape[-1] if maps is not None else 0}
 
     @classmethod
     def from_spec(cls, spec: dict, **_) -> "LinearAttention":
@@ -111,15 +138,14 @@ class LinearAttention(nn.Module):
 
         S and z are kept per distinct (key head, value head) pair, P of them (Hk for GQA, Hq for MHA).
         """
-        phi = FEATURE_MAPS[self.feature_map]
         layer = cache.state_layer()
         sq, past = q.shape[2], layer.tokens
         pair_of_q, k_of_pair, v_of_pair = _pairs(op)
-        fk = phi(k.float())  # (B, Hk, Sq, d)
+        fk = self.phi(k, "k")  # (B, Hk, Sq, f)
         if mask is not None:  # the new keys are columns past .. past+Sq of the mask
             fk = fk * key_keep(mask[..., past:past + sq])
         fk, vf = fk.index_select(1, k_of_pair), v.float().index_select(1, v_of_pair)  # (B, P, Sq, d|dv)
-        fq = phi(q.float())  # (B, Hq, Sq, d)
+        fq = self.phi(q, "q")  # (B, Hq, Sq, f)
         num, den = _causal_chunked(fq, fk.index_select(1, pair_of_q), vf.index_select(1, pair_of_q))
         s0, z0 = layer.state()
         s_new = torch.einsum("bpsd,bpse->bpde", fk, vf)  # (B, P, d, dv)
@@ -141,6 +167,11 @@ class LinearAttention(nn.Module):
     def extra_repr(self) -> str:
         conv = f", conv={self.grid}x{self.grid}+{self.class_tokens} cls" if self.conv is not None else ""
         return f"phi={self.feature_map}, eps={self.eps:g}, causal={self.causal}{conv}"
+
+    def select(self, keep: torch.Tensor):
+        """The score function for the query heads ``keep`` (original numbering) of the same KV heads: None for a
+        learned map (its key maps belong to KV heads the selection may drop)."""
+        return None if self.maps is not None else self
 
 
 def _pairs(op):
@@ -247,7 +278,8 @@ class Lit(SitePass):
         new = rebuild(op) if self.inherit else _reinitialised(op, self.seed + i)
         cls, side = grid if use_conv else (0, 0)
         new.score_fn = LinearAttention(self.feature_map, self.eps, causal, side, cls, new.q_heads * new.v_head_dim,
-                                       kernel=5 if side >= 5 else 3)
+                                       kernel=5 if side >= 5 else 3, q_heads=new.q_heads, k_heads=new.k_heads,
+                                       head_dim=new.head_dim)
         st = {"causal": causal, "inherited": self.inherit,
               "conv": f"{new.score_fn.conv.kernel_size[0]}x{new.score_fn.conv.kernel_size[0]} on {side}x{side} "
                       f"grid, {cls} class tokens" if use_conv else "off"}

@@ -224,12 +224,13 @@ class Attention(nn.Module):
         return (self.k_heads * self.head_dim + self.v_heads * self.v_head_dim) * dtype_bytes
 
     def state_bytes(self) -> int:
-        """Bytes of a recurrent site's fixed-size state per sequence: P·(dh·dv + dh) fp32 values, P the
-        distinct (key head, value head) pairs; 0 for softmax sites."""
+        """Bytes of a recurrent site's fixed-size state per sequence: P·(f·dv + f) fp32 values, P the distinct
+        (key head, value head) pairs, f the features per head (dh, or a learned map's); 0 for softmax sites."""
         if not getattr(self.score_fn, "recurrent", False):
             return 0
         pairs = len(set(zip(self.k_map.tolist(), self.v_map.tolist())))
-        return pairs * (self.head_dim * self.v_head_dim + self.head_dim) * 4
+        f = getattr(self.score_fn, "feature_dim", 0) or self.head_dim  # features per head (a learned map's)
+        return pairs * (f * self.v_head_dim + f) * 4
 
     def attn_flops(self, q_len: Optional[int] = None, kv_len: Optional[int] = None) -> int:
         """Score and value matmuls for one sequence: 2·Sq·Sk·Hq·(dh + dv)."""

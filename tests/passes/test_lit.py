@@ -203,3 +203,47 @@ def test_refusals():
     _, result = _restage(conv, "lit{conv=on}")
     assert not result.changed
     assert "lit conv=on needs a 2-D token grid at blocks.0, but it is causal" in str(result.diagnostics[0])
+
+
+def test_hedgehog_maps_match_their_direct_sum_decode_from_the_state_and_save(tmp_path):
+    """φ(x) = [softmax(xW+b), softmax(−xW−b)] per head (query maps per query head, key maps per key head): the
+    chunked core equals the direct sum with those features; decoding from the (2d × dv) state equals the full
+    forward token for token; the maps train and travel through a saved folder."""
+    torch.manual_seed(0)
+    op = _op(causal=True)
+    fn = LinearAttention("hedgehog", causal=True, q_heads=4, k_heads=2, head_dim=8)
+    with torch.no_grad():
+        for p in fn.maps.values():
+            p.add_(torch.randn(p.shape) * 0.3)  # away from the identity start
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 70, 8, generator=g) for h in (4, 2, 2))
+    fq, fk = fn.phi(q, "q"), op._expand(fn.phi(k, "k"), op.k_map, 2)
+    assert fq.shape == (2, 4, 70, 16) and torch.allclose(fq.sum(-1), torch.full((2, 4, 70), 2.0))
+    a = (fq @ fk.transpose(-1, -2)).tril()
+    ref = (a @ op._expand(v, op.v_map, 2)) / (a.sum(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(fn(op, q, k, v, None), ref, atol=1e-5, rtol=1e-4)
+
+    model = M.llama(kv_heads=2)
+    conv = rewrite.convert(model, "lit{feature_map=hedgehog}", example_inputs=(M.ids(2, 8),), progress=False,
+                           verify=False)
+    site = conv.sites[0]
+    assert site.score_fn.maps["wq"].shape == (site.q_heads, site.head_dim, site.head_dim)
+    assert site.score_fn.maps["wk"].shape[0] == site.k_heads and site.score_fn.feature_dim == 2 * site.head_dim
+    assert conv.report.to_json()["stages"][-1]["state_bytes"] == len(conv.sites) * site.k_heads * (
+        2 * site.head_dim * site.v_head_dim + 2 * site.head_dim) * 4
+    before = site.score_fn.maps["wq"].detach().clone()
+    rewrite.distill(conv, model, [{"input_ids": M.ids(2, 12, seed=s)} for s in range(2)], steps=2, lr=1e-2,
+                    transfer_steps=2, progress=False)
+    assert not torch.equal(site.score_fn.maps["wq"], before)  # the maps are trained
+    ids = M.ids(1, 7, seed=3)
+    with torch.no_grad():
+        full = conv(ids).logits
+        out = conv.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        again = conv(out).logits  # the generated tokens are the full forward's argmax at each step
+    assert torch.equal(out[0, 7:], again[0, 6:-1].argmax(-1)) and torch.allclose(again[:, :7], full, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    assert conv.save_pretrained(str(tmp_path / "hh"))["kind"] == "custom"
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hh")).eval()(ids).logits
+    assert torch.allclose(reloaded, full, atol=1e-5)
