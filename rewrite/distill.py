@@ -6,8 +6,8 @@ L is KL(softmax(teacher logits) ‖ softmax(student logits)) for models whose ou
 else the mean squared error of ``last_hidden_state`` (or the first tensor output), over the tokens
 the batch's ``attention_mask`` keeps. θ are, by default, the parameters of every site whose op
 differs from the captured stage (its weights, score_fn, head_gate, shared atoms); ``params="all"``
-trains every parameter of the student. The teacher is never modified: a trainable parameter that
-shares memory with the teacher is replaced by its own copy first.
+trains every parameter of the student. The teacher and the captured stage are never modified: a trainable
+parameter that shares memory with either is replaced by its own copy first.
 
 ``transfer_steps``: first train each changed site alone on the original's site inputs (``rewrite.transfer``).
 ``eval_data``: held-out batches whose loss is measured before training and every ``eval_every`` steps; the best
@@ -55,8 +55,11 @@ def trainable_parameters(student, params: str = "changed") -> list:
 
 
 def _untie_from(student, teacher: nn.Module, chosen: list) -> list:
-    """Give every chosen parameter that shares memory with the teacher a copy of its own (ties kept)."""
-    teacher_ptrs = {t.data_ptr() for t in list(teacher.parameters()) + list(teacher.buffers())}
+    """Give every chosen parameter that shares memory with the teacher or with the captured graph a copy of its
+    own (ties kept): passes that attach a part to a shallow copy of a site (moh, gated attention, clipped softmax)
+    share its weights with the captured stage, which every later ``restage`` starts from."""
+    kept = [teacher, student._captured.gm]
+    teacher_ptrs = {t.data_ptr() for m in kept for t in list(m.parameters()) + list(m.buffers())}
     copies = {id(p): nn.Parameter(p.detach().clone()) for p in chosen if p.data_ptr() in teacher_ptrs}
     if not copies:
         return chosen

@@ -9,6 +9,7 @@ import torch
 
 import models as M
 import rewrite
+import rewrite.api
 from rewrite.api import Converted
 from rewrite.distill import trainable_parameters
 from rewrite.errors import RewriteError
@@ -94,6 +95,23 @@ def test_only_changed_sites_train_and_the_captured_stage_stays_put():
         rewrite.distill(base, teacher, train[:1], steps=1, progress=False)
     with pytest.raises(RewriteError, match="params must be 'changed' or 'all'"):
         rewrite.distill(student, teacher, train[:1], steps=1, params="some", progress=False)
+
+
+@pytest.mark.parametrize("spec", ["gated-attention", "clipped-softmax{gamma=-0.01}"])
+def test_parts_attached_to_a_copy_of_a_site_leave_the_captured_stage_alone(spec):
+    """These passes attach a gate or a score function to a shallow copy of the site, whose weights are the
+    captured site's: training them must not move the captured stage that every later restage starts from."""
+    torch.manual_seed(0)
+    model = M.llama(kv_heads=4)
+    base = rewrite.convert(model, [], example_inputs=(M.ids(2, 8),), progress=False)
+    before = {k: v.clone() for k, v in base._captured.gm.state_dict().items()}
+    student = rewrite.api.restage(base, spec)
+    assert student.sites[0].wq is base.sites[0].wq  # shared until distillation unties it
+    rewrite.distill(student, model, [{"input_ids": M.ids(2, 12, seed=s)} for s in range(2)], steps=2, lr=1e-2,
+                    progress=False)
+    after = base._captured.gm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(student.sites[0].wq, base.sites[0].wq)
 
 
 def test_distill_masa_on_a_causal_lm_trains_the_shared_atoms():

@@ -81,7 +81,7 @@ def test_dha_per_layer_non_contiguous_maps_decode_but_genai_says_why_not(tmp_pat
     assert conv.sites[0].k_map.tolist() == [0, 1, 2, 0]  # query heads 0 and 3 share key head 0: not blocks
     info = conv.export_onnx(str(tmp_path), decoder=True)
     assert [(layer["key"][0], layer["value"][0]) for layer in info["layers"]] == [
-        (op.k_heads, op.v_heads) for op in conv.sites] == [(3, 1), (1, 3)]
+        (op.k_heads, op.v_heads) for op in conv.sites] == [(3, 3), (1, 1)]  # budgets moved to layer 0
     assert info["genai"] == {"written": False, "reason": "ONNX Runtime GenAI 0.18 allocates KV outputs with one "
                              "global head count; the layers have [3, 1] KV heads (use rewrite.load_onnx_decoder)"}
     assert info["max_abs_err"] < 1e-4
