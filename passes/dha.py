@@ -36,15 +36,15 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 
-from rewrite.align import (apply_head_maps, equal_groups, generalized_procrustes, head_distance, head_self_moments,
-                           key_pairing, kv_moments, labels_of, reader_sum, value_pairing)
+from rewrite.align import (apply_head_maps, equal_groups, fusion_weights, generalized_procrustes, head_distance,
+                           key_pairing, kv_moments, labels_of, reader_metrics, value_pairing)
 from rewrite.calibrate import input_grams, record_site_inputs
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import pool_kv
 from rewrite.pass_base import Diagnostic, Pass, PassResult, register
 
-__all__ = ["DHA", "uniform_shares", "balance", "refine", "fusion_weights"]
+__all__ = ["DHA", "uniform_shares", "balance", "refine"]
 
 PROBE_BATCHES = 16  # calibration batches whose site inputs are kept to measure reconstruction error
 
@@ -68,22 +68,6 @@ def refine(dist: np.ndarray, labels: np.ndarray) -> np.ndarray:
             break
         lab[x] = b
     return lab
-
-
-def fusion_weights(c: torch.Tensor, labels: torch.Tensor, rot: torch.Tensor, metric: torch.Tensor) -> list:
-    """Per group the ω minimising Σ_{i∈g} E[(Σ_j ω_j z_j − z_i)ᵀ M_i (…)], z = R y (one list per group)."""
-    cr = torch.einsum("jab,jlbc,ldc->jlad", rot, c, rot)  # E[z_j z_lᵀ]
-    mr = rot @ metric @ rot.transpose(-1, -2)  # M_i in aligned coordinates
-    t = torch.einsum("iab,jlba->ijl", mr, cr)  # t[i, j, l] = E[z_lᵀ M_i z_j]
-    out = []
-    for g in range(int(labels.max()) + 1):
-        idx = (labels == g).nonzero().flatten()
-        sub = t[idx][:, idx][:, :, idx]
-        q = sub.sum(0)  # q[j, l] = Σ_i E[z_lᵀ M_i z_j]
-        b = sub.diagonal(dim1=0, dim2=2).sum(-1)  # b[j] = Σ_i E[z_iᵀ M_i z_j]
-        ridge = 1e-9 * q.diagonal().mean().clamp_min(1e-30) * torch.eye(len(idx), dtype=q.dtype)
-        out.append(torch.linalg.solve(q + ridge, b).tolist())
-    return out
 
 
 class FusionCurve:
@@ -197,9 +181,7 @@ class DHA(Pass):
             for op, st, rec in zip(ops, stats, records):
                 probe = _site_probe(op, rec)
                 ck, cv = kv_moments(op, st)
-                wo = op.wo.detach().double().permute(1, 0, 2)  # (Hq, Do, dv)
-                k_metric = reader_sum(head_self_moments(op.wq, op.bq, st), op.k_map, op.k_heads)  # Σ E[q qᵀ]
-                v_metric = reader_sum(wo.transpose(1, 2) @ wo, op.v_map, op.v_heads)  # Σ W_oᵀ W_o
+                k_metric, v_metric = reader_metrics(op, st)  # Σ E[q qᵀ], Σ W_oᵀ W_o
                 k_curves.append(FusionCurve(op, "k", ck, k_metric, probe))
                 v_curves.append(FusionCurve(op, "v", cv, v_metric, probe))
             output_error = _output_error(gm, ctx, ctx.calibration[:PROBE_BATCHES])

@@ -7,7 +7,10 @@
   groups of the heads most similar after alignment (normalised constrained nuclear norm of the K and V
   cross moments, pair-swap search), an exact rotation T_j = R_j of every head by generalised Procrustes
   (``rewrite.align``: RoPE-commuting 2×2 rotations for Q/K, any orthogonal map for V/O; the readers'
-  W_q / W_o compensate), query heads re-ordered so groups stay contiguous, then mean-pooling.
+  W_q / W_o compensate), query heads re-ordered so groups stay contiguous, then pooling with least-squares
+  weights in the readers' metric (``align.fusion_weights``: the merged key preserves q·k on the calibration
+  queries, Σ_r E[q_r q_rᵀ]; the merged value W_o v, Σ_r W_o^rᵀ W_o^r), not the plain mean. On the reference
+  decoder this takes aligned GQA from +0.82 to +0.77 bpb at 1/4 KV and from +0.55 to +0.45 at 1/2.
 
 Cases handled:
  1. MHA and already-GQA sites: only whole KV heads are pooled (kv_heads must divide the KV head count);
@@ -23,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from rewrite.align import align_heads
+import torch
+
+from rewrite.align import align_heads, fusion_weights, kv_moments, labels_of, reader_metrics
 from rewrite.calibrate import input_grams
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites
@@ -76,7 +81,17 @@ def merge_site(op, kv_heads: int, method: str, stats=None, seed: int = 0):
     al = align_heads(op, stats, kv_heads, seed=seed, reorder=reorder)
     st = {"kv_heads_before": hk, "kv_heads_after": kv_heads, "groups": al.original_groups,
           "k_residual_mean_vs_aligned": al.residual["k"], "v_residual_mean_vs_aligned": al.residual["v"]}
-    return pool_kv(al.op, al.groups), st, diags
+    return pool_kv(al.op, al.groups, **_reader_weights(al.op, al.groups, stats)), st, diags
+
+
+def _reader_weights(op, groups: list, stats) -> dict:
+    """Per group the pooling weights that best preserve what the readers compute (``align.fusion_weights``)."""
+    ck, cv = kv_moments(op, stats)
+    k_metric, v_metric = reader_metrics(op, stats)
+    labels = labels_of(groups, op.k_heads)
+    eye = lambda c: torch.eye(c.shape[-1], dtype=c.dtype).expand(c.shape[0], -1, -1)  # noqa: E731 - aligned already
+    return {"k_weights": fusion_weights(ck, labels, eye(ck), k_metric),
+            "v_weights": fusion_weights(cv, labels, eye(cv), v_metric)}
 
 
 @register

@@ -27,7 +27,7 @@ from .ir import Attention
 
 __all__ = ["Pairing", "key_pairing", "value_pairing", "procrustes", "kv_moments", "head_distance",
            "equal_groups", "generalized_procrustes", "group_residual", "apply_head_maps", "permute_heads",
-           "align_heads", "Alignment", "labels_of", "head_self_moments", "reader_sum"]
+           "align_heads", "Alignment", "labels_of", "head_self_moments", "reader_sum", "fusion_weights", "reader_metrics"]
 
 _NO_PAIRS = torch.zeros(0, 2, dtype=torch.long)
 
@@ -280,3 +280,27 @@ def align_heads(op: Attention, st: InputStats, n_groups: int, seed: int = 0, reo
     size = op.k_heads // n_groups
     new = permute_heads(new, [j for members in groups for j in members])
     return Alignment(new, [list(range(g * size, (g + 1) * size)) for g in range(n_groups)], groups, residual)
+
+
+def fusion_weights(c: torch.Tensor, labels: torch.Tensor, rot: torch.Tensor, metric: torch.Tensor) -> list:
+    """Per group the ω minimising Σ_{i∈g} E[(Σ_j ω_j z_j − z_i)ᵀ M_i (…)], z = R y (one list per group)."""
+    cr = torch.einsum("jab,jlbc,ldc->jlad", rot, c, rot)  # E[z_j z_lᵀ]
+    mr = rot @ metric @ rot.transpose(-1, -2)  # M_i in aligned coordinates
+    t = torch.einsum("iab,jlba->ijl", mr, cr)  # t[i, j, l] = E[z_lᵀ M_i z_j]
+    out = []
+    for g in range(int(labels.max()) + 1):
+        idx = (labels == g).nonzero().flatten()
+        sub = t[idx][:, idx][:, :, idx]
+        q = sub.sum(0)  # q[j, l] = Σ_i E[z_lᵀ M_i z_j]
+        b = sub.diagonal(dim1=0, dim2=2).sum(-1)  # b[j] = Σ_i E[z_iᵀ M_i z_j]
+        ridge = 1e-9 * q.diagonal().mean().clamp_min(1e-30) * torch.eye(len(idx), dtype=q.dtype)
+        out.append(torch.linalg.solve(q + ridge, b).tolist())
+    return out
+
+
+def reader_metrics(op: Attention, st: InputStats) -> tuple:
+    """The metrics the readers of each KV head see its error in: Σ_r E[q_r q_rᵀ] for a K head (the query heads
+    reading it) and Σ_r W_o^rᵀ W_o^r for a V head, ``([Hk, d, d], [Hv, dv, dv])`` in fp64."""
+    wo = op.wo.detach().double().permute(1, 0, 2)  # (Hq, Do, dv)
+    return (reader_sum(head_self_moments(op.wq, op.bq, st), op.k_map, op.k_heads),
+            reader_sum(wo.transpose(1, 2) @ wo, op.v_map, op.v_heads))
