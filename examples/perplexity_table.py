@@ -38,10 +38,14 @@ ROWS = [  # (spec, what it is compared at)
     ("moh{active_ratio=0.75}", "3/4 heads active"),
     ("moh{active_ratio=0.75,router=qnorm}", "3/4 heads active"),
     ("lit", "linear attention"),
+    ("lit{feature_map=hedgehog}", "linear attention, learned φ"),
     ("masa{atoms=2}", "1/2 attn weights"),
     ("masa{atoms=2,refine_rank=8}", "1/2 attn weights + rank 8"),
     ("clipped-softmax{gamma=-0.01}", "same KV"),
 ]
+
+
+TRANSFER = {"lit{feature_map=hedgehog}": 100}  # per-site attention-transfer steps before distillation
 
 
 def batches(tok, lines: list, size: int, max_length: int = 256) -> list:
@@ -62,7 +66,8 @@ def measure(spec: str, base, model, tok, calib: list, train: list, texts: list, 
     row["bpb"] = ev.stages[-1].bits_per_byte
     row["worst_site_rel_err"] = max(ev.stages[-1].site_errors or [0.0])
     if steps:
-        losses = rewrite.distill(conv, model, train, steps=steps, lr=lr, progress=False)
+        losses = rewrite.distill(conv, model, train, steps=steps, lr=lr, progress=False,
+                                 transfer_steps=TRANSFER.get(spec, 0))
         ev = rewrite.evaluate(conv, texts, tokenizer=tok, stages=["distill"], original=False, progress=False)
         row["bpb_distilled"] = ev["distill"].bits_per_byte
         row["distill_loss"] = [round(losses[0], 4), round(losses[-1], 4)]

@@ -25,20 +25,24 @@ def _load(args):
     return model, folder, example
 
 
-def _calibration(args, folder, model):
-    """--calibration FILE: one sample per line, tokenized with the model folder's tokenizer."""
-    path = getattr(args, "calibration", None)
+def _calibration(args, folder, model, option: str = "calibration"):
+    """--calibration FILE (or another text option): one sample per line, tokenized with the model folder's
+    tokenizer."""
+    path = getattr(args, option, None)
     if not path:
         return None
     from .models import tokenizer_for
 
+    flag = "--" + option.replace("_", "-")
     tok = tokenizer_for(folder)
     if tok is None:
-        raise RewriteError(f"--calibration {path}: the model has no tokenizer folder to tokenize the text with")
+        raise RewriteError(f"{flag} {path}: the model has no tokenizer folder to tokenize the text with")
+    if not os.path.isfile(path):
+        raise RewriteError(f"{flag} {path}: no such file")
     with open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
     if not lines:
-        raise RewriteError(f"--calibration {path}: the file holds no text")
+        raise RewriteError(f"{flag} {path}: the file holds no text")
     batches = []
     for i in range(0, len(lines), args.calibration_batch):
         enc = tok(lines[i:i + args.calibration_batch], padding=True, truncation=True, max_length=128,
@@ -136,7 +140,9 @@ def cmd_distill(args, console):
     if not calib:
         raise RewriteError("distill needs training text: --calibration FILE (one sample per line)")
     conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib)
-    rewrite.distill(conv, model, calib, steps=args.steps, lr=args.lr)
+    held_out = _calibration(args, folder, model, "held_out")
+    rewrite.distill(conv, model, calib, steps=args.steps, lr=args.lr, transfer_steps=args.transfer_steps,
+                    eval_data=held_out, eval_every=args.eval_every, patience=args.patience)
     conv.report.print(console)
     if args.report:
         conv.report.to_html(args.report)
@@ -320,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--passes", required=True)
     sp.add_argument("--steps", type=int, default=100)
     sp.add_argument("--lr", type=float, default=1e-4)
+    sp.add_argument("--transfer-steps", type=int, default=0, help="per-site attention transfer first (the "
+                                                                  "changed sites alone, on the original's inputs)")
+    sp.add_argument("--held-out", help="text file (one sample a line) measured before training and every "
+                                       "--eval-every steps; the best parameters are kept")
+    sp.add_argument("--eval-every", type=int, default=25)
+    sp.add_argument("--patience", type=int, default=0, help="stop after this many held-out evaluations without "
+                                                            "a new best (0: never)")
     sp.add_argument("--report")
     sp.add_argument("--save")
     sp.set_defaults(func=cmd_distill)

@@ -178,3 +178,19 @@ def test_cli_eval_prints_the_table_and_names_bad_files(tmp_path, capsys):
     assert "holds no text" in capsys.readouterr().out
     assert main(["eval", "demo", "--text", str(text)]) == 2  # MiniLM: an encoder
     assert "encoder-only" in capsys.readouterr().out
+
+
+def test_cli_distill_with_transfer_and_a_held_out_file(tmp_path, capsys):
+    train, held = tmp_path / "train.txt", tmp_path / "held.txt"
+    with open(os.path.join(reference_lm_path(), "calibration.txt"), encoding="utf-8") as f:
+        train.write_text("".join(f.readlines()[:16]))
+    held.write_text("\n".join(heldout_texts(8)) + "\n")
+    report = tmp_path / "r.html"
+    assert main(["distill", "demo-lm", "--passes", "moh{active_ratio=0.75,router=qnorm}", "--calibration", str(train),
+                 "--steps", "4", "--lr", "1e-3", "--transfer-steps", "2", "--held-out", str(held), "--eval-every",
+                 "2", "--report", str(report)]) == 0
+    assert "distill" in capsys.readouterr().out and report.read_text().count("<img") >= 3
+    assert main(["distill", "demo-lm", "--passes", "moh{active_ratio=0.75}", "--calibration", str(train),
+                 "--held-out", str(tmp_path / "missing.txt")]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--held-out" in out and "missing.txt: no such file" in out
