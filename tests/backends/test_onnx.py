@@ -17,7 +17,7 @@ SPECS = {
     "sqa": "sqa{q_heads=2,kv_heads=2}",
     "dha+moh": "dha{kv_ratio=0.5},moh",
     "prune-heads": "prune-heads{ratio=0.25}",
-    "masa+lit": "masa{atoms=1},lit",
+    "masa+lit": "lit,masa{atoms=1,refine_rank=4}",  # masa last: lit rebuilds owned weights
 }
 # BERT covers the other export paths (biases, padding masks, no RoPE) for passes that change the core or gates
 BERT_SPECS = {"lit": "lit", "clipped-softmax+gated-attention":
@@ -64,6 +64,8 @@ def test_llama_pass_exports_and_matches(pass_name, tmp_path):
                                     else op.q_heads for op in softmax]
     if pass_name.startswith("gqa"):
         assert info["gqa"] == "native" and info["kv_num_heads"] == [2]
+    if pass_name.startswith("masa"):
+        assert any(".weights.refine.wq_a" in name for name, _ in conv.gm.named_parameters())
 
 
 @pytest.mark.parametrize("pass_name", list(BERT_SPECS))

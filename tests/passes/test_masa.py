@@ -246,15 +246,6 @@ def test_refinement_lowers_the_activation_error_and_is_exact_at_full_rank(llama4
     assert M.rel_err(model, full, held_out)[0] < 1e-5
 
 
-def test_refined_model_exports_to_onnx(tmp_path):
-    torch.manual_seed(0)
-    refined = rewrite.convert(M.llama(2, layers=2), "masa{atoms=1,refine_rank=4}", example_inputs={"input_ids": M.ids()},
-                              calibration=[{"input_ids": M.ids(2, 16, seed=s)} for s in range(2)], progress=False)
-    assert any(".weights.refine.wq_a" in name for name, _ in refined.gm.named_parameters())
-    info = refined.export_onnx(str(tmp_path / "m.onnx"))
-    assert info["max_abs_err"] <= 1e-4, info
-
-
 def test_refinement_brings_minilm_sentence_embeddings_closer(record_property):
     """MiniLM, 3 atoms for 6 layers: rank-8 whitened refinement per layer and type (calibration on 64 sentences)."""
     from rewrite.models import sentences
