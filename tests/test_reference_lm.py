@@ -103,6 +103,13 @@ def test_dha_beats_aligned_gqa_at_the_same_kv_bytes():  # a quarter of the KV he
     assert dha <= aligned, f"dha {dha:.3f} vs aligned {aligned:.3f}"
 
 
+def test_moh_shares_the_important_heads():  # 75% active, qnorm router: the always-on heads chosen by taylor
+    first, taylor = (bpb(f"moh{{active_ratio=0.75,router=qnorm,shared={m}}}") for m in ("first", "taylor"))
+    assert taylor < first - 0.05, (taylor, first)
+    with pytest.raises(rewrite.SpecError, match=r"moh\{shared\}: expected one of auto, first, taylor"):
+        rewrite.parse_pipeline("moh{shared=best}")
+
+
 def test_taylor_beats_magnitude_beats_random_pruning_at_half_the_heads():
     taylor, magnitude, rand = (bpb(f"prune-heads{{ratio=0.5,importance={m}}}") for m in ("taylor", "magnitude", "random"))
     assert taylor < magnitude < rand, (taylor, magnitude, rand)
