@@ -145,6 +145,14 @@ def ids(batch=2, seq=8, seed=0):
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
 
 
+def left_padded_prompt(seq: int, pad: int, batch: int = 2, seed: int = 3):
+    """(ids [batch, seq] in 3..89, attention mask with the first ``pad`` positions of row 0 padded)."""
+    ids = torch.randint(3, 90, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
 def first_output(m, inputs):
     """Call ``m`` with a tuple of args or a dict of kwargs; the first tensor of its output."""
     out = m(**inputs) if isinstance(inputs, dict) else m(*inputs)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import models as M
 import rewrite
 from rewrite import families as fam
 from rewrite.errors import BackendError, NoAttentionError
@@ -69,10 +70,7 @@ def _without_sinks(op):
 
 
 def _prompt():
-    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding
-    return ids, mask
+    return M.left_padded_prompt(9, 3)
 
 
 def test_generate_equals_transformers(gpt_oss):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import models as M
 import rewrite
 from rewrite import families as fam
 from rewrite.errors import BackendError, NoAttentionError, SpecError
@@ -100,10 +101,7 @@ def test_prune_heads_keeps_each_heads_bias(converted, family):
 
 
 def _prompt():
-    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # left padding
-    return ids, mask
+    return M.left_padded_prompt(6, 2)
 
 
 def test_prune_heads_pass_slices_the_bias_also_when_decoding(converted):
