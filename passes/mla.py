@@ -249,7 +249,7 @@ class MLA(Pass):
             new, st = convert_site(op, self.rope_dims, self.kv_rank, stats[i], self.method)
             return new, st, []
 
-        result = rewrite_each_site(gm, one)
+        result = rewrite_each_site(gm, one, latent=True)
         skips = [d for d in result.diagnostics if d.level == "skip"]
         if skips and len(skips) == len(ops):
             raise SpecError(f"{spec}: no site can take it: {skips[0].message}")

@@ -34,7 +34,7 @@ from .ir import Attention, SiteInfo, causal_keep, hidden
 __all__ = ["LatentAttention", "is_latent"]
 
 REFUSAL = ("is multi-head latent attention (keys and values are up-projected from a shared latent); "
-           "head-count passes do not apply to it")
+           "this pass does not apply to it")
 
 
 def is_latent(op) -> bool:
@@ -198,7 +198,8 @@ class LatentAttention(Attention):
         if causal:
             mask = causal_keep(sq, sk, s.device)
         if mask is not None:
-            s = s.masked_fill(hidden(mask), float("-inf")) if mask.dtype == torch.bool else s + mask
+            # the lowest finite score, not -inf: a row with every key hidden (padding) stays finite, as in SDPA
+            s = s.masked_fill(hidden(mask), torch.finfo(s.dtype).min) if mask.dtype == torch.bool else s + mask
         p = torch.softmax(s.float(), dim=-1).to(c.dtype)
         o = torch.einsum("bhqr,hdr->bhqd", torch.einsum("bhqk,bzkr->bhqr", p, c), self.w_uv)
         return o if self.b_uv is None else o + self.b_uv[None, :, None, :]

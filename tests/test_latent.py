@@ -9,6 +9,7 @@ import torch
 
 import rewrite
 from rewrite import families as fam
+from rewrite.errors import PassError, SpecError
 from rewrite.latent import LatentAttention
 
 VARIANTS = {  # name: (family, config changes)
@@ -77,12 +78,46 @@ def test_deepseek_decodes_with_the_latent_cache(variant):
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)
 
 
-def test_head_count_passes_skip_latent_sites_by_name():
+def test_other_passes_refuse_latent_sites_by_name():
     model, _ = deepseek("v3")
-    for spec in ("gqa{kv_heads=1}", "prune-heads{ratio=0.5,importance=magnitude}"):
-        res = rewrite.convert(model, spec, example_inputs=fam.make_inputs(model, 2, 8), progress=False)
-        skipped = [d for d in res.report.stages[-1].diagnostics if d.startswith("skip")]
-        assert len(skipped) == 2, (spec, res.report.stages[-1].diagnostics)
-        assert "model.layers.0.self_attn is multi-head latent attention" in skipped[0], skipped
-        assert all(isinstance(op, LatentAttention) for op in res.sites)
-        assert fam.rel_err(model, res, fam.make_inputs(model, 3, 13, seed=1)) <= fam.EXACT_TOL
+    example = fam.make_inputs(model, 2, 8)
+    for spec in ("gqa{kv_heads=2}", "mqa"):
+        with pytest.raises(SpecError, match=r"no site can take it: model\.layers\.0\.self_attn is multi-head latent "
+                                            r"attention \(keys and values are up-projected from a shared latent\); "
+                                            r"this pass does not apply to it"):
+            rewrite.convert(model, spec, example_inputs=example, progress=False)
+    with pytest.raises(PassError, match=r"model\.layers\.0\.self_attn is multi-head latent attention"):
+        rewrite.convert(model, "prune-heads{ratio=0.5,importance=magnitude}", example_inputs=example, progress=False)
+    res = rewrite.convert(model, "gated-attention", example_inputs=example, progress=False)
+    skips = res.report.stages[-1].diagnostics
+    assert len(skips) == 2 and "model.layers.1.self_attn is multi-head latent attention" in skips[1]
+    assert all(isinstance(op, LatentAttention) for op in res.sites)
+    assert fam.rel_err(model, res, fam.make_inputs(model, 3, 13, seed=1)) <= fam.EXACT_TOL
+
+
+def test_deepseek_save_pretrained_and_onnx():
+    import subprocess
+    import sys
+    import tempfile
+
+    from rewrite.hf_adapter import GenerationError
+
+    model, conv = deepseek("v3-no-q-lora")
+    with tempfile.TemporaryDirectory() as d:
+        out = conv.save_pretrained(d + "/hf")  # captured MLA, unchanged: the stock DeepSeek-V3 folder
+        assert out["kind"] == "stock", out
+        ids = fam.make_inputs(model, 2, 7, seed=3)["input_ids"]
+        torch.save(ids, d + "/ids.pt")
+        code = ("import torch, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(%r).eval(); "
+                "print(m.config.model_type); torch.save(m(torch.load(%r)).logits, %r)" % (d + "/hf", d + "/ids.pt",
+                                                                                         d + "/out.pt"))
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "deepseek_v3" in run.stdout, run.stderr[-2000:]
+        with torch.no_grad():
+            ref = fam._first(conv(input_ids=ids, attention_mask=torch.ones_like(ids)))
+        torch.testing.assert_close(torch.load(d + "/out.pt"), ref, rtol=1e-4, atol=1e-4)
+        onnx = conv.export_onnx(d + "/m.onnx")  # the prefill graph (standard Attention nodes)
+        assert onnx["attention_nodes"] == 2 and onnx["max_abs_err"] <= 1e-4
+        with pytest.raises(GenerationError, match=r"model\.layers\.0\.self_attn: multi-head latent attention cannot "
+                                                  r"be exported as an ONNX decoder yet"):
+            conv.export_onnx(d + "/dec", decoder=True)

@@ -38,7 +38,7 @@ def test_full_rank_with_every_rope_dim_is_exact(family):
         assert (op.q_heads, op.rope_heads, op.rope_dim, op.nope_dim, op.kv_rank) == (4, g, dh, 0, g * dh)
         assert op.kv_cache_bytes_per_token(2) == 2 * 2 * g * dh  # the GQA cache, as latent + RoPE keys
     assert conv.report.stages[-1].kv_cache_bytes_per_token == conv.report.stages[0].kv_cache_bytes_per_token
-    for inputs in (padded(), {"input_ids": M.ids(1, 5, seed=2)}):  # other batches and lengths than traced
+    for inputs in (padded(), {"input_ids": M.ids(1, 5, seed=2), "attention_mask": torch.ones(1, 5, dtype=torch.long)}):  # other batches and lengths than traced
         err, _ = M.rel_err(model, conv, inputs)
         assert err <= 1e-5, err
 
@@ -50,7 +50,7 @@ def test_partial_rope_and_low_rank_report_their_error():
     for rank in (width, width // 2, width // 4):
         conv = convert(model, f"mla{{kv_rank={rank},rope_dims=8}}")
         st = conv.report.stages[-1]
-        assert st.kv_cache_bytes_per_token == 2 * 2 * (rank + 2 * 8)  # two layers, (r + G·rope_dims) values
+        assert st.kv_cache_bytes_per_token == 4 * 2 * (rank + 2 * 8)  # fp32, two layers, (r + G·rope_dims) values
         site = st.stats["model.layers.0.self_attn"]
         assert (site["kv_rank"], site["rope_dims"], site["kv_width"]) == (rank, 8, width)
         assert len(site["rope_pairs_kept"]) == 2 and all(len(p) == 8 for p in site["rope_pairs_kept"])
