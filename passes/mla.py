@@ -216,8 +216,8 @@ class MLA(Pass):
         return self.kv_rank is None and self.rope_dims is None
 
     @property
-    def needs_calibration(self) -> bool:
-        return not self.exact
+    def needs_calibration(self) -> bool:  # the frequency selection and the whitened factorisation read statistics
+        return self.kv_rank is not None or bool(self.rope_dims)
 
     def check_options(self) -> None:
         if self.method not in METHODS:

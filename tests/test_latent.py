@@ -121,3 +121,9 @@ def test_deepseek_save_pretrained_and_onnx():
         with pytest.raises(GenerationError, match=r"model\.layers\.0\.self_attn: multi-head latent attention cannot "
                                                   r"be exported as an ONNX decoder yet"):
             conv.export_onnx(d + "/dec", decoder=True)
+    from rewrite.backends.triton.lowering import lower_triton
+    from rewrite.errors import BackendError
+
+    with pytest.raises(BackendError, match=r"site model\.layers\.0\.self_attn: multi-head latent attention has no "
+                                           r"Triton lowering yet"):
+        lower_triton(conv)
