@@ -110,7 +110,7 @@ def test_refusals():
         with pytest.raises(RewriteError, match=rf"pass '{spec}' needs calibration data; pass calibration="):
             convert(model, spec, calibration=False)
     base = convert(model, "", calibration=False)  # the pass itself, run on a captured graph without calibration
-    with pytest.raises(PassError, match=r"mla\{kv_rank=16\}: kv_rank=16 below the K/V width 64 \(whitened "
+    with pytest.raises(PassError, match=r"mla\{kv_rank=16\}: kv_rank=16 below the K/V width 32 \(whitened "
                                         r"factorisation\) needs calibration data"):
         M.restage(base, "mla{kv_rank=16}")
     with pytest.raises(SpecError, match=r"needs RoRoPE, which is not implemented yet"):
