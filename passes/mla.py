@@ -165,7 +165,7 @@ def _factor(m: torch.Tensor, k_rows: int, rank: int, stats):
 
 def convert_site(op, rope_dims: Optional[int], kv_rank: Optional[int], stats, method: str = "mha2mla"):
     """(LatentAttention, stats) for one site (see the module docstring)."""
-    dh, dv, g, hq = op.head_dim, op.v_head_dim, op.k_heads, op.q_heads
+    dh, dv, g = op.head_dim, op.v_head_dim, op.k_heads
     dr = default_rope_dims(op) if rope_dims is None else rope_dims
     n = width(op, dr)
     rank = n if kv_rank is None else kv_rank

@@ -196,9 +196,8 @@ def match_latent(gm, core, env, found, check) -> Match:
                     mask_kind=None if not core.masks else ("bool" if all(m[0].partition("@")[0] in ("keep", "drop")
                                                                          for m in core.masks) else "additive"))
     scale = core.scale if core.scale is not None else 1.0 / math.sqrt(dqk)
-    rows = lambda t: None if t is None else t  # noqa: E731
     op = LatentAttention(
-        w_q=w_q.reshape(H, dqk, -1), b_q=None if b_q is None else b_q.reshape(H, dqk), w_dq=w_dq, b_dq=rows(b_dq),
+        w_q=w_q.reshape(H, dqk, -1), b_q=None if b_q is None else b_q.reshape(H, dqk), w_dq=w_dq, b_dq=b_dq,
         q_norm=q_norm, w_dkv=w_dkv_all[off:off + r], b_dkv=None if b_dkv_all is None else b_dkv_all[off:off + r],
         kv_norm=kv_norm, w_kr=w_dkv_all[rest].reshape(1, dr, D),
         b_kr=None if b_dkv_all is None else b_dkv_all[rest].reshape(1, dr),
