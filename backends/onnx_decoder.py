@@ -58,6 +58,10 @@ def decoder_layers(conv) -> list:
         op = a.op
         if op.info.cross:
             raise GenerationError(f"{op.info.name}: cross-attention cannot be exported as a decoder with past KV")
+        if getattr(op, "kv_rank", None) is not None:  # rewrite.latent.LatentAttention
+            raise GenerationError(f"{op.info.name}: multi-head latent attention cannot be exported as an ONNX decoder "
+                                  "yet (its past holds the latent and the RoPE key, not per-head K/V); export the "
+                                  "graph without decoder=True, or decode with conv.generate")
         if getattr(op.score_fn, "recurrent", False):
             pairs = len(set(zip(op.k_map.tolist(), op.v_map.tolist())))
             f = getattr(op.score_fn, "feature_dim", 0) or op.head_dim  # features per head

@@ -42,6 +42,10 @@ ROWS = [  # (spec, what it is compared at)
     ("masa{atoms=2}", "1/2 attn weights"),
     ("masa{atoms=2,refine_rank=8}", "1/2 attn weights + rank 8"),
     ("clipped-softmax{gamma=-0.01}", "same KV"),
+    ("mla{kv_rank=96,rope_dims=4,method=mha2mla}", "1/2 KV"),  # 96 latent + 8 heads x 4 RoPE dims = 128 of 256
+    ("mla{kv_rank=64,rope_dims=8,method=mha2mla}", "1/2 KV"),  # 64 + 8 x 8 = 128 of 256
+    ("mla{kv_rank=48,rope_dims=2,method=mha2mla}", "1/4 KV"),  # 48 + 8 x 2 = 64 of 256
+    ("mla{kv_rank=32,rope_dims=4,method=mha2mla}", "1/4 KV"),  # 32 + 8 x 4 = 64 of 256
 ]
 
 

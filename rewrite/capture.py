@@ -20,7 +20,6 @@ from torch import fx
 from torch.export import Dim
 
 from .errors import CaptureError
-from .unsupported import refuse_unsupported
 
 __all__ = ["Captured", "capture", "normalize_inputs", "resize_inputs", "flat_inputs", "scramble_inputs"]
 log = logging.getLogger(__name__)
@@ -125,11 +124,7 @@ def _failing_module(model: torch.nn.Module, exc: BaseException) -> str:
 
 
 def capture(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> Captured:
-    """Export ``model`` on ``example_inputs`` (tuple of args or dict of kwargs).
-
-    Attention forms that cannot be captured yet (``rewrite.unsupported``, e.g. MLA) are refused first, by name.
-    """
-    refuse_unsupported(model)
+    """Export ``model`` on ``example_inputs`` (tuple of args or dict of kwargs)."""
     kwargs = normalize_inputs(model, example_inputs)
     fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     tries = [kwargs]

@@ -102,6 +102,11 @@ def _tiny_kwargs(cls, overrides: dict) -> dict:
     # MLA families rotate qk_rope_head_dim dims and call that head_dim (DeepSeek-V3): keep the two equal
     if "qk_rope_head_dim" in kwargs and getattr(default, "head_dim", None) == getattr(default, "qk_rope_head_dim", 0):
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]
+    # MLA expands the latent to every query head (real configs set num_key_value_heads = num_attention_heads);
+    # fewer would make transformers' SDPA path repeat the expanded keys once more
+    kv_key = names.get("num_key_value_heads", "num_key_value_heads")
+    if "kv_lora_rank" in kwargs and kv_key in kwargs:
+        kwargs[kv_key] = kwargs.get(names.get("num_attention_heads", "num_attention_heads"), kwargs[kv_key])
     for name, sub in (getattr(cls, "sub_configs", None) or {}).items():  # text/vision/audio towers, tiny too
         auto = getattr(sub, "__name__", "") == "AutoConfig"
         if auto:  # the tower the family's default config holds

@@ -26,6 +26,7 @@ from .errors import RewriteError
 from .graph import sites
 from .hf_adapter import GenerationError, SiteAdapter, source_model
 from .hf_checkpoint import HFLayout, flat
+from .latent import is_latent
 
 __all__ = ["save_pretrained", "stock_state"]
 
@@ -63,6 +64,12 @@ def stock_state(conv, model):
     heads = None
     for op, base in zip(ops, base_ops):
         name = op.info.name
+        if is_latent(op) or is_latent(base):
+            if op is base:  # a captured MLA site, unchanged: its weights stand as they were
+                continue
+            return None, (f"{name}: multi-head latent attention from a conversion cannot be written in the DeepSeek-V3 "
+                          "form: that config always normalises the latent (kv_a_layernorm) and rotates one shared "
+                          "RoPE key with its own qk_rope_head_dim frequencies, which the converted site does not have")
         if op.q_transform is not base.q_transform or op.k_transform is not base.k_transform \
                 or op.v_transform is not base.v_transform:
             return None, f"{name}: the per-head transforms changed"
@@ -143,11 +150,15 @@ def _write_stock(conv, model, cfg: dict, state: dict, tmp: str) -> None:
     new.save_pretrained(tmp)
 
 
-def _write_custom(conv, model, tmp: str) -> None:
+def _write_custom(conv, model, tmp: str, reason: str = "") -> None:
     from .hf_remote import family_classes
     from .site_spec import op_spec, plan_spec
 
     arch = type(model).__name__
+    latent = [op.info.name for op in conv.sites if is_latent(op)]
+    if latent:
+        raise GenerationError(f"{latent[0]}: a multi-head latent attention site cannot be written as a custom-code "
+                              "folder yet (rewrite.site_spec has no latent form), and the stock form is out: " + (reason or "?"))
     config_cls, model_cls = family_classes(arch)
     hf = conv.hf_model()
     groups: dict = {}
@@ -213,7 +224,7 @@ def save_pretrained(conv, out_dir: str, stock: bool = True) -> dict:
                 shutil.rmtree(tmp)
                 os.makedirs(tmp)
         if kind == "custom":
-            _write_custom(conv, model, tmp)
+            _write_custom(conv, model, tmp, reason)
         tokenizer = _copy_tokenizer(model, tmp)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)

@@ -81,14 +81,20 @@ class Pass:
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
 
 
-def rewrite_each_site(gm, rewrite: Callable) -> PassResult:
-    """``rewrite(index, op) -> (new_op | None, stats, diagnostics)`` on every site, gathered into one result."""
+def rewrite_each_site(gm, rewrite: Callable, latent: bool = False) -> PassResult:
+    """``rewrite(index, op) -> (new_op | None, stats, diagnostics)`` on every site, gathered into one result.
+
+    Multi-head latent attention sites (``rewrite.latent``) are skipped with the reason unless ``latent``."""
     from .graph import sites, with_sites
 
     from .heads import FixedHeads
+    from .latent import REFUSAL, is_latent
 
     replace, stats, diags = {}, {}, []
     for i, op in enumerate(sites(gm)):
+        if is_latent(op) and not latent:
+            diags.append(Diagnostic("skip", f"{op.info.name} {REFUSAL}", op.info.name))
+            continue
         try:
             new, st, dg = rewrite(i, op)
         except FixedHeads as e:  # a head change this site cannot take exactly: skipped, with the reason

@@ -179,7 +179,11 @@ class TritonModule(LoweredMixin, nn.Module):
 def lower_triton(conv) -> TritonModule:
     """``conv`` with every site's core in the Triton kernels; BackendError names a site that cannot be."""
     ops = sites(conv.gm)
-    device = ops[0].wq.device if ops else torch.device("cpu")
+    latent = [op.info.name for op in ops if getattr(op, "kv_rank", None) is not None]  # rewrite.latent
+    if latent:
+        raise BackendError(f"site {latent[0]}: multi-head latent attention has no Triton lowering yet (no MLA "
+                           "kernel over the latent); use backend='eager' or 'onnxruntime'")
+    device = ops[0].wo.device if ops else torch.device("cpu")
     if not (is_interpreted(_attn_fwd_kernel) or torch.cuda.is_available()):
         raise BackendError("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is "
                            "first imported) to run the kernels in the CPU interpreter")

@@ -31,6 +31,7 @@ from torch import fx
 from ..ir import Attention, SiteInfo, hidden
 from .common import Match, Refusal, _common_prefix, _first_line, _module_path, _Skip, op_name, run_with_env
 from .cores import _cores, _manual_core, _sdpa_core
+from .latent import latent_source, match_latent
 from .masks import _mask_of, combine_masks, mark_causal_masks
 from .paths import _output_projection, _read_path
 
@@ -43,6 +44,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def _match_site(gm, core_node, env, probe_env) -> Match:
     core = _sdpa_core(core_node, env) if op_name(core_node) == "scaled_dot_product_attention" \
         else _manual_core(core_node, env)
+    latent = latent_source(gm, core, env)
+    if latent is not None:  # multi-head latent attention (DeepSeek): its own form
+        return match_latent(gm, core, env, latent, lambda m: _confirm(m, env, probe_env))
     q = _read_path(gm, core.q, env, "query")
     k = _read_path(gm, core.k, env, "key")
     v = _read_path(gm, core.v, env, "value")
@@ -79,6 +83,12 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
                      info=info, q_transform=q.transform, k_transform=k.transform, v_transform=v.transform,
                      bias_map=bias_map, softcap=core.softcap, sink_logits=core.sinks)
     m.op.head_gate = gate  # the model's own output gate (rewrite.output_gate), or None
+    _confirm(m, env, probe_env)
+    return m
+
+
+def _confirm(m: Match, env, probe_env) -> None:
+    """The canonical op reproduces the region on the example and the probe inputs, or the site is refused."""
     for e in (env, probe_env):
         if e is None:
             continue
@@ -86,7 +96,6 @@ def _match_site(gm, core_node, env, probe_env) -> Match:
         if not err <= 1e-5 * max(1.0, ref):
             raise _Skip(f"the canonical op does not reproduce the region (max abs error {err:.3g} at output "
                         f"scale {ref:.3g})")
-    return m
 
 
 def _bias_rows(m: Match, env, hq: int) -> Optional[torch.Tensor]:

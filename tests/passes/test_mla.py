@@ -1,0 +1,133 @@
+"""mla{kv_rank, rope_dims, method}: MHA/GQA → multi-head latent attention (issue 14)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models as M
+import rewrite
+from rewrite.errors import PassError, RewriteError, SpecError
+from rewrite.latent import LatentAttention
+
+FAMILIES = {"llama-mha": lambda: M.llama(kv_heads=4), "llama-gqa": lambda: M.llama(kv_heads=2), "qwen2": M.qwen2,
+            "qwen3": M.qwen3}
+CALIBRATION = [{"input_ids": M.ids(1, 16, s), "attention_mask": torch.ones(1, 16, dtype=torch.long)} for s in range(1, 5)]
+
+
+def padded(batch=3, seq=11):
+    ids = M.ids(batch, seq, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def convert(model, spec, calibration=True):
+    torch.manual_seed(0)
+    return rewrite.convert(model, spec, example_inputs={"input_ids": M.ids(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.long)}, progress=False,
+                           calibration=CALIBRATION if calibration else None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_rank_with_every_rope_dim_is_exact(family):
+    model = FAMILIES[family]()
+    conv = convert(model, "mla", calibration=False)
+    cfg = model.config
+    g, dh = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    for op in conv.sites:
+        assert isinstance(op, LatentAttention)
+        assert (op.q_heads, op.rope_heads, op.rope_dim, op.nope_dim, op.kv_rank) == (4, g, dh, 0, g * dh)
+        assert op.kv_cache_bytes_per_token(2) == 2 * 2 * g * dh  # the GQA cache, as latent + RoPE keys
+    assert conv.report.stages[-1].kv_cache_bytes_per_token == conv.report.stages[0].kv_cache_bytes_per_token
+    for inputs in (padded(), {"input_ids": M.ids(1, 5, seed=2), "attention_mask": torch.ones(1, 5, dtype=torch.long)}):  # other batches and lengths than traced
+        err, _ = M.rel_err(model, conv, inputs)
+        assert err <= 1e-5, err
+
+
+def test_partial_rope_and_low_rank_report_their_error():
+    model = M.llama(kv_heads=2)
+    width = 2 * (16 - 8) + 2 * 16  # non-RoPE keys and values of the two KV heads
+    errors = {}
+    for rank in (width, width // 2, width // 4):
+        conv = convert(model, f"mla{{kv_rank={rank},rope_dims=8}}")
+        st = conv.report.stages[-1]
+        assert st.kv_cache_bytes_per_token == 4 * 2 * (rank + 2 * 8)  # fp32, two layers, (r + G·rope_dims) values
+        site = st.stats["model.layers.0.self_attn"]
+        assert (site["kv_rank"], site["rope_dims"], site["kv_width"]) == (rank, 8, width)
+        assert len(site["rope_pairs_kept"]) == 2 and all(len(p) == 8 for p in site["rope_pairs_kept"])
+        errors[rank] = M.rel_err(model, conv, padded())[0]
+        assert 0 < errors[rank] < 1, errors  # an approximation, with a finite error
+    # more rank, less error; full rank keeps only the RoPE truncation
+    assert errors[width] < errors[width // 2] < errors[width // 4], errors
+
+
+def test_latent_cache_decodes_token_for_token():
+    model = M.llama(kv_heads=2)
+    conv = convert(model, "mla{kv_rank=24,rope_dims=8}")
+    ids = padded(batch=2, seq=7)
+    out = conv.generate(ids["input_ids"], attention_mask=ids["attention_mask"], max_new_tokens=8, do_sample=False,
+                        pad_token_id=0)
+    # the same tokens from the uncached computation, one full forward per token
+    seq, mask = ids["input_ids"], ids["attention_mask"]
+    for _ in range(8):
+        with torch.no_grad():
+            logits = conv(input_ids=seq, attention_mask=mask)
+        logits = logits.logits if hasattr(logits, "logits") else logits[0]
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, mask[:, :1] * 0 + 1], 1)
+    assert torch.equal(out, seq)
+    hf = conv.to_transformers()
+    with torch.no_grad():
+        cache = hf(seq, attention_mask=mask, use_cache=True).past_key_values
+    for layer in cache.layers:  # (kv_rank + G·rope_dims) values per token, never per-head K/V
+        assert tuple(layer.keys.shape) == (2, 1, 15, 24) and tuple(layer.values.shape) == (2, 2, 15, 8)
+    assert sum(layer.keys[0].numel() + layer.values[0].numel() for layer in cache.layers) == (24 + 2 * 8) * 2 * 15
+
+
+def test_converted_model_names_why_it_cannot_be_saved():
+    import tempfile
+
+    from rewrite.hf_adapter import GenerationError
+
+    conv = convert(M.llama(kv_heads=2), "mla", calibration=False)
+    with tempfile.TemporaryDirectory() as d, pytest.raises(
+            GenerationError, match=r"model\.layers\.0\.self_attn: a multi-head latent attention site cannot be "
+                                   r"written as a custom-code folder yet .* the stock form is out: model\.layers\.0\."
+                                   r"self_attn: multi-head latent attention from a conversion cannot be written in "
+                                   r"the DeepSeek-V3 form: that config always normalises the latent"):
+        conv.save_pretrained(d + "/out")
+
+
+def test_refusals():
+    model = M.llama(kv_heads=2)
+    with pytest.raises(SpecError, match=r"rope_dims must be even"):
+        rewrite.parse_pipeline("mla{rope_dims=7}")
+    with pytest.raises(SpecError, match=r"no site can take it: model\.layers\.0\.self_attn: kv_rank=49 is larger "
+                                        r"than its non-RoPE K/V width 48"):
+        convert(model, "mla{kv_rank=49,rope_dims=8}")
+    with pytest.raises(SpecError, match=r"rope_dims=18 is larger than its head size 16"):
+        convert(model, "mla{rope_dims=18}")
+    for spec in ("mla{rope_dims=8}", "mla{kv_rank=16}"):  # the lossy parts read calibration statistics
+        with pytest.raises(RewriteError, match=rf"pass '{spec}' needs calibration data; pass calibration="):
+            convert(model, spec, calibration=False)
+    base = convert(model, "", calibration=False)  # the pass itself, run on a captured graph without calibration
+    with pytest.raises(PassError, match=r"mla\{kv_rank=16\}: kv_rank=16 below the K/V width 32 \(whitened "
+                                        r"factorisation\) needs calibration data"):
+        M.restage(base, "mla{kv_rank=16}")
+    with pytest.raises(SpecError, match=r"needs RoRoPE, which is not implemented yet"):
+        convert(model, "mla{rope_dims=8,method=transmla}")
+    with pytest.raises(SpecError, match=r"has no RoPE, so rope_dims=8 has nothing to keep"):
+        convert(M.gpt2(), "mla{rope_dims=8}")
+    with pytest.raises(SpecError, match=r"a pure RoPE on q and k \(this site has a q/k norm\)"):
+        convert(M.qwen3(), "mla{rope_dims=8}")
+
+
+def test_cross_attention_is_refused():
+    t = pytest.importorskip("transformers")
+    cfg = t.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    model = t.BartModel(cfg).eval()
+    ids = M.ids(2, 6) % 64
+    conv = rewrite.convert(model, "mla", example_inputs={"input_ids": ids, "decoder_input_ids": ids}, progress=False)
+    skipped = [d for d in conv.report.stages[-1].diagnostics if "cross-attention" in d]
+    assert len(skipped) == 1 and "mla needs self-attention" in skipped[0]
+    assert sum(isinstance(op, LatentAttention) for op in conv.sites) == 2  # encoder and decoder self-attention
