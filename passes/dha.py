@@ -38,7 +38,7 @@ from rewrite.calibrate import input_grams, record_site_inputs
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import pool_kv
-from rewrite.pass_base import Diagnostic, Pass, PassResult, register
+from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, register
 
 __all__ = ["DHA", "allocate", "refine", "fusion_weights"]
 
@@ -160,15 +160,25 @@ class DHA(Pass):
             raise SpecError(f"dha{{kv_ratio={self.kv_ratio}}}: kv_ratio must be in (0, 1], the fraction of KV "
                             "heads kept, e.g. dha{kv_ratio=0.5}")
 
+    calibration = Calibration(("input_gram", "site_inputs"), "model")  # the head budget is shared by all sites
+
     def run(self, gm, ctx):
+        ops = sites(gm)
+        with torch.no_grad():
+            k_curves, v_curves = self._curves(gm, ctx)
+            nk = allocate(k_curves, max(len(ops), round(self.kv_ratio * sum(op.k_heads for op in ops))))
+            nv = allocate(v_curves, max(len(ops), round(self.kv_ratio * sum(op.v_heads for op in ops))))
+        return self._fused(gm, k_curves, v_curves, nk, nv)
+
+    def _curves(self, gm, ctx) -> tuple:
+        """Per site, the K and V FusionCurves."""
         if not ctx.calibration:
             raise PassError(f"{self.spec()} needs calibration data to fuse heads; pass calibration=[batches, ...]")
-        ops = sites(gm)
         stats = input_grams(gm, ctx.call(gm), ctx.calibration, track=ctx.track)
         records = record_site_inputs(gm, ctx.call(gm), ctx.calibration[:PROBE_BATCHES])
         with torch.no_grad():
             k_curves, v_curves = [], []
-            for op, st, rec in zip(ops, stats, records):
+            for op, st, rec in zip(sites(gm), stats, records):
                 probe = _site_probe(op, rec)
                 ck, cv = kv_moments(op, st)
                 wo = op.wo.detach().double().permute(1, 0, 2)  # (Hq, Do, dv)
@@ -176,15 +186,53 @@ class DHA(Pass):
                 v_metric = reader_sum(wo.transpose(1, 2) @ wo, op.v_map, op.v_heads)  # Σ W_oᵀ W_o
                 k_curves.append(FusionCurve(op, "k", ck, k_metric, probe))
                 v_curves.append(FusionCurve(op, "v", cv, v_metric, probe))
-            nk = allocate(k_curves, max(len(ops), round(self.kv_ratio * sum(op.k_heads for op in ops))))
-            nv = allocate(v_curves, max(len(ops), round(self.kv_ratio * sum(op.v_heads for op in ops))))
-            replace, per_site = {}, {}
+        return k_curves, v_curves
+
+    def _fused(self, gm, k_curves, v_curves, nk, nv) -> PassResult:
+        ops = sites(gm)
+        replace, per_site = {}, {}
+        with torch.no_grad():
             for i, op in enumerate(ops):
                 if nk[i] < op.k_heads or nv[i] < op.v_heads:
                     replace[i], per_site[op.info.name] = _fuse(op, k_curves[i], v_curves[i], nk[i], nv[i])
         note = Diagnostic("info", f"K heads per site {nk} (of {[op.k_heads for op in ops]}), V heads per site {nv} "
                                   f"(of {[op.v_heads for op in ops]})")
         return PassResult(with_sites(gm, replace), bool(replace), per_site, [note])
+
+    # streamed in two sweeps (rewrite.stream_layers): every error curve, one allocation, fusion per site
+    def gather(self, gm, ctx) -> list:
+        """Per site, its K and V error curves: error(n) for n = 1..heads (the allocation reads no more)."""
+        k_curves, v_curves = self._curves(gm, ctx)
+        with torch.no_grad():
+            return [{"k": [ck.error(n) for n in range(1, ck.h + 1)], "v": [cv.error(n) for n in range(1, cv.h + 1)]}
+                    for ck, cv in zip(k_curves, v_curves)]
+
+    def decide(self, gathered: list, ops: list) -> tuple:
+        """((K heads, V heads) per site, diagnostics), the allocation ``run`` makes, from the gathered curves."""
+        k_budget = max(len(ops), round(self.kv_ratio * sum(op.k_heads for op in ops)))
+        v_budget = max(len(ops), round(self.kv_ratio * sum(op.v_heads for op in ops)))
+        nk = allocate([_Curve(g["k"]) for g in gathered], k_budget)
+        nv = allocate([_Curve(g["v"]) for g in gathered], v_budget)
+        note = Diagnostic("info", f"K heads per site {nk} (of {[op.k_heads for op in ops]}), V heads per site {nv} "
+                                  f"(of {[op.v_heads for op in ops]})")
+        return [[a, b] for a, b in zip(nk, nv)], [note]
+
+    def apply(self, gm, ctx, plan: list) -> PassResult:
+        """Fuse the one site of ``gm`` into the decided (K heads, V heads) ``plan``."""
+        k_curves, v_curves = self._curves(gm, ctx)
+        result = self._fused(gm, k_curves, v_curves, [plan[0]], [plan[1]])
+        result.diagnostics = []  # decide's note covers every site
+        return result
+
+
+class _Curve:
+    """An error curve read from a table (error(n) = table[n - 1]), for ``allocate``."""
+
+    def __init__(self, table: list):
+        self.h, self.table = len(table), table
+
+    def error(self, n: int) -> float:
+        return self.table[n - 1]
 
 
 def _site_probe(op, records):

@@ -18,7 +18,7 @@ import torch
 
 from .errors import RewriteError
 
-__all__ = ["Checkpoint", "write_shard", "write_folder", "DTYPES"]
+__all__ = ["Checkpoint", "write_shard", "write_folder", "DTYPES", "JOURNAL", "COMPLETE"]
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -27,6 +27,8 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 CHUNK = 64 << 20
+JOURNAL = ".rewrite-journal"  # in a conversion's temporary folder until it is complete
+COMPLETE = "rewrite-complete.json"  # written last into a finished conversion's folder
 
 
 def read_header(path: str):
@@ -44,6 +46,9 @@ class Checkpoint:
             raise RewriteError(f"{folder} is not a folder; expected a Hugging Face model folder")
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise RewriteError(f"{folder} has no config.json; expected a Hugging Face model folder")
+        if os.path.isdir(os.path.join(folder, JOURNAL)) and not os.path.isfile(os.path.join(folder, COMPLETE)):
+            raise RewriteError(f"{folder} is an unfinished conversion (it holds {JOURNAL}/ and no completion mark "
+                               f"{COMPLETE}); rerun the same conversion to finish it, or delete the folder")
         self.folder = folder
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             self.config = json.load(f)
@@ -190,7 +195,7 @@ def write_folder(ckpt: Checkpoint, out_dir: str, layer_of: dict, compute: Callab
                 json.dump(index, f, indent=2, sort_keys=True)
         for f in sorted(os.listdir(ckpt.folder)):
             path = os.path.join(ckpt.folder, f)
-            if os.path.isfile(path) and not f.endswith(WEIGHT_FILES) and f not in (INDEX, "config.json"):
+            if os.path.isfile(path) and not f.endswith(WEIGHT_FILES) and f not in (INDEX, "config.json", COMPLETE):
                 written.append(os.path.join(out_dir, f))
                 shutil.copy2(path, written[-1])
     except BaseException:
