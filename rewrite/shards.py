@@ -122,12 +122,16 @@ class Checkpoint:
         return out
 
 
-def write_shard(dst: str, src: str, header: dict, start: int, replaced: dict):
-    """Write ``src``'s tensors to ``dst`` in their order, with ``replaced`` (name -> tensor) swapped in.
+def write_shard(dst: str, src: str, header: dict, start: int, replaced: dict, dropped=(), added=None):
+    """Write ``src``'s tensors to ``dst`` in their order, with ``replaced`` (name -> tensor) swapped in,
+    ``dropped`` names left out and ``added`` (name -> tensor) appended.
 
     Returns (data bytes, element count).
     """
-    names = sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])
+    names = sorted((n for n in header if n != "__metadata__" and n not in dropped),
+                   key=lambda n: header[n]["data_offsets"][0])
+    replaced = dict(replaced, **(added or {}))
+    names += list(added or {})
     out, offset, numel = {}, 0, 0
     if header.get("__metadata__"):
         out["__metadata__"] = header["__metadata__"]
@@ -165,28 +169,38 @@ def write_folder(ckpt: Checkpoint, out_dir: str, layer_of: dict, compute: Callab
     """Write every shard of ``ckpt`` to ``out_dir``; tensors of layer i come from ``compute(i)``.
 
     ``layer_of`` maps each replaced tensor name to its layer. A layer is computed when its first tensor's
-    shard is written and kept only until its last tensor is. Side files (tokenizer, generation config) are
-    copied; config.json is the caller's. Files written here are removed again if anything fails.
-    Returns the data bytes of each shard.
+    shard is written and kept only until its last tensor is; names ``compute`` gives that the input does not
+    have go into that shard, and the layer's input names it does not give are left out. Side files
+    (tokenizer, generation config) are copied; config.json is the caller's. Files written here are removed
+    again if anything fails. Returns the data bytes of each shard.
     """
     os.makedirs(out_dir, exist_ok=True)
     written, pending, done, sizes, numel = [], {}, set(), [], 0
+    weight_map = dict((ckpt.index or {}).get("weight_map", {}))
     try:
         for fname in ckpt.files:
             header, start = ckpt.headers[fname]
             names = sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])
+            added = {}
             for n in names:
                 i = layer_of.get(n)
                 if i is not None and i not in done:
                     done.add(i)
-                    pending.update(compute(i))
-            replaced = {n: pending.pop(n) for n in names if n in layer_of}
+                    out = compute(i)
+                    added.update({k: v for k, v in out.items() if k not in ckpt.where})
+                    pending.update({k: v for k, v in out.items() if k in ckpt.where})
+            replaced = {n: pending.pop(n) for n in names if n in pending}
+            dropped = {n for n in names if n in layer_of and n not in replaced}
+            for n in dropped:
+                weight_map.pop(n, None)
+            weight_map.update({k: fname for k in added})
             written.append(os.path.join(out_dir, fname))
-            size, count = write_shard(written[-1], os.path.join(ckpt.folder, fname), header, start, replaced)
+            size, count = write_shard(written[-1], os.path.join(ckpt.folder, fname), header, start, replaced,
+                                      dropped, added)
             sizes.append(size)
             numel += count
         if ckpt.index is not None:
-            index = dict(ckpt.index)
+            index = dict(ckpt.index, weight_map=weight_map)
             index["metadata"] = dict(index.get("metadata") or {}, total_size=sum(sizes))
             if "total_parameters" in index["metadata"]:
                 index["metadata"]["total_parameters"] = numel

@@ -38,7 +38,6 @@ import warnings
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
 from torch import fx
 
 from . import pipeline as _pipeline
@@ -49,6 +48,7 @@ from .hf_checkpoint import HFLayout, SiteTemplate, Writeback
 from .pass_base import PassContext, SitePass
 from .report import Report
 from .shards import COMPLETE, JOURNAL, Checkpoint, write_folder
+from .stream_write import load_op, write_output
 from .site_tally import FLOP_TOKENS, SiteTally, streaming_extras
 
 __all__ = ["convert_folder", "tier_of", "site_graph"]
@@ -237,10 +237,13 @@ def _convert(ckpt, pipeline, out_dir, tier, first, calibration, progress, t0, fi
         if tier == "layers":
             from .stream_calib import convert_layers
 
-            extras = convert_layers(ckpt, tpl, pipeline, out_dir, calibration, bar, tally, finish)
+            extras = convert_layers(ckpt, tpl, pipeline, out_dir, calibration, bar, tally)
             journal = extras.pop("journal")
             why = f"{len(pipeline)} pass(es), {extras['sweeps']} sweep(s)"
-            compute = lambda i: load_file(journal.layer_file(i, "safetensors"))  # noqa: E731
+            written = write_output(ckpt, tpl, finish, out_dir, lambda i: load_op(journal.layer_file(i, "op")),
+                                   _pipeline.to_spec(pipeline))
+            sizes = written["sizes"]
+            extras.update(folder=written["kind"], custom_reason=written["reason"])
         elif tier == "attention":
             why = f"{first.name} needs every layer at once"
             _probe(pipeline, tpl.ops[0])
@@ -296,8 +299,9 @@ def _convert(ckpt, pipeline, out_dir, tier, first, calibration, progress, t0, fi
                 _release()
                 return tensors
 
-        sizes = write_folder(ckpt, out_dir, layout.layer_of(), compute)
-    finish.write_config(out_dir)
+        if tier != "layers":
+            sizes = write_folder(ckpt, out_dir, layout.layer_of(), compute)
+            finish.write_config(out_dir)
     report = Report(pipeline=_pipeline.to_spec(pipeline), model=tpl.family, backend="checkpoint")
     report.stages = tally.stages(ckpt.numel(), layout.site_names)
     report.stages[0].seconds = setup
@@ -347,14 +351,16 @@ def _whole_model(ckpt: Checkpoint, pipeline: list, out_dir: str, calib: list, pr
     cls = getattr(transformers, arch, None) or transformers.AutoModelForCausalLM
     model = cls.from_pretrained(ckpt.folder, dtype=torch.float32).eval()
     conv = convert(model, pipeline, example_inputs=calib[0], calibration=calib, progress=progress)
-    before, after = sites(conv._captured.gm), conv.sites
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    after = conv.sites
     del model
-    layout = HFLayout(ckpt, [op.info.name for op in after], [op.info.sources for op in before], shapes, arch)
-    finish = Writeback(ckpt, cfg, layout, {f: s[0] for f, s in before[0].info.sources.items() if s})
-    sizes = write_folder(ckpt, out_dir, layout.layer_of(),
-                         lambda i: finish(i, after[i], before[i].scale, ckpt.dtype_of(layout.fields[i]["wq"])))
-    finish.write_config(out_dir)
+    tpl = SiteTemplate(ckpt)  # the same layout, plans and writer as the streamed tiers
+    if [op.info.name for op in after] != tpl.layout.site_names:
+        raise RewriteError(f"{arch}: the sites of the whole model ({len(after)}) are not one per layer as in its "
+                           "one-layer template; convert it with rewrite.convert and save_pretrained instead")
+    finish = Writeback(ckpt, tpl.cfg, tpl.layout, tpl.own_names)
+    written = write_output(ckpt, tpl, finish, out_dir, lambda i: after[i], conv.report.pipeline)
     conv.report.backend = "checkpoint"
-    conv.report.extras["streaming"] = streaming_extras(mode, ckpt, out_dir, sizes, finish, time.perf_counter() - t0)
+    conv.report.extras["streaming"] = streaming_extras(mode, ckpt, out_dir, written["sizes"], finish,
+                                                       time.perf_counter() - t0)
+    conv.report.extras["streaming"].update(folder=written["kind"], custom_reason=written["reason"])
     return conv.report

@@ -36,6 +36,7 @@ from .errors import PassError, RewriteError
 from .graph import sites
 from .pass_base import Diagnostic, PassContext
 from .shards import JOURNAL
+from .stream_write import save_op
 from .stream_layers import DecoderLayers, HiddenStore, LayerInputs, one_site_graph, site_batches
 
 __all__ = ["JOURNAL", "calibration_batches", "convert_layers", "can_stream"]
@@ -91,7 +92,7 @@ class Journal:
         os.makedirs(self.folder, exist_ok=True)
         self.resumed = state is not None and (state["sweep"], state["done"]) != (0, 0)
         self.state = state or {"key": key, "sweep": 0, "done": 0, "gathered": {}, "plans": {}, "diags": {},
-                               "config": None, "first": None, "seconds": []}
+                               "seconds": []}
 
     def save(self) -> None:
         tmp = self.path + ".tmp"
@@ -107,13 +108,11 @@ def _heads(op) -> dict:
     return {"q_heads": op.q_heads, "k_heads": op.k_heads, "v_heads": op.v_heads, "kv_heads": op.kv_heads}
 
 
-def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tally, finish) -> dict:
+def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tally) -> dict:
     """Run ``pipeline`` layer by layer into the journal of ``tmp`` (see the module docstring); returns extras.
 
     Tests set ``REWRITE_TEST_KILL_AFTER=i`` to have the process SIGKILL itself once layer i of the converting
     sweep is journaled."""
-    from safetensors.torch import save_file
-
     from . import pipeline as _pipeline
     from .stream import _load, _rewrite_site, _run
 
@@ -124,6 +123,7 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
            "calibration": _digest(batches)}
     journal = Journal(tmp, key)
     st = journal.state
+    resumed_at = {"sweep": st["sweep"] + 1, "layer": st["done"]} if journal.resumed else None
     inputs = LayerInputs(ckpt, tpl, batches)
     layers = DecoderLayers(ckpt, tpl, inputs)
     shapes = [tuple(h.shape) for h in inputs.hidden]
@@ -132,8 +132,6 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
     gathers = [s for s in calibrated if pipeline[s - 1].calibration.scope == "model"]
     sweeps = gathers + [None]  # a gathering sweep per cross-site pass, then the converting sweep
     n = tpl.n_layers
-    if st["first"] is not None:
-        finish.first, finish.config = (st["first"][0], tuple(st["first"][1])), st["config"]
     for k, gather_at in enumerate(sweeps):
         if k < st["sweep"]:
             continue
@@ -175,13 +173,11 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
                 secs.append(time.perf_counter() - ts)
             if gather_at is None:
                 tally.add(i, tpl.site_of[i], ops)
-                tensors = finish(i, ops[-1], op0.scale, ckpt.dtype_of(tpl.layout.fields[i]["wq"]))
-                save_file(tensors, journal.layer_file(i, "safetensors"))
+                save_op(journal.layer_file(i, "op"), ops[-1], ckpt.dtype_of(tpl.layout.fields[i]["wq"]))
                 with open(journal.layer_file(i, "json"), "w", encoding="utf-8") as f:
                     json.dump({"rows": [r[-1] for r in tally.rows], "stats": stats, "diags": diags, "seconds": secs}, f)
                 for r in tally.rows:
                     r.pop()  # read back below, the same way for resumed and fresh layers
-                st["first"], st["config"] = list(finish.first), finish.config
             del ops, weights
             st["done"] = i + 1
             st["seconds"].append(time.perf_counter() - t)
@@ -211,7 +207,7 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
     return {"journal": journal, "hidden_state_bytes": HiddenStore.bytes_needed(shapes, len(calibrated)),
             "hidden_states": "memory-mapped files in the journal" if store.folder else "RAM",
             "calibration_tokens": sum(int(torch.Size(s[:-1]).numel()) for s in shapes),
-            "sweeps": len(sweeps), "resumed": journal.resumed,
+            "sweeps": len(sweeps), "resumed_at": resumed_at,
             "seconds_per_layer": sum(per_layer) / max(len(per_layer), 1), "layer_seconds": per_layer,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "calibration_seconds": time.perf_counter() - t0}
