@@ -44,11 +44,11 @@ class Checkpoint:
     def __init__(self, folder: str):
         if not os.path.isdir(folder):
             raise RewriteError(f"{folder} is not a folder; expected a Hugging Face model folder")
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise RewriteError(f"{folder} has no config.json; expected a Hugging Face model folder")
         if os.path.isdir(os.path.join(folder, JOURNAL)) and not os.path.isfile(os.path.join(folder, COMPLETE)):
             raise RewriteError(f"{folder} is an unfinished conversion (it holds {JOURNAL}/ and no completion mark "
                                f"{COMPLETE}); rerun the same conversion to finish it, or delete the folder")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise RewriteError(f"{folder} has no config.json; expected a Hugging Face model folder")
         self.folder = folder
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             self.config = json.load(f)
