@@ -305,8 +305,8 @@ def _convert(ckpt, pipeline, out_dir, tier, first, calibration, progress, t0, fi
     report = Report(pipeline=_pipeline.to_spec(pipeline), model=tpl.family, backend="checkpoint")
     report.stages = tally.stages(ckpt.numel(), layout.site_names)
     report.stages[0].seconds = setup
-    mode = {"site": "streamed layer by layer", "attention": f"attention of every layer in memory: {why}",
-            "layers": f"calibrated, streamed layer by layer: {why}"}[tier]
+    mode = ("streamed layer by layer" if tier == "site" else f"attention of every layer in memory: {why}"
+            if tier == "attention" else f"calibrated, streamed layer by layer: {why}")
     report.extras["streaming"] = streaming_extras(mode, ckpt, out_dir, sizes, finish, time.perf_counter() - t0)
     report.extras["streaming"].update(
         errors="max abs error and cosine are per attention site on the template's random-weight attention inputs, "
