@@ -8,10 +8,17 @@ the batch's ``attention_mask`` keeps. θ are, by default, the parameters of ever
 differs from the captured stage (its weights, score_fn, head_gate, shared atoms); ``params="all"``
 trains every parameter of the student. The teacher is never modified: a trainable parameter that
 shares memory with the teacher is replaced by its own copy first.
+
+Launched by ``accelerate launch --num_processes N`` (or any launcher that sets ``WORLD_SIZE`` > 1) the same call
+trains data-parallel: ``accelerate.Accelerator().prepare`` wraps the student in DistributedDataParallel, every
+process takes its contiguous 1/N of each batch's rows, and the averaged gradients give every process the
+same update, the one a single process makes on the whole batch (to round-off, when the processes' slices hold
+equal numbers of tokens). The returned losses are averaged over the processes.
 """
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 import types
@@ -133,20 +140,26 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     teacher_mode = teacher.training
     teacher.eval()
     optimizer = torch.optim.Adam(chosen, lr=lr)
+    acc = _accelerator()
+    forward, local, backward, mean = student.gm, batches, (lambda v: v.backward()), (lambda v: v)
+    if acc is not None:  # data parallel: DDP averages the gradients of every process's slice
+        forward, optimizer = acc.prepare(student.gm, optimizer)
+        local = [_slice(b, acc.process_index, acc.num_processes) for b in batches]
+        backward, mean = acc.backward, (lambda v: acc.reduce(v, "mean"))
     losses, t0 = [], time.perf_counter()
     steps_iter = range(steps)
-    if progress:
+    if progress and (acc is None or acc.is_main_process):
         steps_iter = _progress()(steps_iter, "distilling")
     try:
         for step in steps_iter:
-            batch = batches[step % len(batches)]
+            batch = local[step % len(local)]
             with torch.no_grad():
                 t_out = teacher(**batch, **student.fixed)
-            value = _loss(loss, student.gm(**batch, **student.fixed), t_out, batch)
+            value = _loss(loss, forward(**batch, **student.fixed), t_out, batch)
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            backward(value)
             optimizer.step()
-            losses.append(float(value.detach()))
+            losses.append(float(mean(value.detach())))
     finally:
         for p in student.gm.parameters():
             p.requires_grad_(flags.get(id(p), True))
@@ -169,6 +182,26 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     if graphs is not None:
         graphs.append(student.gm)
     return losses
+
+
+def _accelerator():
+    """An ``accelerate.Accelerator`` when this process is one of several (accelerate launch, torchrun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def _slice(batch: dict, rank: int, world: int) -> dict:
+    """Process ``rank``'s contiguous 1/``world`` of the batch's rows."""
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(sizes) != 1 or next(iter(sizes)) % world:
+        raise RewriteError(f"distill on {world} processes: every batch must hold a multiple of {world} samples "
+                           f"(got batch sizes {sorted(sizes)}); give batches of k·{world} samples")
+    n = next(iter(sizes)) // world
+    return {k: v[rank * n:(rank + 1) * n] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+            for k, v in batch.items()}
 
 
 def _snapshot_stages(student, params: str) -> None:

@@ -52,19 +52,19 @@ def can_stream(pipeline: list) -> Optional[str]:
     return None
 
 
-def calibration_batches(folder: str, calibration_file: str) -> list:
-    """The calibration file tokenized by the folder's tokenizer: batches of 16 lines, at most 128 tokens."""
+def calibration_batches(folder: str, calibration_file: str, batch: int = 16, max_length: int = 128) -> list:
+    """The calibration file (one sample a line) tokenized by the folder's tokenizer, ``batch`` lines a batch."""
     from .models import tokenizer_for
 
     tok = tokenizer_for(folder)
     if tok is None:
-        raise RewriteError(f"{folder} has no tokenizer to read the calibration file {calibration_file} with")
+        raise RewriteError(f"--calibration {calibration_file}: {folder} has no tokenizer to tokenize the text with")
     with open(calibration_file, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
     if not lines:
         raise RewriteError(f"--calibration {calibration_file}: the file holds no text")
-    calib = [tok(lines[k:k + 16], padding=True, truncation=True, max_length=128, return_tensors="pt")
-             for k in range(0, len(lines), 16)]
+    calib = [tok(lines[k:k + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+             for k in range(0, len(lines), batch)]
     return [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in calib]
 
 
