@@ -43,7 +43,8 @@ def load_op(path: str):
         spec = json.load(f)
     spec["dtype"] = "float32"
     op = op_from_spec(spec, {})
-    op.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path + ".safetensors").items()})
+    state = load_file(path + ".safetensors")
+    op.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return op
 
 
