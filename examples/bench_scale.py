@@ -1,6 +1,13 @@
 """Time and memory of ``rewrite convert DIR --out OUT`` against model size (LLaMA-shaped random bf16 checkpoints).
 
     python examples/bench_scale.py --sizes 0.5B,1B,3B --root /tmp/rewrite_bench
+    python examples/bench_scale.py --sizes 7B --shard-gb 2 --calibrated --layers 2   # calibrated passes
+
+``--calibrated`` runs gqa{method=aligned}, dha and prune-heads{importance=entropy} streamed layer by layer on
+``--calib-samples`` × ``--calib-tokens`` random words (a word-level tokenizer is written into the folder), and
+compares peak RSS with 1.5 × (largest shard + one layer + the calibration hidden states, fp32) + 1 GiB.
+``--layers N`` keeps the width and writes only the first N decoder layers: peak memory does not depend on
+depth, time grows linearly with it (the table gives seconds per layer).
 
 For each size a sharded safetensors checkpoint (bf16, random weights, written layer by layer into ~1 GiB
 shards, so writing it needs one shard of memory) is made, then each pipeline runs as its own process:
@@ -26,6 +33,7 @@ SIZES = {  # name: (hidden, layers, heads, intermediate); MHA, so GQA has heads 
     "0.5B": (1024, 26, 16, 4096),
     "1B": (2048, 16, 16, 6144),
     "3B": (3072, 25, 24, 8192),
+    "7B": (4096, 32, 32, 11008),
 }
 
 
@@ -38,12 +46,13 @@ def layer_shapes(d: int, inter: int, i: int) -> dict:
             p + "post_attention_layernorm.weight": (d,)}
 
 
-def write_checkpoint(folder: str, size: str, shard_bytes: int) -> dict:
-    """A LLaMA-shaped bf16 checkpoint with random weights; returns numbers about it."""
+def write_checkpoint(folder: str, size: str, shard_bytes: int, n_layers: int = 0) -> dict:
+    """A LLaMA-shaped bf16 checkpoint with random weights (its first ``n_layers`` layers); returns numbers about it."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     d, layers, heads, inter = SIZES[size]
+    layers = n_layers or layers
     os.makedirs(folder, exist_ok=True)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
@@ -84,13 +93,33 @@ def write_checkpoint(folder: str, size: str, shard_bytes: int) -> dict:
             "bytes": sum(sizes)}
 
 
-def run_convert(folder: str, spec: str, out: str, log: str, threads: int = 0) -> dict:
+def write_calibration(folder: str, samples: int, tokens: int) -> str:
+    """A word-level tokenizer (w0 .. w{VOCAB-3}) in ``folder`` and ``samples`` lines of ``tokens`` random words."""
+    import transformers
+    from tokenizers import Tokenizer, models as tm, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)}
+    vocab.update({"[UNK]": VOCAB - 2, "[PAD]": VOCAB - 1})
+    tok = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(
+        folder)
+    g = torch.Generator().manual_seed(1)
+    path = folder.rstrip("/") + "-calibration.txt"
+    with open(path, "w") as f:
+        for _ in range(samples):
+            f.write(" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 2, (tokens,), generator=g)) + "\n")
+    return path
+
+
+def run_convert(folder: str, spec: str, out: str, log: str, threads: int = 0, calibration: list = ()) -> dict:
     """One ``rewrite convert`` process: wall s, CPU s, peak RSS bytes, exit code and how it ran.
 
     Measured by GNU time, whose child is forked from a small process: Linux carries the forking process's
     peak RSS into a child's ru_maxrss across exec, so os.wait4 from this (large) process would overstate it.
     """
-    cmd = [sys.executable, "-m", "rewrite", "convert", folder, "--passes", spec, "--out", out, "--stream"]
+    cmd = [sys.executable, "-m", "rewrite", "convert", folder, "--passes", spec, "--out", out, "--stream",
+           "--json", out.rstrip("/") + "-report.json", *calibration]
     timer = shutil.which("time") or "/usr/bin/time"
     if os.path.exists(timer):
         cmd = [timer, "-f", "RUSAGE %M %U %S"] + cmd
@@ -108,14 +137,30 @@ def run_convert(folder: str, spec: str, out: str, log: str, threads: int = 0) ->
     if measured:
         rss, cpu = int(measured[-1][1]) * 1024, float(measured[-1][2]) + float(measured[-1][3])
     code = os.waitstatus_to_exitcode(status)
+    extras = {}
+    if code == 0 and os.path.isfile(out.rstrip("/") + "-report.json"):
+        with open(out.rstrip("/") + "-report.json") as f:
+            extras = json.load(f)["extras"]["streaming"]
     if code != 0:
         error = next((ln for ln in text.splitlines() if "error" in ln.lower()), text.strip()[-300:])
         mode = "refused: " + " ".join(error.replace("error:", "").split())[:200]
     elif "converting in memory" in text:
         mode = "attention of every layer in memory"
     else:
-        mode = "streamed layer by layer"
-    return {"wall": wall, "cpu": cpu, "rss": rss, "code": code, "mode": mode, "out": _folder_bytes(out)}
+        mode = extras.get("mode", "streamed layer by layer")
+    loads = _loads(out) if code == 0 and calibration else None
+    return {"wall": wall, "cpu": cpu, "rss": rss, "code": code, "mode": mode, "out": _folder_bytes(out),
+            "extras": extras, "loads": loads}
+
+
+def _loads(out: str) -> str:
+    """Load the converted folder with from_pretrained in a fresh process and run it on a few tokens."""
+    code = ("import sys, torch, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], "
+            "trust_remote_code=True, dtype=torch.bfloat16); x = torch.arange(8)[None]; "
+            "y = m(x, attention_mask=torch.ones_like(x)).logits; print('LOADS', type(m).__name__, bool(y.isfinite().all()))")
+    done = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("LOADS")), None)
+    return " ".join(line.split()[1:]) if line else "failed: " + done.stderr.strip()[-200:]
 
 
 def _folder_bytes(folder: str) -> int:
@@ -124,8 +169,11 @@ def _folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
-def pipelines(heads: int) -> list:
+def pipelines(heads: int, calibrated: bool = False) -> list:
     specs = [f"gqa{{kv_heads={heads // 4}}}", "prune-heads{ratio=0.5,importance=magnitude,scope=layer}", "masa"]
+    if calibrated:
+        specs = [f"gqa{{kv_heads={heads // 4},method=aligned}}", "prune-heads{ratio=0.25,importance=entropy}",
+                 "dha{kv_ratio=0.25}"]
     try:
         from rewrite.pipeline import available
 
@@ -143,10 +191,16 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="run only pipelines whose spec starts with this")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints and outputs")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the conversions (0: unset)")
+    ap.add_argument("--layers", type=int, default=0, help="write only the first N decoder layers (same width)")
+    ap.add_argument("--calibrated", action="store_true", help="the calibrated passes, streamed layer by layer")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-tokens", type=int, default=256)
+    ap.add_argument("--calib-batch", type=int, default=8)
     args = ap.parse_args(argv)
     rows = []
     for size in args.sizes.split(","):
         d, layers, heads, inter = SIZES[size]
+        layers = args.layers or layers
         est = 2 * (2 * VOCAB * d + layers * (4 * d * d + 3 * d * inter))
         free = shutil.disk_usage(os.path.dirname(args.root.rstrip("/")) or "/").free
         if free < 2.2 * est:
@@ -154,11 +208,18 @@ def main(argv=None) -> int:
             continue
         src = os.path.join(args.root, size)
         t = time.perf_counter()
-        info = write_checkpoint(src, size, int(args.shard_gb * GiB))
+        info = write_checkpoint(src, size, int(args.shard_gb * GiB), layers)
+        calibration, hidden = [], 0
+        if args.calibrated:
+            text = write_calibration(src, args.calib_samples, args.calib_tokens)
+            calibration = ["--calibration", text, "--calibration-batch", str(args.calib_batch),
+                           "--calibration-length", str(args.calib_tokens)]
+            hidden = args.calib_samples * args.calib_tokens * d * 4
         print(f"{size}: wrote {info['params'] / 1e9:.2f}B parameters in {info['shards']} shards "
               f"({info['bytes'] / GiB:.2f} GiB) in {time.perf_counter() - t:.0f} s", flush=True)
-        bound = 1.5 * (info["shard"] + info["layer"] + GiB)
-        for spec, exists in pipelines(heads):
+        bound = (1.5 * (info["shard"] + info["layer"] + hidden) + GiB if args.calibrated
+                 else 1.5 * (info["shard"] + info["layer"] + GiB))
+        for spec, exists in pipelines(heads, args.calibrated):
             if args.only and not spec.startswith(args.only):
                 continue
             if not exists:
@@ -166,10 +227,14 @@ def main(argv=None) -> int:
                 continue
             out = os.path.join(args.root, f"{size}-out")
             r = run_convert(src, spec, out, os.path.join(args.root, f"{size}-{spec.split('{')[0]}.log"),
-                            args.threads)
+                            args.threads, calibration)
             rows.append((size, info, spec, r, bound))
+            ex = r["extras"]
             print(f"  {spec}: {r['mode']}, {r['wall']:.0f} s wall, {r['cpu']:.0f} s CPU, "
-                  f"peak RSS {r['rss'] / GiB:.2f} GiB (streaming bound {bound / GiB:.2f} GiB)", flush=True)
+                  f"peak RSS {r['rss'] / GiB:.2f} GiB (bound {bound / GiB:.2f} GiB)"
+                  + (f", {ex['seconds_per_layer']:.0f} s per layer and sweep, {ex['sweeps']} sweep(s), hidden states "
+                     f"{ex['hidden_state_bytes'] / GiB:.2f} GiB, {ex.get('folder')} folder, loads: {r['loads']}"
+                     if "seconds_per_layer" in ex else ""), flush=True)
             shutil.rmtree(out, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)

@@ -20,6 +20,8 @@ reads key head π_k(i) and value head π_v(i) (arbitrary, non-contiguous maps, g
    is measured once: the model's relative output error ε with only that site merged at the uniform share,
    over e_ℓ there. From the uniform shares, single heads move between sites while Σ_ℓ s_ℓ e_ℓ(n_ℓ) drops
    (``balance``); the result is kept only if the model's measured output error beats the uniform shares'.
+   ``budget=uniform``: the uniform shares as they are (what a streamed conversion, which never holds the whole
+   model, uses; ``rewrite.stream_calib``).
    (Greedy allocation on e_ℓ alone starved the early layers of the reference decoder: +1.0 bpb at 1/4 KV
    against +0.73 for uniform shares.)
 
@@ -42,7 +44,7 @@ from rewrite.calibrate import input_grams, record_site_inputs
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import pool_kv
-from rewrite.pass_base import Diagnostic, Pass, PassResult, register
+from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, register
 
 __all__ = ["DHA", "uniform_shares", "balance", "refine"]
 
@@ -161,6 +163,7 @@ class DHA(Pass):
     name = "dha"
     needs_calibration = True
     kv_ratio: Optional[float] = None
+    budget: str = "output"  # "output": K/V budgets moved by the model's measured output error | "uniform"
 
     def __post_init__(self):
         self.check_options()  # bad options fail when the spec is parsed, before any capture
@@ -169,30 +172,75 @@ class DHA(Pass):
         if self.kv_ratio is None or not 0 < self.kv_ratio <= 1:
             raise SpecError(f"dha{{kv_ratio={self.kv_ratio}}}: kv_ratio must be in (0, 1], the fraction of KV "
                             "heads kept, e.g. dha{kv_ratio=0.5}")
+        if self.budget not in ("output", "uniform"):
+            raise SpecError(f"dha{{budget={self.budget}}}: budget must be 'output' or 'uniform'")
+
+    calibration = Calibration(("input_gram", "site_inputs"), "model")  # the head budget is shared by all sites
 
     def run(self, gm, ctx):
+        ops = sites(gm)
+        with torch.no_grad():
+            k_curves, v_curves = self._curves(gm, ctx)
+            if self.budget == "uniform":
+                nk, nv, chosen = _uniform(ops, self.kv_ratio) + ("uniform shares",)
+            else:
+                output_error = _output_error(gm, ctx, ctx.calibration[:PROBE_BATCHES])
+                nk, nv, chosen = _allocate(ops, k_curves, v_curves, self.kv_ratio, output_error)
+        return self._fused(gm, k_curves, v_curves, nk, nv, chosen)
+
+    def _curves(self, gm, ctx) -> tuple:
+        """Per site, the K and V FusionCurves."""
         if not ctx.calibration:
             raise PassError(f"{self.spec()} needs calibration data to fuse heads; pass calibration=[batches, ...]")
-        ops = sites(gm)
         stats = input_grams(gm, ctx.call(gm), ctx.calibration, track=ctx.track)
         records = record_site_inputs(gm, ctx.call(gm), ctx.calibration[:PROBE_BATCHES])
         with torch.no_grad():
             k_curves, v_curves = [], []
-            for op, st, rec in zip(ops, stats, records):
+            for op, st, rec in zip(sites(gm), stats, records):
                 probe = _site_probe(op, rec)
                 ck, cv = kv_moments(op, st)
                 k_metric, v_metric = reader_metrics(op, st)  # Σ E[q qᵀ], Σ W_oᵀ W_o
                 k_curves.append(FusionCurve(op, "k", ck, k_metric, probe))
                 v_curves.append(FusionCurve(op, "v", cv, v_metric, probe))
-            output_error = _output_error(gm, ctx, ctx.calibration[:PROBE_BATCHES])
-            nk, nv, chosen = _allocate(ops, k_curves, v_curves, self.kv_ratio, output_error)
-            replace, per_site = {}, {}
+        return k_curves, v_curves
+
+    def _fused(self, gm, k_curves, v_curves, nk, nv, chosen: str) -> PassResult:
+        ops = sites(gm)
+        replace, per_site = {}, {}
+        with torch.no_grad():
             for i, op in enumerate(ops):
                 if nk[i] < op.k_heads or nv[i] < op.v_heads:
                     replace[i], per_site[op.info.name] = _fuse(op, k_curves[i], v_curves[i], nk[i], nv[i])
         note = Diagnostic("info", f"K heads per site {nk} (of {[op.k_heads for op in ops]}), V heads per site {nv} "
                                   f"(of {[op.v_heads for op in ops]}); {chosen}")
         return PassResult(with_sites(gm, replace), bool(replace), per_site, [note])
+
+    # streamed in two sweeps (rewrite.stream_calib): the head counts, one allocation, fusion per site. A streamed
+    # conversion never holds the whole model, so it cannot measure the model's output: uniform shares.
+    def gather(self, gm, ctx) -> list:
+        """Per site, what the streamed budget reads: its K and V head counts."""
+        return [{"k": op.k_heads, "v": op.v_heads} for op in sites(gm)]
+
+    def decide(self, gathered: list, ops: list) -> tuple:
+        """((K heads, V heads) per site, diagnostics): uniform shares of the budget."""
+        nk, nv = _uniform(ops, self.kv_ratio)
+        why = "uniform shares" + ("" if self.budget == "uniform" else
+                                  " (budget=output needs the whole model's output, which a streamed conversion "
+                                  "never holds; use budget=uniform to say so, or convert in memory)")
+        note = Diagnostic("info", f"K heads per site {nk} (of {[op.k_heads for op in ops]}), V heads per site {nv} "
+                                  f"(of {[op.v_heads for op in ops]}); {why}")
+        return [[a, b] for a, b in zip(nk, nv)], [note]
+
+    def apply(self, gm, ctx, plan: list) -> PassResult:
+        """Fuse the one site of ``gm`` into the decided (K heads, V heads) ``plan``."""
+        k_curves, v_curves = self._curves(gm, ctx)
+        result = self._fused(gm, k_curves, v_curves, [plan[0]], [plan[1]], "")
+        result.diagnostics = []  # decide's note covers every site
+        return result
+
+
+def _uniform(ops, ratio: float) -> tuple:
+    return (uniform_shares([op.k_heads for op in ops], ratio), uniform_shares([op.v_heads for op in ops], ratio))
 
 
 def _first_float(out) -> torch.Tensor:

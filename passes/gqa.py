@@ -33,7 +33,7 @@ from rewrite.calibrate import input_grams
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites
 from rewrite.heads import duplicate_kv, pool_kv
-from rewrite.pass_base import Diagnostic, Pass, register, rewrite_each_site
+from rewrite.pass_base import Calibration, Diagnostic, Pass, register, rewrite_each_site
 
 __all__ = ["GQA", "merge_site"]
 
@@ -109,6 +109,11 @@ class GQA(Pass):
     @property
     def needs_calibration(self) -> bool:
         return self.method == "aligned"
+
+    @property
+    def calibration(self):
+        """Aligned merging reads each site's key/value input gram: streams layer by layer."""
+        return Calibration(("input_gram",)) if self.method == "aligned" else None
 
     def check_options(self) -> None:
         if self.kv_heads is None:

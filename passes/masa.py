@@ -48,7 +48,7 @@ from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import rebuild
 from rewrite.ir import WEIGHT_NAMES
-from rewrite.pass_base import Diagnostic, Pass, PassResult, register
+from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, register
 
 __all__ = ["Masa", "SharedAtoms", "AtomWeights", "matrix_pca"]
 
@@ -226,6 +226,14 @@ class Masa(Pass):
     @property
     def needs_calibration(self) -> bool:
         return self.group == "auto" or (isinstance(self.refine_rank, int) and self.refine_rank > 0)
+
+    @property
+    def calibration(self):
+        if not self.needs_calibration:
+            return None
+        return Calibration(("whole_model",), "model", "masa shares matrix atoms across layers and refines them on "
+                           "whole-model statistics; its streamed two-sweep form is not built yet: convert in memory, "
+                           "or use masa without group=auto/refine_rank")
 
     def check_options(self) -> None:
         if self.atoms is not None and self.atoms < 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from rewrite.errors import SpecError
-from rewrite.pass_base import Pass, register
+from rewrite.pass_base import Calibration, Pass, register
 
 from .gqa import GQA, METHODS
 
@@ -31,6 +31,11 @@ class MQA(Pass):
     @property
     def needs_calibration(self) -> bool:
         return self.method == "aligned"
+
+    @property
+    def calibration(self):
+        """Aligned merging reads each site's key/value input gram: streams layer by layer."""
+        return Calibration(("input_gram",)) if self.method == "aligned" else None
 
     def as_gqa(self) -> GQA:
         return GQA(kv_heads=1, method=self.method)

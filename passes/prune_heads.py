@@ -32,8 +32,10 @@ from typing import Optional
 from rewrite.errors import SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import FixedHeads, select_query_heads
-from rewrite.importance import check_method, head_importance
-from rewrite.pass_base import Diagnostic, Pass, PassResult, register
+import torch
+
+from rewrite.importance import NEEDS_CALIBRATION, check_method, head_importance
+from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, register
 
 __all__ = ["PruneHeads"]
 
@@ -60,6 +62,31 @@ class PruneHeads(Pass):
         check_method(self.importance, "prune-heads")
         if self.scope not in ("global", "layer"):
             raise SpecError(f"prune-heads: unknown scope {self.scope!r}; valid: global, layer")
+
+    @property
+    def calibration(self):
+        if self.heads is not None or self.importance not in NEEDS_CALIBRATION:
+            return None
+        if self.importance == "taylor":
+            return Calibration(("model_gradients",), "model",
+                               "importance=taylor differentiates the model's loss through every later layer, which "
+                               "a layer-by-layer conversion never holds; use importance=entropy (streams), or "
+                               "convert in memory")
+        return Calibration(("attention_probs",), "site" if self.scope == "layer" else "model")
+
+    # scope=global streamed in two sweeps (rewrite.stream_layers): scores per site, one ranking, removal per site
+    def gather(self, gm, ctx) -> list:
+        """Per site of ``gm``, its normalized head scores (a list of floats)."""
+        return [s.tolist() for s in head_importance(gm, ctx, self.importance, seed=self.seed)]
+
+    def decide(self, gathered: list, ops: list) -> tuple:
+        """(heads to remove per site, diagnostics) from every site's gathered scores; ``ops`` give head counts."""
+        remove, diags = self._ranked(ops, [torch.tensor(g, dtype=torch.float64) for g in gathered])
+        return [sorted(remove[i]) for i in range(len(ops))], diags
+
+    def apply(self, gm, ctx, plan: list) -> PassResult:
+        """Remove the decided heads ``plan`` of the one site of ``gm``."""
+        return dataclasses.replace(self, ratio=None, heads={0: list(plan)}).run(gm, ctx)
 
     def run(self, gm, ctx) -> PassResult:
         self.check_options()

@@ -31,24 +31,10 @@ def _calibration(args, folder, model, option: str = "calibration"):
     path = getattr(args, option, None)
     if not path:
         return None
-    from .models import tokenizer_for
+    from .stream_calib import calibration_batches
 
-    flag = "--" + option.replace("_", "-")
-    tok = tokenizer_for(folder)
-    if tok is None:
-        raise RewriteError(f"{flag} {path}: the model has no tokenizer folder to tokenize the text with")
-    if not os.path.isfile(path):
-        raise RewriteError(f"{flag} {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        raise RewriteError(f"{flag} {path}: the file holds no text")
-    batches = []
-    for i in range(0, len(lines), args.calibration_batch):
-        enc = tok(lines[i:i + args.calibration_batch], padding=True, truncation=True, max_length=128,
-                  return_tensors="pt")
-        batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
-    return batches
+    return calibration_batches(folder, path, args.calibration_batch, args.calibration_length,
+                               flag="--" + option.replace("_", "-"))
 
 
 def cmd_inspect(args, console):
@@ -77,10 +63,14 @@ def cmd_convert(args, console):
     if args.out and args.stream:
         from .stream import convert_folder
 
-        report = convert_folder(args.model, args.passes, args.out, calibration_file=args.calibration)
+        calib = _calibration(args, args.model, None)
+        report = convert_folder(args.model, args.passes, args.out, calibration=calib)
         report.print(console)
         if args.report:
             report.to_html(args.report)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(report.to_json(), f, indent=1)
         return 0
     model, folder, example = _load(args)
     calib = _calibration(args, folder, model)
@@ -143,9 +133,14 @@ def cmd_distill(args, console):
     held_out = _calibration(args, folder, model, "held_out")
     rewrite.distill(conv, model, calib, steps=args.steps, lr=args.lr, transfer_steps=args.transfer_steps,
                     eval_data=held_out, eval_every=args.eval_every, patience=args.patience)
+    if int(os.environ.get("RANK", "0")) != 0:  # one of several data-parallel processes: rank 0 reports
+        return 0
     conv.report.print(console)
     if args.report:
         conv.report.to_html(args.report)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(conv.report.to_json(), f, indent=1)
     if args.save:
         conv.save(args.save)
     return 0
@@ -286,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     def calib_args(sp):
         sp.add_argument("--calibration", help="text file, one sample per line")
         sp.add_argument("--calibration-batch", type=int, default=16)
+        sp.add_argument("--calibration-length", type=int, default=128, help="tokens per sample at most")
 
     sp = sub.add_parser("inspect", help="list the attention sites")
     model_args(sp)
@@ -334,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--patience", type=int, default=0, help="stop after this many held-out evaluations without "
                                                             "a new best (0: never)")
     sp.add_argument("--report")
+    sp.add_argument("--json", help="write the JSON report (with the loss of every step) here")
     sp.add_argument("--save")
     sp.set_defaults(func=cmd_distill)
 

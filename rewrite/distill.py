@@ -13,10 +13,17 @@ parameter that shares memory with either is replaced by its own copy first.
 ``eval_data``: held-out batches whose loss is measured before training and every ``eval_every`` steps; the best
 parameters are kept (restored at the end) and training stops after ``patience`` evaluations without a new best
 (0: never).
+
+Launched by ``accelerate launch --num_processes N`` (or any launcher that sets ``WORLD_SIZE`` > 1) the same call
+trains data-parallel: ``accelerate.Accelerator().prepare`` wraps the student in DistributedDataParallel, every
+process takes its contiguous 1/N of each batch's rows, and the averaged gradients give every process the
+same update, the one a single process makes on the whole batch (to round-off, when the processes' slices hold
+equal numbers of tokens). The returned losses are averaged over the processes.
 """
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 import types
@@ -156,22 +163,30 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
         student.report.extras["loss (attention transfer)"] = attention_transfer(
             student, batches, transfer_steps, transfer_lr or lr, chosen, track)
     optimizer = torch.optim.Adam(chosen, lr=lr)
+    acc = _accelerator()
+    forward, local, backward, mean = student.gm, batches, (lambda v: v.backward()), (lambda v: v)
+    if acc is not None:  # data parallel: DDP averages the gradients of every process's slice
+        forward, optimizer = acc.prepare(student.gm, optimizer)
+        local = [_slice(b, acc.process_index, acc.num_processes) for b in batches]
+        backward, mean = acc.backward, (lambda v: acc.reduce(v, "mean"))
     losses, evals, best = [], {}, None
     if held_out:  # step 0 counts: when training only hurts, the converted parameters are kept
         evals[0] = _held_out_loss(student, teacher, held_out, loss)
         best = (0, evals[0], [p.detach().clone() for p in chosen])
-    steps_iter = track(range(steps), "distilling") if track else range(steps)
+    steps_iter = range(steps)
+    if track and (acc is None or acc.is_main_process):
+        steps_iter = track(steps_iter, "distilling")
     try:
         for step in steps_iter:
-            batch = batches[step % len(batches)]
+            batch = local[step % len(local)]
             with torch.no_grad():
                 t_out = teacher(**batch, **student.fixed)
-            value = _loss(loss, student.gm(**batch, **student.fixed), t_out, batch)
+            value = _loss(loss, forward(**batch, **student.fixed), t_out, batch)
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            backward(value)
             optimizer.step()
-            losses.append(float(value.detach()))
-            if held_out and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            losses.append(float(mean(value.detach())))
+            if held_out and ((step + 1) % eval_every == 0 or step + 1 == steps):  # the same on every process
                 evals[step + 1] = _held_out_loss(student, teacher, held_out, loss)
                 if best is None or evals[step + 1] < best[1]:
                     best = (step + 1, evals[step + 1], [p.detach().clone() for p in chosen])
@@ -212,6 +227,26 @@ def _held_out_loss(student, teacher, batches: list, loss: str) -> float:
     with torch.no_grad():
         return sum(float(_loss(loss, student.gm(**b, **student.fixed), teacher(**b, **student.fixed), b))
                    for b in batches) / len(batches)
+
+
+def _accelerator():
+    """An ``accelerate.Accelerator`` when this process is one of several (accelerate launch, torchrun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def _slice(batch: dict, rank: int, world: int) -> dict:
+    """Process ``rank``'s contiguous 1/``world`` of the batch's rows."""
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(sizes) != 1 or next(iter(sizes)) % world:
+        raise RewriteError(f"distill on {world} processes: every batch must hold a multiple of {world} samples "
+                           f"(got batch sizes {sorted(sizes)}); give batches of k·{world} samples")
+    n = next(iter(sizes)) // world
+    return {k: v[rank * n:(rank + 1) * n] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+            for k, v in batch.items()}
 
 
 def _snapshot_stages(student, params: str) -> None:

@@ -23,6 +23,7 @@ import copy
 import gc
 import json
 import os
+import types as types_ns
 
 import torch
 
@@ -143,7 +144,7 @@ class SiteTemplate:
 
     def __init__(self, ckpt: Checkpoint):
         cached = _captured(json.dumps(ckpt.config, sort_keys=True), ckpt.folder)
-        self.cfg, self.family, self.ops, self.args, self.site_of, shapes = cached
+        self.cfg, self.family, self.ops, self.args, self.site_of, shapes, self.plans = cached
         self.n_layers = len(self.site_of)
         self.own_names = {f: s[0] for f, s in self.ops[0].info.sources.items() if s}
         names = [self.renamed(self.site_of[i], i) for i in range(self.n_layers)]
@@ -185,7 +186,8 @@ _CACHE: dict = {}  # config.json text -> _captured(...) of the last two configs
 
 
 def _captured(config_json: str, folder: str):
-    """(config, family, template ops, their inputs, template site of each layer, parameter shapes).
+    """(config, family, template ops, their inputs, template site of each layer, parameter shapes, and each
+    template site's ``hf_adapter.SitePlan``: how its Hugging Face module's arguments feed the op).
 
     Cached per config: the ops are only ever copied (``heads.rebuild``), never changed.
     """
@@ -203,6 +205,7 @@ def _capture_template(folder: str):
     from .calibrate import record_site_inputs
     from .capture import capture
     from .graph import sites
+    from .hf_adapter import site_plans
 
     cfg = transformers.AutoConfig.from_pretrained(folder)
     family = (getattr(cfg, "architectures", None) or [type(cfg).__name__])[0]
@@ -223,9 +226,13 @@ def _capture_template(folder: str):
                            "one attention per layer")
     args = [r[0].args for r in record_site_inputs(gm, lambda kw: gm(**kw, **cap.fixed), [cap.kwargs])]
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        plans = site_plans(types_ns.SimpleNamespace(_captured=cap, sites=ops), model)
+    except RewriteError as e:  # only calibrated streaming runs layers (and needs them); it says why
+        plans = e
     del model, cap, gm
     gc.collect()  # the captured graph modules are reference cycles holding the template's weights
-    return cfg, family, ops, args, [first[types[i]] for i in range(n_layers)], shapes
+    return cfg, family, ops, args, [first[types[i]] for i in range(n_layers)], shapes, plans
 
 
 class Writeback:

@@ -28,7 +28,7 @@ from .hf_adapter import GenerationError, SiteAdapter, source_model
 from .hf_checkpoint import HFLayout, flat
 from .latent import is_latent
 
-__all__ = ["save_pretrained", "stock_state"]
+__all__ = ["save_pretrained", "stock_state", "custom_config", "write_remote_code"]
 
 FIELDS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "sink_logits")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -159,20 +159,14 @@ def _write_custom(conv, model, tmp: str, reason: str = "") -> None:
     if latent:
         raise GenerationError(f"{latent[0]}: a multi-head latent attention site cannot be written as a custom-code "
                               "folder yet (rewrite.site_spec has no latent form), and the stock form is out: " + (reason or "?"))
-    config_cls, model_cls = family_classes(arch)
+    _, model_cls = family_classes(arch)
     hf = conv.hf_model()
     groups: dict = {}
     specs = []
     for name, mod in hf.named_modules():
         if isinstance(mod, SiteAdapter):
             specs.append({"op": op_spec(mod.op, groups), "plan": plan_spec(mod.plan)})
-    cfg = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-        cfg.pop(key, None)
-    config = config_cls(**cfg, rewrite={"version": 1, "pipeline": conv.report.pipeline, "sites": specs})
-    config.architectures = [model_cls.__name__]
-    config.auto_map = {"AutoConfig": "configuration_rewrite.RewriteConfig",
-                       **{auto: "modeling_rewrite.RewriteModel" for auto in _auto_class(model)}}
+    config = custom_config(model.config.to_dict(), arch, conv.report.pipeline, specs, _auto_class(model))
     with torch.device("meta"):
         new = model_cls(config)
     own = hf.state_dict()
@@ -187,9 +181,27 @@ def _write_custom(conv, model, tmp: str, reason: str = "") -> None:
     if getattr(model, "generation_config", None) is not None and new.can_generate():
         new.generation_config = copy.deepcopy(model.generation_config)
     new.save_pretrained(tmp)
+    write_remote_code(tmp, arch, conv.report.pipeline)
+
+
+def custom_config(cfg: dict, arch: str, pipeline: str, specs: list, autos: list):
+    """The custom-code config of family ``arch`` (stock config dict ``cfg``) holding every site's spec."""
+    from .hf_remote import family_classes
+
+    config_cls, model_cls = family_classes(arch)
+    cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+    config = config_cls(**cfg, rewrite={"version": 1, "pipeline": pipeline, "sites": specs})
+    config.architectures = [model_cls.__name__]
+    config.auto_map = {"AutoConfig": "configuration_rewrite.RewriteConfig",
+                       **{auto: "modeling_rewrite.RewriteModel" for auto in autos}}
+    return config
+
+
+def write_remote_code(folder: str, arch: str, pipeline: str) -> None:
+    """The two small files a custom-code folder's ``auto_map`` names."""
     for fname, body in REMOTE_FILES.items():
-        with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
-            f.write(HEADER.format(spec=conv.report.pipeline or "[]") + body.format(arch=arch))
+        with open(os.path.join(folder, fname), "w", encoding="utf-8") as f:
+            f.write(HEADER.format(spec=pipeline or "[]") + body.format(arch=arch))
 
 
 def _copy_tokenizer(model, tmp: str) -> list:

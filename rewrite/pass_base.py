@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 from torch import fx
 
-__all__ = ["Diagnostic", "PassResult", "PassContext", "Pass", "SitePass", "register", "REGISTRY"]
+__all__ = ["Diagnostic", "PassResult", "PassContext", "Pass", "SitePass", "Calibration", "register", "REGISTRY"]
 
 REGISTRY: dict = {}
 
@@ -55,6 +55,28 @@ class PassContext:
 
 
 @dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What a calibrated pass reads, so a streamed conversion (``rewrite.stream_layers``) can gather it.
+
+    stats: what each site's decision is computed from, all read off the site's own inputs on the calibration
+        batches: "input_gram" (Σ x xᵀ of the key/value input), "attention_probs" (softmax rows: entropy),
+        "site_inputs" (the inputs themselves: reconstruction error); "model_gradients" (gradients of the
+        model's loss through every later layer) and "whole_model" (undeclared) cannot be gathered per layer.
+    scope: "site" (each site decided from its own statistics) | "model" (one decision across the sites:
+        streamed as a gathering sweep, ``gather``/``decide``, then an applying sweep, ``apply``).
+    why: for stats that cannot stream, the reason and the fix, said in the refusal.
+    """
+
+    stats: tuple
+    scope: str = "site"
+    why: str = ""
+
+    @property
+    def streams(self) -> bool:
+        return not ({"model_gradients", "whole_model"} & set(self.stats))
+
+
+@dataclasses.dataclass(frozen=True)
 class Pass:
     """Base of every pass. Subclasses set ``name``, ``exact`` and implement ``run``."""
 
@@ -67,6 +89,13 @@ class Pass:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def calibration(self) -> Optional[Calibration]:
+        """What this pass reads from calibration data (None: nothing). Passes that stream declare it."""
+        if not self.needs_calibration:
+            return None
+        return Calibration(("whole_model",), "model", f"{self.name} has not declared per-site statistics")
 
     def spec(self) -> str:
         """This pass as a pipeline string, e.g. ``gqa{kv_heads=2,method=mean}``."""

@@ -18,7 +18,7 @@ import torch
 
 from .errors import RewriteError
 
-__all__ = ["Checkpoint", "write_shard", "write_folder", "DTYPES"]
+__all__ = ["Checkpoint", "write_shard", "write_folder", "DTYPES", "JOURNAL", "COMPLETE"]
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -27,6 +27,8 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 CHUNK = 64 << 20
+JOURNAL = ".rewrite-journal"  # in a conversion's temporary folder until it is complete
+COMPLETE = "rewrite-complete.json"  # written last into a finished conversion's folder
 
 
 def read_header(path: str):
@@ -42,6 +44,9 @@ class Checkpoint:
     def __init__(self, folder: str):
         if not os.path.isdir(folder):
             raise RewriteError(f"{folder} is not a folder; expected a Hugging Face model folder")
+        if os.path.isdir(os.path.join(folder, JOURNAL)) and not os.path.isfile(os.path.join(folder, COMPLETE)):
+            raise RewriteError(f"{folder} is an unfinished conversion (it holds {JOURNAL}/ and no completion mark "
+                               f"{COMPLETE}); rerun the same conversion to finish it, or delete the folder")
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise RewriteError(f"{folder} has no config.json; expected a Hugging Face model folder")
         self.folder = folder
@@ -117,12 +122,16 @@ class Checkpoint:
         return out
 
 
-def write_shard(dst: str, src: str, header: dict, start: int, replaced: dict):
-    """Write ``src``'s tensors to ``dst`` in their order, with ``replaced`` (name -> tensor) swapped in.
+def write_shard(dst: str, src: str, header: dict, start: int, replaced: dict, dropped=(), added=None):
+    """Write ``src``'s tensors to ``dst`` in their order, with ``replaced`` (name -> tensor) swapped in,
+    ``dropped`` names left out and ``added`` (name -> tensor) appended.
 
     Returns (data bytes, element count).
     """
-    names = sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])
+    names = sorted((n for n in header if n != "__metadata__" and n not in dropped),
+                   key=lambda n: header[n]["data_offsets"][0])
+    replaced = dict(replaced, **(added or {}))
+    names += list(added or {})
     out, offset, numel = {}, 0, 0
     if header.get("__metadata__"):
         out["__metadata__"] = header["__metadata__"]
@@ -160,28 +169,38 @@ def write_folder(ckpt: Checkpoint, out_dir: str, layer_of: dict, compute: Callab
     """Write every shard of ``ckpt`` to ``out_dir``; tensors of layer i come from ``compute(i)``.
 
     ``layer_of`` maps each replaced tensor name to its layer. A layer is computed when its first tensor's
-    shard is written and kept only until its last tensor is. Side files (tokenizer, generation config) are
-    copied; config.json is the caller's. Files written here are removed again if anything fails.
-    Returns the data bytes of each shard.
+    shard is written and kept only until its last tensor is; names ``compute`` gives that the input does not
+    have go into that shard, and the layer's input names it does not give are left out. Side files
+    (tokenizer, generation config) are copied; config.json is the caller's. Files written here are removed
+    again if anything fails. Returns the data bytes of each shard.
     """
     os.makedirs(out_dir, exist_ok=True)
     written, pending, done, sizes, numel = [], {}, set(), [], 0
+    weight_map = dict((ckpt.index or {}).get("weight_map", {}))
     try:
         for fname in ckpt.files:
             header, start = ckpt.headers[fname]
             names = sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])
+            added = {}
             for n in names:
                 i = layer_of.get(n)
                 if i is not None and i not in done:
                     done.add(i)
-                    pending.update(compute(i))
-            replaced = {n: pending.pop(n) for n in names if n in layer_of}
+                    out = compute(i)
+                    added.update({k: v for k, v in out.items() if k not in ckpt.where})
+                    pending.update({k: v for k, v in out.items() if k in ckpt.where})
+            replaced = {n: pending.pop(n) for n in names if n in pending}
+            dropped = {n for n in names if n in layer_of and n not in replaced}
+            for n in dropped:
+                weight_map.pop(n, None)
+            weight_map.update({k: fname for k in added})
             written.append(os.path.join(out_dir, fname))
-            size, count = write_shard(written[-1], os.path.join(ckpt.folder, fname), header, start, replaced)
+            size, count = write_shard(written[-1], os.path.join(ckpt.folder, fname), header, start, replaced,
+                                      dropped, added)
             sizes.append(size)
             numel += count
         if ckpt.index is not None:
-            index = dict(ckpt.index)
+            index = dict(ckpt.index, weight_map=weight_map)
             index["metadata"] = dict(index.get("metadata") or {}, total_size=sum(sizes))
             if "total_parameters" in index["metadata"]:
                 index["metadata"]["total_parameters"] = numel
@@ -190,7 +209,7 @@ def write_folder(ckpt: Checkpoint, out_dir: str, layer_of: dict, compute: Callab
                 json.dump(index, f, indent=2, sort_keys=True)
         for f in sorted(os.listdir(ckpt.folder)):
             path = os.path.join(ckpt.folder, f)
-            if os.path.isfile(path) and not f.endswith(WEIGHT_FILES) and f not in (INDEX, "config.json"):
+            if os.path.isfile(path) and not f.endswith(WEIGHT_FILES) and f not in (INDEX, "config.json", COMPLETE):
                 written.append(os.path.join(out_dir, f))
                 shutil.copy2(path, written[-1])
     except BaseException:

@@ -12,8 +12,15 @@ How much of the model a pipeline needs at once decides how it runs (the report's
    whose tensors straddle two shards), whatever the model's or the shards' size.
 2. ``attention`` -- a plain Pass (whole model) needing no calibration (prune-heads, masa): the attention
    weights of every layer are loaded (fp32) into a graph holding only the sites; the rest streams as above.
-3. ``model`` -- a pass needs calibration: the whole model is loaded in fp32 and ``rewrite.convert`` runs
-   on the calibration file's text. Tiers 2-3 warn, and are refused when they do not fit in memory.
+3. ``layers`` -- passes need calibration and declare per-site statistics (``Pass.calibration``): the
+   calibration hidden states run through the decoder layers one at a time (``stream_calib.py``), with a
+   journal, so an interrupted conversion resumes at its last completed layer.
+4. ``model`` -- a calibrated pass that cannot stream (taylor importance, masa refinement), or a pipeline
+   mixing tiers 2 and 3: the whole model is loaded in fp32 and ``rewrite.convert`` runs on the calibration
+   data. Tiers 2 and 4 warn, and are refused (with the reason the pass cannot stream) when they do not fit.
+
+Every tier writes ``OUT.partial`` and renames it to ``OUT`` when complete, with the completion mark
+``shards.COMPLETE``; a folder holding a journal and no mark is refused as input.
 
 Errors in tiers 1-2 are per site (``site_tally.py``), not whole-model output errors (tier 3 has those).
 Refusals (no config.json, a missing shard, fused qkv, non-uniform heads, ...) are listed in ``shards.py``
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
+import shutil
 import time
 import warnings
 from typing import Optional
@@ -38,21 +47,22 @@ from .heads import rebuild
 from .hf_checkpoint import HFLayout, SiteTemplate, Writeback
 from .pass_base import PassContext, SitePass
 from .report import Report
-from .shards import Checkpoint, write_folder
+from .shards import COMPLETE, JOURNAL, Checkpoint, write_folder
+from .stream_write import load_op, write_output
 from .site_tally import FLOP_TOKENS, SiteTally, streaming_extras
 
 __all__ = ["convert_folder", "tier_of", "site_graph"]
 
-TIERS = ("site", "attention", "model")
+TIERS = ("site", "attention", "layers", "model")
 # plain Passes whose result on a site depends only on that site and the options (without calibration);
 # a pass may say so itself with a ``site_local`` attribute, which wins over this table
 SITE_LOCAL = ("gqa", "mqa")
 
 
 def tier_of(p) -> str:
-    """How much of the model pass ``p`` needs at once: "site" | "attention" | "model"."""
-    if p.needs_calibration:
-        return "model"
+    """How much of the model pass ``p`` needs at once: "site" | "attention" | "layers" | "model"."""
+    if p.calibration is not None:
+        return "layers" if p.calibration.streams else "model"
     local = getattr(p, "site_local", None)
     if local is None:
         local = isinstance(p, SitePass) or p.name in SITE_LOCAL
@@ -147,15 +157,24 @@ def _fits(why: str, need: int, what: str) -> None:
                   stacklevel=4)
 
 
+def pipeline_tier(pipeline: list) -> str:
+    """The tier of a whole pipeline: its largest, and "model" when it mixes "attention" and "layers"."""
+    tiers = {tier_of(p) for p in pipeline}
+    if {"attention", "layers"} <= tiers:
+        return "model"
+    return max(tiers, key=TIERS.index, default="site")
+
+
 def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: Optional[str] = None,
-                   progress: bool = True) -> Report:
+                   progress: bool = True, calibration: Optional[list] = None) -> Report:
     """Convert the Hugging Face folder ``model_dir`` into ``out_dir`` (see the module docstring).
 
     Args:
         model_dir: folder with config.json and model.safetensors, or shards and model.safetensors.index.json.
         passes_spec: pipeline spec string or list of passes.
         out_dir: output folder (created); must differ from ``model_dir``.
-        calibration_file: text, one sample per line, for passes that need calibration (tier "model").
+        calibration_file: text, one sample per line, for passes that need calibration (tiers "layers", "model").
+        calibration: instead of the file, a list of batches (dicts with input_ids and attention_mask).
     Returns:
         the Report: one stage for the original and one per pass; ``extras["streaming"]`` says how it ran.
     """
@@ -166,14 +185,48 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
     pipeline = _pipeline.parse(passes_spec)
     for p in pipeline:
         p.check_options()
-    tier = max((tier_of(p) for p in pipeline), key=TIERS.index, default="site")
-    first = next((p for p in pipeline if tier_of(p) == tier), None)
+    tier = pipeline_tier(pipeline)
+    first = next((p for p in pipeline if tier_of(p) == tier), pipeline[0] if pipeline else None)
+    needs = next((p for p in pipeline if p.calibration is not None), None)
+    if needs is not None and not (calibration_file or calibration):
+        raise PassError(f"pass '{needs.spec()}' needs calibration data: --calibration FILE (one sample a line)")
+    if needs is not None and calibration is None:
+        from .stream_calib import calibration_batches
+
+        calibration = calibration_batches(ckpt.folder, calibration_file)
+    tmp = out_dir.rstrip("/") + ".partial"
     if tier == "model":
-        if not calibration_file:
-            raise PassError(f"pass '{first.spec()}' needs calibration data: --calibration FILE (one sample a line)")
-        _fits(f"{first.name} needs calibration statistics", ckpt.numel() * 4 * 3, "the fp32 model and its copies")
-        return _whole_model(ckpt, pipeline, out_dir, calibration_file, progress,
-                            f"model in memory: {first.spec()} needs calibration statistics", t0)
+        from .stream_calib import can_stream
+
+        why = can_stream(pipeline) or "the pipeline mixes a whole-model pass without calibration and calibrated ones"
+        _fits(f"{first.name} needs calibration statistics ({why})", ckpt.numel() * 4 * 3,
+              "the fp32 model and its copies")
+        report = _whole_model(ckpt, pipeline, tmp, calibration, progress,
+                              f"model in memory: {first.spec()} needs calibration statistics ({why})", t0)
+        return _finished(tmp, out_dir, report)
+    try:
+        report = _convert(ckpt, pipeline, tmp, tier, first, calibration, progress, t0, bool(calibration_file))
+    except BaseException:
+        if tier != "layers":  # the layers tier keeps its journal, to resume
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _finished(tmp, out_dir, report)
+
+
+def _finished(tmp: str, out_dir: str, report: Report) -> Report:
+    """Mark ``tmp`` complete (its journal gone) and rename it to ``out_dir``."""
+    shutil.rmtree(os.path.join(tmp, JOURNAL), ignore_errors=True)
+    with open(os.path.join(tmp, COMPLETE), "w", encoding="utf-8") as f:
+        json.dump({"pipeline": report.pipeline, "mode": report.extras["streaming"]["mode"]}, f, indent=2)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    report.extras["streaming"]["output"] = out_dir
+    return report
+
+
+def _convert(ckpt, pipeline, out_dir, tier, first, calibration, progress, t0, file_given) -> Report:
+    """Tiers site, attention and layers, into ``out_dir``."""
     tpl = SiteTemplate(ckpt)
     layout = tpl.layout
     finish = Writeback(ckpt, tpl.cfg, layout, tpl.own_names)
@@ -181,7 +234,17 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
     ctx = PassContext()
     setup = time.perf_counter() - t0
     with _progress(progress) as bar:
-        if tier == "attention":
+        if tier == "layers":
+            from .stream_calib import convert_layers
+
+            extras = convert_layers(ckpt, tpl, pipeline, out_dir, calibration, bar, tally)
+            journal = extras.pop("journal")
+            why = f"{len(pipeline)} pass(es), {extras['sweeps']} sweep(s)"
+            written = write_output(ckpt, tpl, finish, out_dir, lambda i: load_op(journal.layer_file(i, "op")),
+                                   _pipeline.to_spec(pipeline))
+            sizes = written["sizes"]
+            extras.update(folder=written["kind"], custom_reason=written["reason"])
+        elif tier == "attention":
             why = f"{first.name} needs every layer at once"
             _probe(pipeline, tpl.ops[0])
             numel = sum(int(torch.tensor(ckpt.entry(n)["shape"]).prod()) for n in layout.layer_of())
@@ -236,17 +299,21 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
                 _release()
                 return tensors
 
-        sizes = write_folder(ckpt, out_dir, layout.layer_of(), compute)
-    finish.write_config(out_dir)
+        if tier != "layers":
+            sizes = write_folder(ckpt, out_dir, layout.layer_of(), compute)
+            finish.write_config(out_dir)
     report = Report(pipeline=_pipeline.to_spec(pipeline), model=tpl.family, backend="checkpoint")
     report.stages = tally.stages(ckpt.numel(), layout.site_names)
     report.stages[0].seconds = setup
-    mode = "streamed layer by layer" if tier == "site" else f"attention of every layer in memory: {why}"
+    mode = ("streamed layer by layer" if tier == "site" else f"attention of every layer in memory: {why}"
+            if tier == "attention" else f"calibrated, streamed layer by layer: {why}")
     report.extras["streaming"] = streaming_extras(mode, ckpt, out_dir, sizes, finish, time.perf_counter() - t0)
     report.extras["streaming"].update(
         errors="max abs error and cosine are per attention site on the template's random-weight attention inputs, "
                "not whole-model outputs", attn_flops=f"one sequence of {FLOP_TOKENS} tokens",
-        calibration="not used: no pass needs it" if calibration_file else None)
+        calibration="not used: no pass needs it" if file_given and tier != "layers" else None)
+    if tier == "layers":
+        report.extras["streaming"].update(extras)
     return report
 
 
@@ -272,37 +339,28 @@ def _load(ckpt: Checkpoint, tpl: SiteTemplate, i: int):
     return op
 
 
-def _whole_model(ckpt: Checkpoint, pipeline: list, out_dir: str, calibration_file: str, progress: bool, mode: str,
+def _whole_model(ckpt: Checkpoint, pipeline: list, out_dir: str, calib: list, progress: bool, mode: str,
                  t0: float) -> Report:
     """Tier "model": load the whole model in fp32, ``rewrite.convert`` it, write its sites back."""
     import transformers
 
     from .api import convert
-    from .models import tokenizer_for
 
-    tok = tokenizer_for(ckpt.folder)
-    if tok is None:
-        raise RewriteError(f"{ckpt.folder} has no tokenizer to read the calibration file {calibration_file} with")
-    with open(calibration_file, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        raise RewriteError(f"--calibration {calibration_file}: the file holds no text")
-    calib = [tok(lines[k:k + 16], padding=True, truncation=True, max_length=128, return_tensors="pt")
-             for k in range(0, len(lines), 16)]
-    calib = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in calib]
     cfg = transformers.AutoConfig.from_pretrained(ckpt.folder)
     arch = (getattr(cfg, "architectures", None) or [""])[0]
     cls = getattr(transformers, arch, None) or transformers.AutoModelForCausalLM
     model = cls.from_pretrained(ckpt.folder, dtype=torch.float32).eval()
     conv = convert(model, pipeline, example_inputs=calib[0], calibration=calib, progress=progress)
-    before, after = sites(conv._captured.gm), conv.sites
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    after = conv.sites
     del model
-    layout = HFLayout(ckpt, [op.info.name for op in after], [op.info.sources for op in before], shapes, arch)
-    finish = Writeback(ckpt, cfg, layout, {f: s[0] for f, s in before[0].info.sources.items() if s})
-    sizes = write_folder(ckpt, out_dir, layout.layer_of(),
-                         lambda i: finish(i, after[i], before[i].scale, ckpt.dtype_of(layout.fields[i]["wq"])))
-    finish.write_config(out_dir)
+    tpl = SiteTemplate(ckpt)  # the same layout, plans and writer as the streamed tiers
+    if [op.info.name for op in after] != tpl.layout.site_names:
+        raise RewriteError(f"{arch}: the sites of the whole model ({len(after)}) are not one per layer as in its "
+                           "one-layer template; convert it with rewrite.convert and save_pretrained instead")
+    finish = Writeback(ckpt, tpl.cfg, tpl.layout, tpl.own_names)
+    written = write_output(ckpt, tpl, finish, out_dir, lambda i: after[i], conv.report.pipeline)
     conv.report.backend = "checkpoint"
-    conv.report.extras["streaming"] = streaming_extras(mode, ckpt, out_dir, sizes, finish, time.perf_counter() - t0)
+    conv.report.extras["streaming"] = streaming_extras(mode, ckpt, out_dir, written["sizes"], finish,
+                                                       time.perf_counter() - t0)
+    conv.report.extras["streaming"].update(folder=written["kind"], custom_reason=written["reason"])
     return conv.report

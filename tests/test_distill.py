@@ -144,3 +144,31 @@ def test_params_all_never_touches_the_teacher():
 def test_distill_moh_raises_sentence_cosine():  # last: needs passes/moh.py from another engineer
     assert "moh" in rewrite.pipeline.available(), "passes/moh.py is missing: moh cannot be distilled"
     _distill_raises_cosine("moh{active_ratio=0.75}", 0.01)
+
+
+def test_distill_under_accelerate_launch_matches_one_process(tmp_path):
+    """`accelerate launch --num_processes 2 --cpu -m rewrite distill ...` (DDP, each process half of every batch)
+    lowers the loss and follows one process on the whole batch to DDP's round-off."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from rewrite.cli import main
+
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(sentences()[:16]))
+    args = ["distill", "minilm", "--passes", "lit", "--calibration", str(text), "--calibration-batch", "8",
+            "--calibration-length", "16", "--steps", "3", "--lr", "3e-4"]
+    assert main(args + ["--json", str(tmp_path / "one.json")]) == 0
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                           "-m", "rewrite"] + args + ["--json", str(tmp_path / "two.json")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["extras"]["loss (distill)"] for n in ("one", "two"))
+    assert len(two) == 3 and two[-1] < two[0]
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5 * max(one)
+    with pytest.raises(RewriteError, match="distill on 3 processes: every batch must hold a multiple of 3 samples"):
+        from rewrite.distill import _slice
+        _slice({"input_ids": torch.zeros(8, 4)}, 0, 3)

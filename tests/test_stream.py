@@ -12,7 +12,7 @@ import transformers
 import rewrite
 from rewrite.errors import PassError, RewriteError
 from rewrite.shards import read_header
-from rewrite.stream import convert_folder, tier_of
+from rewrite.stream import convert_folder, pipeline_tier, tier_of
 
 from models import VOCAB, gpt2, ids
 
@@ -133,7 +133,7 @@ def _word_tokenizer(folder):
         folder)
 
 
-def test_calibration_pass_loads_the_whole_model(folders, tmp_path):
+def test_calibration_pass_streams_layer_by_layer(folders, tmp_path):
     src = str(tmp_path / "with_tokenizer")
     shutil.copytree(folders["llama"], src)
     _word_tokenizer(src)
@@ -142,12 +142,10 @@ def test_calibration_pass_loads_the_whole_model(folders, tmp_path):
     text.write_text("\n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 2, (12,), generator=g))
                               for _ in range(16)))
     out = str(tmp_path / "out")
-    with pytest.warns(RuntimeWarning, match="gqa needs calibration statistics; converting in memory"):
-        report = convert_folder(src, "gqa{kv_heads=2,method=aligned}", out, calibration_file=str(text),
-                                progress=False)
+    report = convert_folder(src, "gqa{kv_heads=2,method=aligned}", out, calibration_file=str(text), progress=False)
     data = report.to_json()
-    assert data["extras"]["streaming"]["mode"].startswith("model in memory")
-    assert data["stages"][-1]["kv_heads"] == [2, 2, 2] and 0 < data["stages"][-1]["cosine"] < 1  # model outputs
+    assert data["extras"]["streaming"]["mode"].startswith("calibrated, streamed layer by layer")
+    assert data["stages"][-1]["kv_heads"] == [2, 2, 2] and 0 < data["stages"][-1]["cosine"] < 1
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["num_key_value_heads"] == 2
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))  # side files are copied
@@ -156,9 +154,12 @@ def test_calibration_pass_loads_the_whole_model(folders, tmp_path):
 
 def test_tiers():
     specs = ("gqa{kv_heads=2}", "mqa", "gated-attention", "prune-heads{heads=0:1}", "masa",
-             "gqa{kv_heads=2,method=aligned}")
+             "gqa{kv_heads=2,method=aligned}", "dha{kv_ratio=0.5}", "prune-heads{ratio=0.5,importance=entropy}",
+             "prune-heads{ratio=0.5}", "masa{refine_rank=2}")
     tiers = [tier_of(rewrite.parse_pipeline(spec)[0]) for spec in specs]
-    assert tiers == ["site", "site", "site", "attention", "attention", "model"]
+    assert tiers == ["site", "site", "site", "attention", "attention", "layers", "layers", "layers", "model", "model"]
+    mixed = rewrite.parse_pipeline("prune-heads{ratio=0.5,importance=magnitude},gqa{kv_heads=2,method=aligned}")
+    assert pipeline_tier(mixed) == "model"
 
 
 def test_refusals(folders, tmp_path, monkeypatch):
@@ -185,7 +186,7 @@ def test_refusals_leave_no_output(folders, tmp_path, monkeypatch):
         convert_folder(folders["llama"], "prune-heads{heads=0:1;1:1;2:1}", str(out), progress=False)
     with pytest.raises(RewriteError, match="adds a head gate; the family.s stock config cannot hold it"):
         convert_folder(folders["llama"], "gated-attention", str(out), progress=False)
-    assert not [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
     monkeypatch.setattr("rewrite.stream.available_memory", lambda: 1 << 20)
     with pytest.raises(PassError, match="prune-heads needs every layer at once: .* GiB are available. Refused"):
         convert_folder(folders["llama"], "prune-heads{ratio=0.25,importance=magnitude}", str(out), progress=False)

@@ -1,0 +1,140 @@
+"""Calibrated passes streamed layer by layer (rewrite.stream_calib): same weights as rewrite.convert, HF folders
+that load and run, resuming after SIGKILL, refusals."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import rewrite
+from rewrite.errors import PassError, RewriteError
+from rewrite.shards import COMPLETE, JOURNAL
+from rewrite.stream import convert_folder
+from rewrite.stream_calib import calibration_batches
+
+from models import VOCAB
+from test_stream import _llama, _word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    torch.manual_seed(0)
+    folder = str(root / "llama")
+    _llama().save_pretrained(folder, max_shard_size="200KB")
+    _word_tokenizer(folder)
+    g = torch.Generator().manual_seed(3)
+    lines = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 2, (int(n),), generator=g))
+             for n in torch.randint(5, 13, (20,), generator=g)]  # two padded batches of 16 and 4 lines
+    with open(os.path.join(folder, "..", "calibration.txt"), "w") as f:
+        f.write("\n".join(lines))
+    return folder
+
+
+def _text(src):
+    return os.path.join(src, "..", "calibration.txt")
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+@pytest.mark.parametrize("spec, kind, sweeps", [
+    ("gqa{kv_heads=2,method=aligned}", "stock", 1),
+    ("dha{kv_ratio=0.5,budget=uniform}", "custom", 2),  # one head budget for every layer: gathered, decided, applied
+    # two calibrated passes: prune-heads reads the hidden states of layers converted by gqa only
+    ("gqa{kv_heads=2,method=aligned},prune-heads{ratio=0.25,importance=entropy}", "custom", 2),
+])
+def test_streamed_calibration_gives_the_in_memory_weights(src, tmp_path, spec, kind, sweeps):
+    out = str(tmp_path / "out")
+    report = convert_folder(src, spec, out, calibration_file=_text(src), progress=False)
+    ex = report.to_json()["extras"]["streaming"]
+    assert ex["mode"].startswith("calibrated, streamed layer by layer") and ex["folder"] == kind
+    streams = spec.count("{")  # one stream of hidden states per calibrated pass, two sides each, fp32, width 128
+    assert ex["sweeps"] == sweeps and ex["hidden_state_bytes"] == streams * 2 * 4 * ex["calibration_tokens"] * 128
+    assert ex["peak_rss_bytes"] > 0 and len(ex["layer_seconds"]) == 3 * sweeps
+    calib = calibration_batches(src, _text(src))
+    model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    conv = rewrite.convert(model, spec, example_inputs=calib[0], calibration=calib, progress=False)
+    got = _tensors(out)
+    for i, op in enumerate(conv.sites):
+        for f in ("wq", "wk", "wv", "wo"):
+            want = getattr(op, f).detach()
+            if kind == "stock":
+                v = got[f"model.layers.{i}.self_attn.{f[1]}_proj.weight"]
+                want = want.reshape(want.shape[0], -1) if f == "wo" else want.reshape(-1, want.shape[-1])
+            else:
+                v = got[f"model.layers.{i}.self_attn.op.{f}"]
+            assert v.shape == want.shape
+            assert (v - want).abs().max() <= 1e-5 * want.abs().max()
+    assert report.to_json()["stages"][-1]["kv_heads"] == [op.kv_heads for op in conv.sites]
+    with open(os.path.join(out, COMPLETE)) as f:
+        assert json.load(f)["pipeline"] == report.pipeline
+    assert not os.path.exists(os.path.join(out, JOURNAL)) and not os.path.exists(out + ".partial")
+    again = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    x = torch.randint(0, VOCAB - 2, (3, 7), generator=torch.Generator().manual_seed(5))  # unseen batch and length
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        a, b = again(x, attention_mask=mask).logits, conv(input_ids=x, attention_mask=mask).logits
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    if kind == "custom":
+        with open(os.path.join(out, "config.json")) as f:
+            assert json.load(f)["model_type"] == "rewrite_llama"
+
+
+def test_sigkill_resumes_at_the_last_completed_layer(src, tmp_path):
+    spec = "gqa{kv_heads=2,method=aligned}"
+    out = str(tmp_path / "out")
+    code = ("import sys; sys.path.insert(0, 'tests'); from rewrite.stream import convert_folder; "
+            f"convert_folder({src!r}, {spec!r}, {out!r}, calibration_file={_text(src)!r}, progress=False)")
+    env = dict(os.environ, REWRITE_TEST_KILL_AFTER="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert not os.path.exists(out) and os.path.isdir(out + ".partial")
+    with open(os.path.join(out + ".partial", JOURNAL, "journal.json")) as f:
+        assert json.load(f)["done"] == 2  # layers 0 and 1 are journaled
+    with pytest.raises(RewriteError, match=r"out.partial is an unfinished conversion \(it holds .rewrite-journal/ "
+                                           "and no completion mark rewrite-complete.json\\); rerun the same"):
+        convert_folder(out + ".partial", "gqa{kv_heads=2}", str(tmp_path / "o2"), progress=False)
+    report = convert_folder(src, spec, out, calibration_file=_text(src), progress=False)
+    assert report.to_json()["extras"]["streaming"]["resumed_at"] == {"sweep": 1, "layer": 2}
+    fresh = str(tmp_path / "fresh")
+    convert_folder(src, spec, fresh, calibration_file=_text(src), progress=False)
+    a, b = _tensors(out), _tensors(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert report.to_json()["stages"][-1]["kv_heads"] == [2, 2, 2]
+
+
+def test_refusals(src, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    monkeypatch.setattr("rewrite.stream.available_memory", lambda: 1 << 20)
+    with pytest.raises(PassError, match=r"prune-heads needs calibration statistics \('prune-heads\{ratio=0.25\}' "
+                                        "cannot stream: importance=taylor differentiates the model's loss through "
+                                        "every later layer.*use importance=entropy.*GiB are available. Refused"):
+        convert_folder(src, "prune-heads{ratio=0.25}", out, calibration_file=_text(src), progress=False)
+    with pytest.raises(PassError, match="'masa{refine_rank=2}' cannot stream: masa shares matrix atoms across "
+                                        "layers"):
+        convert_folder(src, "masa{refine_rank=2}", out, calibration_file=_text(src), progress=False)
+
+    class Full:
+        free = 1 << 10
+
+    monkeypatch.setattr("rewrite.stream_calib.shutil.disk_usage", lambda path: Full)
+    with pytest.raises(PassError, match=r"the calibration hidden states \(\d+ tokens × 128 wide, fp32, two copies for "
+                                        r"each of 1 calibrated pass\(es\)\) need 0.00 GiB; 0.00 GiB of disk at .* and "
+                                        "0.00 GiB of RAM are free. Refused: give fewer or shorter calibration"):
+        convert_folder(src, "gqa{kv_heads=2,method=aligned}", out, calibration_file=_text(src), progress=False)
+    assert not os.path.exists(out)
+    shutil.rmtree(out + ".partial", ignore_errors=True)
