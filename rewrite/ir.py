@@ -13,6 +13,9 @@
 - score modifiers (``rewrite.score_mods``): ``s' = c·tanh(s/c) + M[:, bias_map]`` with ``softcap = c``
   (0: none) and ``bias_map [Hq]`` (None: the mask has no per-head rows), the row of the mask's head axis
   each query head reads, so per-head biases (ALiBi, relative position) follow the query heads;
+- ``window``/``sinks [Hq]``: per-query-head attention span (``rewrite.spans``): a streaming head (w > 0)
+  sees key j from position p iff j ≤ p and (p − j < w or j is among its first ``sinks`` real tokens); both
+  None when every head is full (the fast path below is then untouched);
 - ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
   (gated attention, MoH), or per feature ``g [B, Hq, Sq, dv]`` (a model's own output gate);
 - ``weights``: ``None`` (the op owns ``wq..wo`` as Parameters) or a provider module whose
@@ -151,6 +154,8 @@ class Attention(nn.Module):
         bias_map: Optional[torch.Tensor] = None,
         bias_heads: int = 0,
         softcap: float = 0.0,
+        window: Optional[torch.Tensor] = None,
+        sinks: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         hq = wq.shape[0]
@@ -170,6 +175,7 @@ class Attention(nn.Module):
         self.register_buffer("bias_map", None if bias_map is None else bias_map.clone().long())
         self.bias_heads = int(bias_heads or (0 if bias_map is None else bias_map.numel()))  # H₀ of the mask
         self.softcap = float(softcap)
+        self.set_span(window, sinks)
         self.score_fn: Optional[nn.Module] = None
         self.head_gate: Optional[nn.Module] = None
         self.weights: Optional[nn.Module] = None
@@ -187,6 +193,14 @@ class Attention(nn.Module):
             if provider is not None:
                 return provider()[WEIGHT_NAMES.index(name)]
         return super().__getattr__(name)
+
+    def set_span(self, window=None, sinks=None) -> None:
+        """Per-query-head ``window`` (0 = full) and ``sinks`` (ints or ``[Hq]``), checked by ``rewrite.spans``."""
+        from .spans import check_span
+
+        window, sinks = check_span(self.info.name, window, sinks, self.wq.shape[0])
+        self.register_buffer("window", window)
+        self.register_buffer("sinks", sinks)
 
     # ---- shape facts -------------------------------------------------------------------------
     @property
@@ -283,6 +297,10 @@ class Attention(nn.Module):
         positions: query i sees keys j ≤ i + Sk − Sq.
         """
         mask = select_bias(mask, self.bias_map, self._bias_identity)  # per-head bias rows of these heads
+        if self.window is not None:  # streaming heads: one per-head mask (rewrite.spans)
+            from .spans import span_mask
+
+            mask = span_mask(self, mask, self.causal if causal is None else causal, q.shape[2], k.shape[2], q.device)
         if self.score_fn is not None:
             return self.score_fn(self, q, k, v, mask)
         if torch.onnx.is_in_onnx_export():  # one standard ONNX Attention node, same semantics as SDPA
@@ -350,7 +368,8 @@ class Attention(nn.Module):
                 f"v_heads={self.v_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}, "
                 f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}"
                 + (f", bias_heads={self.bias_heads}" if self.bias_map is not None else "")
-                + (f", softcap={self.softcap:g}" if self.softcap else ""))
+                + (f", softcap={self.softcap:g}" if self.softcap else "")
+                + (f", window={self.window.tolist()}, sinks={self.sinks.tolist()}" if self.window is not None else ""))
 
 
 def _rows_fold(q, mask, causal: bool, limit: int) -> bool:
