@@ -23,7 +23,7 @@ import torch
 
 from .errors import SpecError
 
-__all__ = ["check_span", "span_keep", "span_mask", "real_key_rows", "streaming_heads"]
+__all__ = ["check_span", "span_keep", "span_mask", "masked_span", "real_key_rows", "streaming_heads"]
 
 
 def check_span(where: str, window, sinks, heads: int):
@@ -88,7 +88,12 @@ def span_keep(window: torch.Tensor, sinks: torch.Tensor, q_len: int, k_len: int,
 def span_mask(op, mask: Optional[torch.Tensor], causal: bool, q_len: int, k_len: int, device):
     """The site's mask (or its causal rule when there is none) with the op's spans applied: one per-head mask
     ``[B|1, Hq, Sq, Sk]`` (bool, or additive in the mask's dtype); SDPA then runs it with ``is_causal=False``."""
-    span = span_keep(op.window, op.sinks, q_len, k_len, real_key_rows(mask, k_len), device)
+    return masked_span(op.window, op.sinks, mask, causal, q_len, k_len, device)
+
+
+def masked_span(window, sinks, mask: Optional[torch.Tensor], causal: bool, q_len: int, k_len: int, device):
+    """``span_mask`` for explicit ``window``/``sinks [Hq]``."""
+    span = span_keep(window, sinks, q_len, k_len, real_key_rows(mask, k_len), device)
     if mask is None:
         if causal:
             from .ir import causal_keep

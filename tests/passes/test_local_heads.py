@@ -1,0 +1,113 @@
+"""local-heads: structure (whole KV groups become streaming), numerics (exact inside the window, exact for a window
+as long as the text), the scores, and refusals."""
+import functools
+
+import pytest
+import torch
+
+import models as M
+import rewrite
+from rewrite.errors import PassError, SpecError
+from rewrite.long_range import passkey_batches
+from rewrite.pass_base import PassContext
+from rewrite.pipeline import parse
+
+
+@functools.lru_cache(maxsize=None)
+def base():
+    """(model, conv) of a tiny GQA LLaMA (4 query heads, 2 KV heads) captured with a padding mask."""
+    torch.manual_seed(0)
+    model = M.llama(kv_heads=2)
+    example = {"input_ids": M.ids(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    return model, rewrite.convert(model, passes="", example_inputs=example, progress=False)
+
+
+def calibration(n=2, seq=24):
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in one row
+    return [{"input_ids": M.ids(2, seq, seed=s), "attention_mask": mask} for s in range(1, n + 1)]
+
+
+def _logits(conv, ids, mask):
+    with torch.no_grad():
+        return conv(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("score", ["distance", "retrieval", "random", "duo"])
+def test_half_the_heads_stream_in_whole_kv_groups(score):
+    model, conv = base()
+    spec = f"local-heads{{ratio=0.5,window=4,sinks=1,score={score},steps=3}}"
+    staged, result = M.restage(conv, spec, calibration())
+    ops = staged.sites
+    total = sum(int((op.window > 0).sum()) for op in ops if op.window is not None)
+    assert total == 4  # half of the 8 query heads
+    for op in ops:
+        if op.window is None:
+            continue
+        for kv in range(2):  # both query heads of a KV head decided together
+            members = op.window[op.k_map == kv]
+            assert bool((members == members[0]).all())
+        assert set(op.window.tolist()) <= {0, 4} and op.sinks[op.window > 0].tolist() == [1] * int((op.window > 0).sum())
+    stats = result.stats
+    assert sum(len(s["streaming"]) for s in stats.values()) == 4
+    if score != "random":
+        assert all(len(s["long_range_score"]) == 4 for s in stats.values())
+    # lossy only beyond the window: the first 4 positions of an unpadded row are exact, later ones are not
+    ids, mask = M.ids(2, 20, seed=7), torch.ones(2, 20, dtype=torch.long)
+    want, got = _logits(conv, ids, mask), _logits(staged, ids, mask)
+    assert float((got[:, :4] - want[:, :4]).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert float((got[:, 8:] - want[:, 8:]).abs().max()) > 1e-4
+
+
+def test_a_window_as_long_as_the_text_is_exact_with_padding():
+    model, conv = base()
+    staged, _ = M.restage(conv, "local-heads{heads={0:0/1;1:0/1/2/3},window=20,sinks=2}")
+    assert staged.sites[0].window.tolist() == [20, 20, 0, 0] and staged.sites[1].window.tolist() == [20] * 4
+    ids, mask = M.ids(3, 17, seed=3), torch.ones(3, 17, dtype=torch.long)
+    mask[2, :6] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    got = _logits(staged, ids, mask)
+    keep = mask.bool()[:, :, None]
+    assert float(((got - want).abs() * keep).max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_passkey_batches_copy_an_early_segment_past_the_window():
+    _, conv = base()
+    ctx = PassContext(calibration=calibration(seq=40), captured=conv._captured)
+    batches, where = passkey_batches(ctx, window=8, sinks=1)
+    for kw, spots in zip(batches, where):
+        for r, a, b, m in spots:
+            assert b - (a + m) >= 8 and m >= 2
+            assert torch.equal(kw["input_ids"][r, b:b + m], kw["input_ids"][r, a:a + m])
+    with pytest.raises(PassError, match="long-range copy past window=30"):
+        passkey_batches(PassContext(calibration=calibration(seq=24), captured=conv._captured), window=30, sinks=1)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("local-heads{ratio=0.5,window=0}", r"window=0 must be ≥ 1"),
+    ("local-heads{ratio=0.5,sinks=-1}", r"sinks=-1 must be ≥ 0"),
+    ("local-heads{ratio=1.0}", r"ratio=1.0 must be in \[0, 1\)"),
+    ("local-heads{ratio=-0.1}", r"must be in \[0, 1\)"),
+    ("local-heads", "exactly one of ratio"),
+    ("local-heads{ratio=0.5,score=entropy}", "unknown score 'entropy'"),
+])
+def test_bad_options_are_refused(spec, message):
+    with pytest.raises(SpecError, match=message):
+        parse(spec)
+
+
+def test_refusals_at_run_time():
+    _, conv = base()
+    with pytest.raises(PassError, match="score=distance needs calibration"):
+        M.restage(conv, "local-heads{ratio=0.5,score=distance}")
+    with pytest.raises(SpecError, match=r"query heads \[0, 1\] .* share one KV head"):
+        M.restage(conv, "local-heads{heads={0:1},window=4}")
+    with pytest.raises(SpecError, match="no head"):
+        M.restage(conv, "local-heads{heads={0:7},window=4}")
+
+
+def test_encoder_sites_are_refused():
+    with pytest.raises(PassError, match="no causal site"):
+        rewrite.convert(M.BareMHA(), "local-heads{ratio=0.5,score=random}", example_inputs=(torch.randn(8, 2, 64),),
+                        progress=False)
