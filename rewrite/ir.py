@@ -201,6 +201,15 @@ class Attention(nn.Module):
         window, sinks = check_span(self.info.name, window, sinks, self.wq.shape[0])
         self.register_buffer("window", window)
         self.register_buffer("sinks", sinks)
+        self.__dict__.pop("_plan", None)
+
+    def _span_plan(self):
+        """How the decode cache bounds the streaming KV heads (``rewrite.span_cache``), or None; kept per op."""
+        if "_plan" not in self.__dict__:
+            from .span_cache import span_plan
+
+            self.__dict__["_plan"] = span_plan(self)
+        return self.__dict__["_plan"]
 
     # ---- shape facts -------------------------------------------------------------------------
     @property
@@ -352,6 +361,10 @@ class Attention(nn.Module):
         q, k, v = self.project_qkv(x, kv, *side, weights=weights)
         if cache is not None and getattr(self.score_fn, "recurrent", False):
             o = self.score_fn.step(self, q, k, v, mask, cache)
+        elif cache is not None and self.window is not None and self.score_fn is None and self._span_plan():
+            from .span_cache import span_cached_attention  # streaming KV heads keep sinks + window slots
+
+            o = span_cached_attention(self, q, k, v, mask, cache, self._span_plan())
         else:
             if cache is not None:
                 k, v = cache.update(k, v)  # (B, Hk, past + Sq, dh), (B, Hv, past + Sq, dv)

@@ -7,6 +7,7 @@ import torch
 
 import models as M
 import rewrite
+from rewrite.api import restage
 from rewrite.errors import PassError, SpecError
 from rewrite.long_range import passkey_batches
 from rewrite.pass_base import PassContext
@@ -111,3 +112,35 @@ def test_encoder_sites_are_refused():
     with pytest.raises(PassError, match="no causal site"):
         rewrite.convert(M.BareMHA(), "local-heads{ratio=0.5,score=random}", example_inputs=(torch.randn(8, 2, 64),),
                         progress=False)
+
+
+def _greedy_without_cache(conv, ids, mask, steps):
+    """The masked full computation: the whole sequence again for every new token; (tokens, last logits)."""
+    logits = []
+    for _ in range(steps):
+        last = _logits(conv, ids, mask)[:, -1]
+        logits.append(last)
+        ids = torch.cat([ids, last.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones(ids.shape[0], 1, dtype=mask.dtype)], 1)
+    return ids, logits
+
+
+def test_bounded_cache_generates_the_masked_full_computation():
+    """Layer 0: KV head 0 streams (its 2 query heads), KV head 1 stays full; layer 1: every head streams."""
+    from transformers import DynamicCache
+
+    from rewrite.cache import cache_bytes
+
+    _, conv = base()
+    staged = restage(conv, "local-heads{heads={0:0/1;1:0/1/2/3},window=3,sinks=2}")
+    ids, mask = M.ids(2, 7, seed=5), torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: row 1's sinks are its positions 3 and 4
+    cache = DynamicCache()
+    out = staged.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, cache=cache)
+    want, logits = _greedy_without_cache(staged, ids, mask, 9)
+    assert torch.equal(out.sequences, want)
+    assert max(float((a - b).abs().max()) for a, b in zip(out.scores, logits)) <= 1e-5
+    # 7 + 8 cached tokens (the last new token is not cached); fp32, head_dim 16, K and V, batch 2
+    per_slot = 2 * 2 * 16 * 4
+    assert cache_bytes(cache) == [per_slot * (15 + (2 + 3)), per_slot * 2 * (2 + 3)]
