@@ -147,11 +147,18 @@ class SpanLayer(DynamicLayer):
 
 
 def _attend(op, q, k, v, kv_map, mask):
-    """softmax(c·tanh(q kᵀ·scale / c) + mask) v with query head i reading ``kv_map[i]``; ``mask`` per head."""
-    k, v = k.index_select(1, kv_map), v.index_select(1, kv_map)
+    """softmax(c·tanh(q kᵀ·scale / c) + mask) v with query head i reading ``kv_map[i]``; ``mask`` per head.
+    K/V are not copied up to the query heads when the map is the identity or contiguous groups."""
+    from .ir import _contiguous_groups
+
+    group = _contiguous_groups(kv_map, k.shape[1])
+    if op.softcap or group is None:
+        k, v = k.index_select(1, kv_map), v.index_select(1, kv_map)
+        group = 1
     if op.softcap:
         return softcapped_attention(q, k, v, mask, op.scale, op.softcap, False)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=op.scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=op.scale,
+                                                            enable_gqa=group > 1)
 
 
 def _keep_into(mask, keep):
@@ -193,6 +200,11 @@ def span_cached_attention(op, q, k, v, mask, cache, plan: SpanPlan):
         out[:, fq] = _attend(op, q[:, fq], fk, fv, plan.full_map.to(dev), fmask)
     sk_new, sv_new = k[:, plan.stream_kv.to(dev)], v[:, plan.stream_kv.to(dev)]
     slot_k, slot_v, slot_pos = layer.slots(b, sk_new.shape[1], sk_new.shape[-1], sv_new.shape[-1], plan, q)
+    sq_heads = plan.stream_q.to(dev)
+    w_h, s_h = op.window[sq_heads].to(dev), op.sinks[sq_heads].to(dev)
+    if sq == 1 and bool((w_h == plan.window).all()):
+        out[:, sq_heads] = _decode_step(op, q[:, sq_heads], sk_new, sv_new, layer, plan, s_h, mask, real)
+        return out
     s = plan.sinks
     new_pos = torch.arange(t0, total, device=dev)
     pos = torch.cat([slot_pos, new_pos.expand(b, sq)], dim=1)  # [B, N]
@@ -208,21 +220,39 @@ def span_cached_attention(op, q, k, v, mask, cache, plan: SpanPlan):
                       + real[:, t0:].long().cumsum(-1) - real[:, t0:].long()], dim=1)  # [B, N]
     is_sink = torch.zeros(pos.shape[1], dtype=torch.bool, device=dev)
     is_sink[:s] = True
-    sq_heads = plan.stream_q.to(dev)
-    w_h, s_h = op.window[sq_heads].to(dev), op.sinks[sq_heads].to(dev)
     p = new_pos[:, None]  # [Sq, 1]
     dist = p[None] - pos[:, None, :]  # [B, Sq, N]
     seen = valid[:, None, :] & (dist >= 0) & pos_real[:, None, :]
     near = (dist[:, None] < w_h[None, :, None, None]) & ~is_sink  # ring/new within the head's window
     first = rank[:, None, None, :] < s_h[None, :, None, None]
     keep = seen[:, None] & (near | first)  # [B, Hs, Sq, N]
-    smask = keep
-    if mask is not None:  # the site's mask values at the slots' positions (bias, padding)
-        m = mask if mask.shape[1] == 1 else mask.index_select(1, sq_heads)
-        m = m.expand(b, m.shape[1], sq, total).gather(-1, idx[:, None, None, :].expand(b, m.shape[1], sq, idx.shape[1]))
-        smask = _keep_into(m, keep)
     keys = torch.cat([slot_k, sk_new], dim=2)
     values = torch.cat([slot_v, sv_new], dim=2)
-    out[:, sq_heads] = _attend(op, q[:, sq_heads], keys, values, plan.stream_map.to(dev), smask)
+    out[:, sq_heads] = _attend(op, q[:, sq_heads], keys, values, plan.stream_map.to(dev),
+                               _slot_mask(mask, keep, idx, sq_heads))
     layer.store(sk_new, sv_new, plan, real)
     return out
+
+
+def _slot_mask(mask, keep, idx, heads):
+    """``keep [B, Hs, Sq, N]`` with the site's mask values at the entries' positions ``idx [B, N]`` (bias, padding)."""
+    if mask is None:
+        return keep
+    m = mask if mask.shape[1] == 1 else mask.index_select(1, heads)
+    b, _, sq, n = keep.shape
+    m = m.expand(b, m.shape[1], sq, m.shape[-1]).gather(-1, idx[:, None, None, :].expand(b, m.shape[1], sq, n))
+    return _keep_into(m, keep)
+
+
+def _decode_step(op, q, k_new, v_new, layer: SpanLayer, plan: SpanPlan, s_h, mask, real):
+    """One new token, every streaming head with the full ring: store first (the token leaving the ring is
+    outside every window, so it matters only as a sink), then attend over the s + w slots, no copies."""
+    layer.store(k_new, v_new, plan, real)
+    pos = layer.slot_pos  # [B, s + w]
+    idx = pos.clamp_min(0)
+    live = (pos >= 0) & real.gather(1, idx)
+    sink_ok = torch.ones(pos.shape[1], len(s_h), dtype=torch.bool, device=pos.device)
+    sink_ok[:plan.sinks] = torch.arange(plan.sinks, device=pos.device)[:, None] < s_h[None, :]  # [s + w, Hs]
+    keep = (live[:, None, :] & sink_ok.T[None])[:, :, None, :]  # [B, Hs, 1, s + w]
+    return _attend(op, q, layer.slot_k, layer.slot_v, plan.stream_map.to(q.device),
+                   _slot_mask(mask, keep, idx, plan.stream_q.to(q.device)))
