@@ -144,3 +144,17 @@ def test_bounded_cache_generates_the_masked_full_computation():
     # 7 + 8 cached tokens (the last new token is not cached); fp32, head_dim 16, K and V, batch 2
     per_slot = 2 * 2 * 16 * 4
     assert cache_bytes(cache) == [per_slot * (15 + (2 + 3)), per_slot * 2 * (2 + 3)]
+
+
+def test_the_report_shows_the_scores_and_the_split():
+    _, conv = base()
+    staged = restage(conv, "local-heads{ratio=0.5,window=4,sinks=1,score=distance}", calibration())
+    from rewrite.report import _span_heatmaps
+
+    maps = _span_heatmaps(staged.report)
+    split = maps["local-heads: streaming heads (1: window 4 + 1 sinks, 0: full)"]
+    assert sum(map(sum, split)) == 4 and len(split) == 2
+    scores = maps["local-heads: long-range score (distance, window 4)"]
+    groups = [((scores[i][g] + scores[i][g + 1]) / 2, split[i][g]) for i in range(2) for g in (0, 2)]  # KV groups
+    assert max(s for s, c in groups if c) <= min(s for s, c in groups if not c) + 1e-12  # lowest need streams
+    assert staged.report.to_html().count("<img") >= 2
