@@ -123,3 +123,13 @@ def test_bad_spans_are_refused():
 
 def rewrite_op():
     return rebuild(_converted("llama")[1].sites[0])
+
+
+def test_spans_travel_in_the_site_spec():
+    import json
+
+    from rewrite.site_spec import op_from_spec, op_spec
+
+    op = rebuild(_converted("llama")[1].sites[0], window=torch.tensor([0, 3, 1, 5]), sinks=torch.tensor([0, 2, 1, 0]))
+    again = op_from_spec(json.loads(json.dumps(op_spec(op, {}))), {})
+    assert again.window.tolist() == [0, 3, 1, 5] and again.sinks.tolist() == [0, 2, 1, 0]
