@@ -21,7 +21,7 @@ PYEOF
 
 echo "== Triton tests on the GPU"
 timeout 360 $PY -m pytest -q -x -p no:cacheprovider \
-  tests/backends/test_triton_kernels.py tests/backends/test_triton_lowering.py
+  tests/backends/test_triton_kernels.py tests/backends/test_triton_lowering.py tests/backends/test_triton_spans.py
 
 echo "== Triton kernel vs SDPA flash: causal GQA, bf16, batch 1, 32 q heads / 8 kv heads, head size 128"
 timeout 180 $PY - <<'PYEOF'
@@ -76,5 +76,45 @@ for S in (4096, 8192, 16384):
     del q, k, v
     torch.cuda.empty_cache()
 print("ratio = SDPA-flash time / Triton time (> 1: the Triton kernel is faster)")
+PYEOF
+
+echo "== Triton kernel with streaming heads (local-heads): 75% of heads window 256 + 4 sinks vs all full, bf16"
+timeout 120 $PY - <<'PYEOF'
+import torch
+
+from rewrite.backends.triton import attention_forward, attention_reference
+
+B, HQ, HK, D = 1, 32, 8, 128
+kv_map = torch.arange(HQ, device="cuda") // (HQ // HK)
+window = torch.where(torch.arange(HQ) < HQ // 4, 0, 256)  # KV groups 0-1 full, 2-7 streaming
+sinks = torch.where(window > 0, 4, 0)
+
+
+def median_ms(fn, reps=10):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+for S in (2048, 8192):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for h in (HQ, HK, HK))
+    kw = dict(k_map=kv_map, v_map=kv_map, scale=D ** -0.5, causal=True)
+    span = lambda: attention_forward(q, k, v, window=window, sinks=sinks, **kw)  # noqa: E731
+    full = lambda: attention_forward(q, k, v, **kw)  # noqa: E731
+    if S == 2048:
+        err = (span().float() - attention_reference(q, k, v, window=window, sinks=sinks, **kw).float()).abs().max()
+        print(f"max err vs reference: {err.item():.3g}")
+    print(f"{S:>6} tokens: full {median_ms(full):.3f} ms, 75% streaming {median_ms(span):.3f} ms")
+    del q, k, v
+    torch.cuda.empty_cache()
 PYEOF
 echo "== done"

@@ -5,6 +5,8 @@ For every site (layer) and head, on the calibration batches:
 - importance: Taylor head importance (``rewrite.importance``, ℓ2-normalized per layer);
 - entropy: mean entropy of the attention rows, H = −Σ_k p_k log p_k (nats);
 - sink mass: mean attention probability on the first key position;
+- long-range mass: mean attention mass beyond a recent window of W tokens and 4 sinks (``rewrite.long_range``,
+  score=distance of ``local-heads``; W = a quarter of the calibration length unless given);
 - K / V similarity: linear CKA between every pair of KV heads of a layer,
   CKA(i, j) = ‖C_ij‖²_F / (‖C_ii‖_F ‖C_jj‖_F), C the centred cross-covariance of the heads' outputs
   over all tokens (invariant to rotations of a head's basis, so 1 means "mergeable up to a rotation").
@@ -41,6 +43,8 @@ class Analysis:
     k_similarity: list
     v_similarity: list
     refusals: list = dataclasses.field(default_factory=list)
+    long_range: list = dataclasses.field(default_factory=list)
+    long_range_window: int = 0
 
     # ---- data ---------------------------------------------------------------------------------
     def heatmaps(self) -> dict:
@@ -51,6 +55,8 @@ class Analysis:
             "attention-sink mass (probability on key 0)": _pad(self.sink),
             "K redundancy: max CKA to another KV head of the layer": _pad([_max_off(m) for m in self.k_similarity]),
             "V redundancy: max CKA to another KV head of the layer": _pad([_max_off(m) for m in self.v_similarity]),
+            **({f"long-range mass (attention beyond a window of {self.long_range_window} + 4 sinks)":
+                _pad(self.long_range)} if self.long_range else {}),
         }
 
     def summary(self) -> list:
@@ -112,13 +118,14 @@ def attach_heatmaps(report, analysis: Analysis):
 
 
 # ---- computing it ------------------------------------------------------------------------------
-def analyze(model, example_inputs, calibration=None, progress: bool = True) -> Analysis:
+def analyze(model, example_inputs, calibration=None, progress: bool = True, window: Optional[int] = None) -> Analysis:
     """Capture ``model`` and measure every head on ``calibration`` (default: the example inputs).
 
     Args:
         model: the PyTorch model (never mutated).
         example_inputs: a tuple of args or a dict of kwargs, as for ``rewrite.convert``.
         calibration: optional iterable of batches like ``example_inputs``.
+        window: the recent window of the long-range mass (default: a quarter of the longest calibration batch).
     """
     from .api import _progress, canonicalize
     from .capture import capture, normalize_inputs
@@ -136,12 +143,28 @@ def analyze(model, example_inputs, calibration=None, progress: bool = True) -> A
     for kw in ctx.track(calibration_batches(ctx), "attention statistics"):
         for st, recs in zip(stats, record_site_inputs(gm, call, [kw])):
             st.add(recs[0].args)
+    long_range, window = _long_range(gm, ctx, ops, window)
     return Analysis(
         model=type(model).__name__, sites=[op.info.name for op in ops], q_heads=[op.q_heads for op in ops],
         kv_heads=[op.kv_heads for op in ops], importance=[s.tolist() for s in importance],
         entropy=[s.entropy() for s in stats], sink=[s.sink() for s in stats],
         k_similarity=[s.k.cka() for s in stats], v_similarity=[s.v.cka() for s in stats],
-        refusals=[str(r) for r in refusals])
+        refusals=[str(r) for r in refusals], long_range=long_range, long_range_window=window)
+
+
+def _long_range(gm, ctx, ops, window: Optional[int]) -> tuple:
+    """(per causal model, each head's attention mass beyond ``window``; the window), or ([], 0)."""
+    from .errors import PassError
+    from .long_range import distance_scores
+
+    if not all(op.causal or op.info.causal_mask for op in ops):
+        return [], 0
+    longest = max((t.shape[-1] for b in calibration_batches(ctx) for t in b.values() if t.dim() == 2), default=0)
+    window = window or max(1, longest // 4)
+    try:
+        return [s.tolist() for s in distance_scores(gm, ctx, window, 4)], window
+    except PassError:  # calibration no longer than the window
+        return [], 0
 
 
 class _Moments:

@@ -3,12 +3,13 @@
 - ``LayerCache(cache, layer_idx)``: one layer of a ``transformers`` Cache (``DynamicCache``, ``StaticCache``, ...)
   as a site sees it. ``update(k, v)`` appends the new tokens' K/V at the site's *own* head counts
   (``k_heads``/``v_heads``), so layers may differ (DHA, global pruning); ``state_layer()`` gives the layer a
-  recurrent score function (linear attention) keeps its state in.
+  recurrent score function (linear attention) keeps its state in, ``own_layer(kind)`` any such layer class.
 - ``LinearStateLayer``: a ``DynamicLayer`` whose "keys" are S = Σ_j φ(k_j)ᵀ v_j ``[B, P, d, dv]`` and whose
   "values" are z = Σ_j φ(k_j) ``[B, P, d]`` (P key/value head pairs); it counts the tokens it absorbed, so
   ``get_seq_length`` and mask sizes stay right while its size does not grow with the sequence. Beam search
   reordering and batch selection act on the state like on keys.
-- ``cache_bytes(cache)``: bytes held per layer, measured from the cached tensors.
+- ``cache_bytes(cache)``: bytes held per layer, measured from the cached tensors (``nbytes()`` of a layer that
+  has one: the bounded streaming-head layer of ``rewrite.span_cache``).
 """
 from __future__ import annotations
 
@@ -77,16 +78,21 @@ class LayerCache:
 
     def state_layer(self) -> LinearStateLayer:
         """This layer's ``LinearStateLayer``; an untouched KV layer of the cache is swapped for one."""
+        return self.own_layer(LinearStateLayer, "a linear-attention site needs its own state layer")
+
+    def own_layer(self, kind, why: str = "this site needs its own cache layer"):
+        """This layer as a ``kind`` (a layer class: linear state, bounded streaming cache); an untouched KV layer
+        of the cache is swapped for one."""
         layers = self.cache.layers
         if getattr(self.cache, "layer_class_to_replicate", None) is not None:
             while len(layers) <= self.layer_idx:
                 layers.append(self.cache.layer_class_to_replicate())
         layer = layers[self.layer_idx]
-        if not isinstance(layer, LinearStateLayer):
+        if not isinstance(layer, kind):
             if getattr(layer, "is_initialized", False):
-                raise ValueError(f"cache layer {self.layer_idx} already holds keys and values; a linear-attention "
-                                 "site needs its own state layer (start from an empty cache)")
-            layer = layers[self.layer_idx] = LinearStateLayer()
+                raise ValueError(f"cache layer {self.layer_idx} already holds keys and values; {why} "
+                                 "(start from an empty cache)")
+            layer = layers[self.layer_idx] = kind()
         return layer
 
 
@@ -94,6 +100,9 @@ def cache_bytes(cache) -> list:
     """Bytes each layer of ``cache`` holds (keys and values, or a linear state), measured from its tensors."""
     out = []
     for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "nbytes"):  # a layer with stores besides keys and values (rewrite.span_cache)
+            out.append(layer.nbytes())
+            continue
         total = 0
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if t is not None:

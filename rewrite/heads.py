@@ -2,7 +2,8 @@
 
 - ``rebuild(op, **fields)``: a copy with some weights/maps replaced (transforms, gates, info kept);
 - ``query_fields(op, index)``: the per-query-head fields (W_q rows, b_q, W_o columns, the score-bias rows
-  ``bias_map``, the sink logits) of the query heads ``index``, for passes that slice or permute query heads;
+  ``bias_map``, the sink logits, the spans ``window``/``sinks``) of the query heads ``index``, for passes that
+  slice or permute query heads;
 - ``select_query_heads(op, keep)``: W_q rows and W_o columns of the kept query heads;
   KV heads that no kept query head reads are dropped too; a head gate with ``select`` follows;
 - ``pool_kv(op, groups, weights=None)``: W̃_k^g = Σ_{j∈S_g} ω_j W_k^j (mean when no weights), same for V;
@@ -55,11 +56,13 @@ def rebuild(op: Attention, head_gate=None, **fields) -> Attention:
 
     Raises ``FixedHeads`` when the query or key projection changes under a whole-projection transform.
     """
-    names = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_map", "v_map", "bias_map", "sink_logits")
+    names = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_map", "v_map", "bias_map", "sink_logits", "window",
+             "sinks")
     cur = {n: getattr(op, n) for n in names}
     cur.update(fields)
     refuse_fixed_heads(op, fields)
-    for field, what in (("bias_map", "score bias has one row"), ("sink_logits", "attention sinks hold one logit")):
+    for field, what in (("bias_map", "score bias has one row"), ("sink_logits", "attention sinks hold one logit"),
+                        ("window", "attention spans (local-heads) hold one window and sink count")):
         if (cur[field] is not None and field not in fields and "wq" in fields
                 and cur["wq"].shape[0] != op.q_heads):
             raise ValueError(f"{op.info.name}: its {what} per query head and this change of query heads does not "
@@ -79,11 +82,12 @@ def rebuild(op: Attention, head_gate=None, **fields) -> Attention:
 
 
 def query_fields(op: Attention, index: torch.Tensor) -> dict:
-    """``rebuild`` fields of the query heads ``index`` (in that order): W_q rows, b_q, W_o columns, bias rows."""
+    """``rebuild`` fields of the query heads ``index`` (in that order): W_q rows, b_q, W_o columns, bias rows,
+    spans."""
     index = torch.as_tensor(index, dtype=torch.long)
-    return {"wq": op.wq[index], "bq": None if op.bq is None else op.bq[index], "wo": op.wo[:, index],
-            "bias_map": None if op.bias_map is None else op.bias_map[index.to(op.bias_map.device)],
-            "sink_logits": None if op.sink_logits is None else op.sink_logits[index.to(op.sink_logits.device)]}
+    per_head = {n: None if getattr(op, n) is None else getattr(op, n)[index.to(getattr(op, n).device)]
+                for n in ("bias_map", "sink_logits", "window", "sinks")}
+    return {"wq": op.wq[index], "bq": None if op.bq is None else op.bq[index], "wo": op.wo[:, index], **per_head}
 
 
 def contiguous_map(q_heads: int, kv_heads: int) -> torch.Tensor:

@@ -73,6 +73,8 @@ def stock_state(conv, model):
         if op.q_transform is not base.q_transform or op.k_transform is not base.k_transform \
                 or op.v_transform is not base.v_transform:
             return None, f"{name}: the per-head transforms changed"
+        if op.window is not None:
+            return None, f"{name}: the pipeline gives its heads attention spans (local-heads), which a stock config cannot hold"
         try:
             final = HFLayout.normalize(op, base.scale)
         except RewriteError as e:

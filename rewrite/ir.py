@@ -14,6 +14,9 @@
   (0: none) and ``bias_map [Hq]`` (None: the mask has no per-head rows), the row of the mask's head axis
   each query head reads, so per-head biases (ALiBi, relative position) follow the query heads; and
   attention sinks ``sink_logits [Hq]`` (None: none), a learned logit per head in every row's softmax;
+- ``window``/``sinks [Hq]``: per-query-head attention span (``rewrite.spans``): a streaming head (w > 0)
+  sees key j from position p iff j ≤ p and (p − j < w or j is among its first ``sinks`` real tokens); both
+  None when every head is full (the fast path below is then untouched);
 - ``head_gate``: ``None`` or a module giving per-head, per-token weights ``g [B, Hq, Sq]``
   (gated attention, MoH), or per feature ``g [B, Hq, Sq, dv]`` (a model's own output gate);
 - ``weights``: ``None`` (the op owns ``wq..wo`` as Parameters) or a provider module whose
@@ -153,6 +156,8 @@ class Attention(nn.Module):
         bias_heads: int = 0,
         softcap: float = 0.0,
         sink_logits: Optional[torch.Tensor] = None,
+        window: Optional[torch.Tensor] = None,
+        sinks: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         hq = wq.shape[0]
@@ -173,6 +178,7 @@ class Attention(nn.Module):
         self.bias_heads = int(bias_heads or (0 if bias_map is None else bias_map.numel()))  # H₀ of the mask
         self.softcap = float(softcap)
         self.sink_logits = None if sink_logits is None else nn.Parameter(sink_logits.detach().clone())
+        self.set_span(window, sinks)
         self.score_fn: Optional[nn.Module] = None
         self.head_gate: Optional[nn.Module] = None
         self.weights: Optional[nn.Module] = None
@@ -190,6 +196,23 @@ class Attention(nn.Module):
             if provider is not None:
                 return provider()[WEIGHT_NAMES.index(name)]
         return super().__getattr__(name)
+
+    def set_span(self, window=None, sinks=None) -> None:
+        """Per-query-head ``window`` (0 = full) and ``sinks`` (ints or ``[Hq]``), checked by ``rewrite.spans``."""
+        from .spans import check_span
+
+        window, sinks = check_span(self.info.name, window, sinks, self.wq.shape[0])
+        self.register_buffer("window", window)
+        self.register_buffer("sinks", sinks)
+        self.__dict__.pop("_plan", None)
+
+    def _span_plan(self):
+        """How the decode cache bounds the streaming KV heads (``rewrite.span_cache``), or None; kept per op."""
+        if "_plan" not in self.__dict__:
+            from .span_cache import span_plan
+
+            self.__dict__["_plan"] = span_plan(self)
+        return self.__dict__["_plan"]
 
     # ---- shape facts -------------------------------------------------------------------------
     @property
@@ -287,6 +310,10 @@ class Attention(nn.Module):
         positions: query i sees keys j ≤ i + Sk − Sq.
         """
         mask = select_bias(mask, self.bias_map, self._bias_identity)  # per-head bias rows of these heads
+        if self.window is not None:  # streaming heads: one per-head mask (rewrite.spans)
+            from .spans import span_mask
+
+            mask = span_mask(self, mask, self.causal if causal is None else causal, q.shape[2], k.shape[2], q.device)
         causal = (self.causal if causal is None else causal) and mask is None
         if self.sink_logits is not None:  # one more key: score σ_h, value 0 (score_mods.append_sink)
             k, v, mask = append_sink(q, k, v, mask, self.sink_logits, causal)
@@ -339,6 +366,10 @@ class Attention(nn.Module):
         q, k, v = self.project_qkv(x, kv, *side, weights=weights)
         if cache is not None and getattr(self.score_fn, "recurrent", False):
             o = self.score_fn.step(self, q, k, v, mask, cache)
+        elif cache is not None and self.window is not None and self.score_fn is None and self._span_plan():
+            from .span_cache import span_cached_attention  # streaming KV heads keep sinks + window slots
+
+            o = span_cached_attention(self, q, k, v, mask, cache, self._span_plan())
         else:
             if cache is not None:
                 k, v = cache.update(k, v)  # (B, Hk, past + Sq, dh), (B, Hv, past + Sq, dv)
@@ -356,7 +387,8 @@ class Attention(nn.Module):
                 f"causal={self.causal}, layout={self.info.layout}, rope={self.info.rope}"
                 + (f", bias_heads={self.bias_heads}" if self.bias_map is not None else "")
                 + (f", softcap={self.softcap:g}" if self.softcap else "")
-                + (", sinks" if self.sink_logits is not None else ""))
+                + (", sinks" if self.sink_logits is not None else "")
+                + (f", window={self.window.tolist()}, sinks={self.sinks.tolist()}" if self.window is not None else ""))
 
 
 def _rows_fold(q, mask, causal: bool, limit: int) -> bool:

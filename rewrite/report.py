@@ -117,7 +117,7 @@ class Report:
     # ---- html ---------------------------------------------------------------------------------
     def to_html(self, path: Optional[str] = None) -> str:
         figs = [_plot_heads(self), _plot_site_errors(self), _plot_evaluation(self)]
-        figs += [_plot_heatmap(title, data) for title, data in self.heatmaps.items()]
+        figs += [_plot_heatmap(title, data) for title, data in {**self.heatmaps, **_span_heatmaps(self)}.items()]
         figs += [_plot_curve(k, v) for k, v in self.extras.items() if k.startswith("loss")]
         rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self._rows())
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns())
@@ -208,6 +208,24 @@ def _plot_heatmap(title: str, data: list) -> str:
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
     return _png(fig)
+
+
+def _span_heatmaps(report: Report) -> dict:
+    """title -> layers × heads for each local-heads stage: its long-range score and the chosen split."""
+    out = {}
+    for st in report.stages:
+        per_site = [v for v in (st.stats or {}).values() if isinstance(v, dict) and "streaming" in v]
+        if not per_site:
+            continue
+        width = max(v["q_heads"] for v in per_site)
+        split = [[1.0 if h in v["streaming"] else 0.0 for h in range(v["q_heads"])] + [float("nan")] *
+                 (width - v["q_heads"]) for v in per_site]
+        first = per_site[0]
+        if all("long_range_score" in v for v in per_site):
+            out[f"{st.name}: long-range score ({first['score']}, window {first['window']})"] = [
+                list(v["long_range_score"]) + [float("nan")] * (width - v["q_heads"]) for v in per_site]
+        out[f"{st.name}: streaming heads (1: window {first['window']} + {first['sinks']} sinks, 0: full)"] = split
+    return out
 
 
 def _plot_curve(title: str, values) -> str:

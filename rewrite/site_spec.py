@@ -2,7 +2,8 @@
 its adapter reads the module's arguments. The weights travel separately, in the folder's weights file.
 
     op_spec(op) -> {"shapes", "k_map", "v_map", "scale", "causal", "info", "q_transform", "k_transform",
-                    "score_fn", "head_gate", "weights", "bias_map", "bias_heads", "softcap", "sinks"}
+                    "score_fn", "head_gate", "weights", "bias_map", "bias_heads", "softcap", "sink_logits", "window",
+                    "sinks"}
     plan_spec(plan) -> {"name", "inputs": [{"paths", "graph"} | None], "out_path", "out_spec", "layer_idx", "causal"}
 
 Parts (score functions, head gates, weight providers) are stored by class name with their ``to_spec()``
@@ -65,7 +66,9 @@ def op_spec(op: Attention, groups: dict) -> dict:
         "score_fn": _part_spec(op.score_fn, groups), "head_gate": _part_spec(op.head_gate, groups),
         "weights": _part_spec(op.weights, groups),
         "bias_map": None if op.bias_map is None else op.bias_map.tolist(), "bias_heads": op.bias_heads,
-        "softcap": op.softcap, "sinks": op.sink_logits is not None,
+        "softcap": op.softcap, "sink_logits": op.sink_logits is not None,
+        "window": None if op.window is None else op.window.tolist(),
+        "sinks": None if op.sinks is None else op.sinks.tolist(),
     }
 
 
@@ -84,7 +87,8 @@ def op_from_spec(spec: dict, groups: dict) -> Attention:
                    causal=spec["causal"], info=SiteInfo(**spec["info"]), **transforms,
                    bias_map=None if bias_map is None else torch.tensor(bias_map, device="cpu"),
                    bias_heads=spec.get("bias_heads", 0), softcap=spec.get("softcap", 0.0),
-                   sink_logits=torch.zeros(t["wq"].shape[0], dtype=dtype) if spec.get("sinks") else None)
+                   sink_logits=torch.zeros(t["wq"].shape[0], dtype=dtype) if spec.get("sink_logits") else None,
+                   window=spec.get("window"), sinks=spec.get("sinks"))
     op.score_fn = _part_from_spec(spec["score_fn"], groups)
     op.head_gate = _part_from_spec(spec["head_gate"], groups)
     provider = _part_from_spec(spec["weights"], groups)

@@ -102,7 +102,10 @@ def test_analyze_llama(tmp_path):
             assert len(sim) == 2 and abs(sim[0][0] - 1) < 1e-9 and abs(sim[0][1] - sim[1][0]) < 1e-12
             assert 0 <= sim[0][1] <= 1 + 1e-9
     maps = result.heatmaps()
-    assert len(maps) == 5 and all(len(m) == 2 for m in maps.values())
+    assert len(maps) == 6 and all(len(m) == 2 for m in maps.values())
+    assert result.long_range_window == 2  # a quarter of the 8 calibration tokens
+    far = maps["long-range mass (attention beyond a window of 2 + 4 sinks)"]
+    assert all(0 <= x <= 1 for row in far for x in row) and any(x > 0 for row in far for x in row)
     assert [len(r) for r in maps["attention entropy (nats)"]] == [4, 4]
     assert [len(r) for r in maps["K redundancy: max CKA to another KV head of the layer"]] == [2, 2]
     data = json.loads(json.dumps(result.to_json()))

@@ -8,6 +8,10 @@ For query head ``h`` reading key head ``k_map[h]`` and value head ``v_map[h]``::
 Masks: ``causal`` keeps j <= i + (Sk - Sq) (bottom-right aligned, as with a KV cache);
 ``key_padding_mask[b, j]`` keeps True keys. Rows with no kept key output 0.
 
+Spans (``window``/``sinks [Hq]``, ``rewrite.spans``): a streaming head (w_h > 0) also keeps only
+j <= p and (p - j < w_h or j < sink_end[b, h]), p = i + Sk - Sq, sink_end the position after its
+s_h-th real key; its tile loop visits only the sink tiles and the window tiles (the rest is skipped).
+
 With ``clip=(zeta, gamma)`` the probabilities are replaced by the clipped softmax
 ``P' = clamp((zeta - gamma) * softmax(S) + gamma, 0, 1)`` (0 at masked keys). The clamp needs
 the final row normaliser, so that path is two-pass: pass 1 computes the row max ``m`` and
@@ -32,9 +36,9 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _score_tile(q, k_base, stride_kn, stride_kd, kpm_base, stride_kpn, offs_m, start_n,
-                Sk, dh, causal_off, qk_scale,
+                Sk, dh, causal_off, qk_scale, win, send,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPAN: tl.constexpr):
     """Scores of one key tile in the log2 domain, -inf where masked; returns (s, keep, offs_n)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -49,6 +53,9 @@ def _score_tile(q, k_base, stride_kn, stride_kd, kpm_base, stride_kpn, offs_m, s
         keep = keep & (kp != 0)[None, :]
     if CAUSAL:
         keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+    if SPAN:  # a streaming head: its window and sinks only (win == 0: a full head)
+        dist = offs_m[:, None] + causal_off - offs_n[None, :]
+        keep = keep & ((win == 0) | ((dist >= 0) & ((dist < win) | (offs_n[None, :] < send))))
     s = tl.where(keep, s, float("-inf"))
     return s, keep, offs_n
 
@@ -65,20 +72,41 @@ def _load_v(v_base, stride_vn, stride_vd, offs_n, Sk, dv,
 
 
 @triton.jit
+def _online_tile(m_i, l_i, acc, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, kpm_base, s_pn, offs_m, start_n,
+                 Sk, dh, dv, causal_off, qk_scale, win, send,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPAN: tl.constexpr,
+                 OUT_TY: tl.constexpr):
+    """One key tile of the online softmax: the new (row max, normaliser, accumulator)."""
+    s, keep, offs_n = _score_tile(q, k_base, s_kn, s_kd, kpm_base, s_pn, offs_m, start_n,
+                                  Sk, dh, causal_off, qk_scale, win, send,
+                                  BLOCK_N, BLOCK_D, CAUSAL, HAS_KPM, UPCAST, PRECISION, SPAN)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with no kept key so far has m = -inf: shift by 0 instead (exp2(-inf) = 0)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_v(v_base, s_vn, s_vd, offs_n, Sk, dv, BLOCK_DV, UPCAST)
+    acc = acc * alpha[:, None] + tl.dot(p.to(OUT_TY).to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, KMAP, VMAP, KPM, HS,
+    Q, K, V, O, KMAP, VMAP, KPM, HS, WIN, SEND,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od,
     s_pb, s_pn,
-    s_hb, s_hh, s_hm,
+    s_hb, s_hh, s_hm, s_sb,
     Hq, Sq, Sk, dh, dv,
     qk_scale, zeta, gamma,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_HS: tl.constexpr, CLIP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPAN: tl.constexpr,
 ):
     """One program per (query tile, batch * query head)."""
     pid_m = tl.program_id(0)
@@ -102,6 +130,13 @@ def _attn_fwd_kernel(
         hi = tl.minimum(Sk, tl.maximum(start_m + BLOCK_M + causal_off, 0))
     else:
         hi = Sk
+    win, send, sink_top, lo_start = 0, 0, 0, 0
+    if SPAN:  # streaming head: tiles [0, sink_top) hold its sinks, [lo_start, hi) its window
+        win = tl.load(WIN + h)
+        send = tl.load(SEND + b * s_sb + h)
+        lo = tl.maximum(start_m + causal_off - win + 1, 0)
+        sink_top = tl.where(win > 0, ((tl.minimum(send, lo) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, 0)
+        lo_start = tl.where(win > 0, tl.maximum((lo // BLOCK_N) * BLOCK_N, sink_top), 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -111,8 +146,8 @@ def _attn_fwd_kernel(
         # pass 1: row max and normaliser only
         for start_n in range(0, hi, BLOCK_N):
             s, keep, offs_n = _score_tile(q, k_base, s_kn, s_kd, kpm_base, s_pn, offs_m, start_n,
-                                          Sk, dh, causal_off, qk_scale,
-                                          BLOCK_N, BLOCK_D, CAUSAL, HAS_KPM, UPCAST, PRECISION)
+                                          Sk, dh, causal_off, qk_scale, win, send,
+                                          BLOCK_N, BLOCK_D, CAUSAL, HAS_KPM, UPCAST, PRECISION, SPAN)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -122,28 +157,24 @@ def _attn_fwd_kernel(
         # pass 2: exact probabilities, clip, accumulate
         for start_n in range(0, hi, BLOCK_N):
             s, keep, offs_n = _score_tile(q, k_base, s_kn, s_kd, kpm_base, s_pn, offs_m, start_n,
-                                          Sk, dh, causal_off, qk_scale,
-                                          BLOCK_N, BLOCK_D, CAUSAL, HAS_KPM, UPCAST, PRECISION)
+                                          Sk, dh, causal_off, qk_scale, win, send,
+                                          BLOCK_N, BLOCK_D, CAUSAL, HAS_KPM, UPCAST, PRECISION, SPAN)
             p = tl.exp2(s - m_safe[:, None]) * inv_l[:, None]
             p = tl.minimum(tl.maximum((zeta - gamma) * p + gamma, 0.0), 1.0)
             p = tl.where(keep, p, 0.0)
             v = _load_v(v_base, s_vn, s_vd, offs_n, Sk, dv, BLOCK_DV, UPCAST)
             acc += tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v, input_precision=PRECISION)
     else:
-        for start_n in range(0, hi, BLOCK_N):
-            s, keep, offs_n = _score_tile(q, k_base, s_kn, s_kd, kpm_base, s_pn, offs_m, start_n,
-                                          Sk, dh, causal_off, qk_scale,
-                                          BLOCK_N, BLOCK_D, CAUSAL, HAS_KPM, UPCAST, PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row with no kept key so far has m = -inf: shift by 0 instead (exp2(-inf) = 0)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_v(v_base, s_vn, s_vd, offs_n, Sk, dv, BLOCK_DV, UPCAST)
-            acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v,
-                                                input_precision=PRECISION)
-            m_i = m_new
+        for start_n in range(0, sink_top, BLOCK_N):  # a streaming head's sink tiles (none for a full head)
+            m_i, l_i, acc = _online_tile(m_i, l_i, acc, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, kpm_base, s_pn,
+                                         offs_m, start_n, Sk, dh, dv, causal_off, qk_scale, win, send,
+                                         BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_KPM, UPCAST, PRECISION, SPAN,
+                                         V.dtype.element_ty)
+        for start_n in range(lo_start, hi, BLOCK_N):  # every tile (full head) or the window tiles
+            m_i, l_i, acc = _online_tile(m_i, l_i, acc, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, kpm_base, s_pn,
+                                         offs_m, start_n, Sk, dh, dv, causal_off, qk_scale, win, send,
+                                         BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_KPM, UPCAST, PRECISION, SPAN,
+                                         V.dtype.element_ty)
         acc = acc * tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)[:, None]
 
     if HAS_HS:
@@ -152,6 +183,17 @@ def _attn_fwd_kernel(
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :] * s_od,
              acc.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < dv))
+
+
+def sink_ends(sinks: torch.Tensor, key_padding_mask, batch: int, k_len: int) -> torch.Tensor:
+    """``[B, Hq]`` int32: the position after each head's ``sinks[h]``-th real key (keys before it are sinks)."""
+    real = (torch.ones(batch, k_len, dtype=torch.bool, device=sinks.device) if key_padding_mask is None
+            else key_padding_mask.to(sinks.device))
+    rank = real.long().cumsum(-1)  # real keys up to and including j, [B, Sk]
+    # first j with rank(j) ≥ s (for s = 0: position 0), + 1; Sk when the row has fewer real keys
+    reached = rank[:, None, :] >= sinks[None, :, None].clamp_min(1)  # [B, Hq, Sk]
+    first = torch.where(reached.any(-1), reached.float().argmax(-1) + 1, torch.full_like(rank[:, :1], k_len))
+    return torch.where(sinks[None, :] > 0, first, torch.zeros_like(first)).to(torch.int32).contiguous()
 
 
 def _check_inputs(q, k, v, k_map, v_map, scale, causal, key_padding_mask, clip, head_scale,
@@ -212,13 +254,14 @@ def _blocks(block_d: int, block_dv: int, itemsize: int, interpreted: bool):
 
 
 def attention_forward(q, k, v, *, k_map, v_map, scale, causal=False, key_padding_mask=None,
-                      clip=None, head_scale=None) -> torch.Tensor:
+                      clip=None, head_scale=None, window=None, sinks=None) -> torch.Tensor:
     """Fused attention ``O = head_scale * softmax(scale * Q K^T + mask) V`` with head maps.
 
     q ``[B, Hq, Sq, dh]``, k ``[B, Hk, Sk, dh]``, v ``[B, Hv, Sk, dv]``; query head ``h`` uses key
     head ``k_map[h]`` and value head ``v_map[h]``. ``clip=(zeta, gamma)`` selects the clipped
     softmax ``clamp((zeta - gamma) * softmax + gamma, 0, 1)`` (two-pass). Returns
-    ``[B, Hq, Sq, dv]`` in q's dtype, accumulated in fp32; fully masked rows are 0.
+    ``[B, Hq, Sq, dv]`` in q's dtype, accumulated in fp32; fully masked rows are 0. ``window``/``sinks``
+    ``[Hq]`` (0 = full head): per-head spans, see the module docstring.
     """
     kernel = _attn_fwd_kernel
     k_map, v_map, clip = _check_inputs(q, k, v, k_map, v_map, scale, causal, key_padding_mask,
@@ -243,12 +286,18 @@ def attention_forward(q, k, v, *, k_map, v_map, scale, causal=False, key_padding
     else:
         hs, s_hb, s_hh, s_hm = q, 0, 0, 0  # dummy pointer, never read
     zeta, gamma = clip if clip is not None else (1.0, 0.0)
+    if window is not None:
+        win = window.to(q.device, torch.int32).contiguous()
+        send = sink_ends(sinks.to(q.device), key_padding_mask, B, Sk)
+        s_sb = send.stride(0)
+    else:
+        win, send, s_sb = k_map, k_map, 0  # dummy pointers, never read
 
     grid = (triton.cdiv(Sq, block_m), B * Hq)
     kernel[grid](
-        q, k, v, out, k_map, v_map, kpm, hs,
+        q, k, v, out, k_map, v_map, kpm, hs, win, send,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        s_pb, s_pn, s_hb, s_hh, s_hm,
+        s_pb, s_pn, s_hb, s_hh, s_hm, s_sb,
         Hq, Sq, Sk, dh, dv,
         float(scale) * _LOG2E, zeta, gamma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
@@ -256,14 +305,14 @@ def attention_forward(q, k, v, *, k_map, v_map, scale, causal=False, key_padding
         CLIP=clip is not None,
         # the CPU interpreter mis-handles bf16 tl.dot: feed it fp32 operands (exact for bf16/fp16)
         UPCAST=interpreted,
-        PRECISION=dot_precision(q.dtype),
+        PRECISION=dot_precision(q.dtype), SPAN=window is not None,
         num_warps=num_warps,
     )
     return out
 
 
 def attention_reference(q, k, v, *, k_map, v_map, scale, causal=False, key_padding_mask=None,
-                        clip=None, head_scale=None) -> torch.Tensor:
+                        clip=None, head_scale=None, window=None, sinks=None) -> torch.Tensor:
     """Plain-PyTorch (fp32) reference for :func:`attention_forward`, same signature and checks."""
     k_map, v_map, clip = _check_inputs(q, k, v, k_map, v_map, scale, causal, key_padding_mask,
                                        clip, head_scale, None)
@@ -278,6 +327,10 @@ def attention_reference(q, k, v, *, k_map, v_map, scale, causal=False, key_paddi
         keep = keep & (j <= i + (Sk - Sq))
     if key_padding_mask is not None:
         keep = keep & key_padding_mask[:, None, None, :]
+    if window is not None:
+        from rewrite.spans import span_keep
+
+        keep = keep & span_keep(window, sinks, Sq, Sk, key_padding_mask, q.device)
     s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)

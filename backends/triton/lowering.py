@@ -11,7 +11,9 @@ Handled:
  3. linear attention: a ``score_fn`` with ``kind == "linear"`` (ReLU feature map, ``eps``);
  4. head gates (``head_gate``) → ``head_scale`` (softmax) or a product after the kernel (linear);
  5. masks: None (``op.causal``), or bool / additive (0 or ≤ -1e4) masks that are exactly a key padding
-    mask, optionally with a causal triangle: ``mask[b, i, j] = pad[b, j] ∧ (j ≤ i + Sk - Sq)``.
+    mask, optionally with a causal triangle: ``mask[b, i, j] = pad[b, j] ∧ (j ≤ i + Sk - Sq)``;
+ 6. per-head spans (``op.window``/``op.sinks``, local-heads): in the kernel's tile loop, which skips the key
+    tiles outside a streaming head's sinks and window.
 Refused with ``BackendError`` (naming the site and the feature): a tanh soft-cap, other score functions,
 per-head biases (ALiBi, relative position) and other arbitrary masks, padding with linear attention, a
 top-left causal ``Sq != Sk`` core, no GPU without ``TRITON_INTERPRET=1``. Clipped/linear score functions are confirmed by execution at lowering time:
@@ -51,6 +53,8 @@ def site_kind(op) -> tuple:
     if op.sink_logits is not None:
         raise BackendError(f"site {name}: attention sinks (a learned logit per head in every softmax row) are not "
                            "in the Triton kernels; use backend='eager' or 'onnxruntime' for this model")
+    if op.window is not None and _is_linear(fn):
+        raise BackendError(f"site {name}: streaming heads (window/sinks) with linear attention have no Triton kernel")
     if fn is None:
         return "softmax", {}
     learned = [n for n, _ in fn.named_parameters()]
@@ -124,7 +128,8 @@ class TritonSite(nn.Module):
                                              **self.options)
                 return o if gate is None else o * gate.unsqueeze(-1)
             return attention_forward(q, k, v, k_map=op.k_map, v_map=op.v_map, scale=op.scale, causal=causal,
-                                     key_padding_mask=pad, head_scale=gate, **self.options)
+                                     key_padding_mask=pad, head_scale=gate, window=op.window, sinks=op.sinks,
+                                     **self.options)
         except ValueError as e:
             raise BackendError(f"site {op.info.name}: Triton kernel refused its inputs: {e}") from e
 

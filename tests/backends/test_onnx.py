@@ -18,6 +18,7 @@ SPECS = {
     "dha+moh": "dha{kv_ratio=0.5},moh",
     "prune-heads": "prune-heads{ratio=0.25}",
     "masa+lit": "lit,masa{atoms=1,refine_rank=4}",  # masa last: lit rebuilds owned weights
+    "local-heads": "local-heads{ratio=0.5,window=3,sinks=1,score=random}",  # per-head span masks
 }
 # BERT covers the other export paths (biases, padding masks, no RoPE) for passes that change the core or gates
 BERT_SPECS = {"lit": "lit", "clipped-softmax+gated-attention":
