@@ -19,6 +19,7 @@ SPECS = {
     "prune-heads": "prune-heads{ratio=0.25}",
     "masa+lit": "lit,masa{atoms=1,refine_rank=4}",  # masa last: lit rebuilds owned weights
     "local-heads": "local-heads{ratio=0.5,window=3,sinks=1,score=random}",  # per-head span masks
+    "mla": "mla",  # the exact GQA -> MLA form: a latent of the KV heads, up-projections, decoupled RoPE keys
 }
 # BERT covers the other export paths (biases, padding masks, no RoPE) for passes that change the core or gates
 BERT_SPECS = {"lit": "lit", "clipped-softmax+gated-attention":
