@@ -73,7 +73,10 @@ def test_malformed_specs(spec, message):
 SPECS = ["gqa{kv_heads=2}", "gqa{kv_heads=2,method=aligned}", "mqa", "sqa{q_heads=2,kv_heads=1}",
          "dha{kv_ratio=0.5}", "prune-heads{ratio=0.25}", "prune-heads{heads={0:1/2;1:0}}",
          "moh{active_ratio=0.75}", "masa{atoms=2}", "lit", "clipped-softmax{gamma=-0.01}", "gated-attention",
-         "local-heads{ratio=0.5,window=64,sinks=2,score=distance}", "local-heads{heads={0:0/1;1:2},window=8}"]
+         "local-heads{ratio=0.5,window=64,sinks=2,score=distance}", "local-heads{heads={0:0/1;1:2},window=8}",
+         "mla", "mla{kv_rank=32,rope_dims=4,method=mha2mla}", "dha{kv_ratio=0.25,budget=uniform}",
+         "moh{active_ratio=0.75,router=qnorm,shared=taylor}", "masa{atoms=2,refine_rank=4,refine_alloc=uniform}",
+         "lit{feature_map=hedgehog}"]
 
 
 @pytest.mark.parametrize("spec", SPECS)
