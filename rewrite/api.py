@@ -189,13 +189,7 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
             raise PassError(f"pass '{p.spec()}' needs calibration data; pass calibration=[batches, ...] "
                             "(CLI: --calibration FILE)")
         t = time.perf_counter()
-        try:
-            result = p.run(current, ctx)
-        except RewriteError:
-            raise
-        except Exception as e:
-            raise PassError(f"an error occurred when running the '{p.spec()}' pass after the following passes: "
-                            f"{[d.spec() for d in done]}: {type(e).__name__}: {e}") from e
+        result = _run_pass(p, current, ctx, done)
         seconds = time.perf_counter() - t
         new = result.graph
         cmp = compare_outputs(call_model, caller(new), check) if verify else _nan_cmp()
@@ -223,6 +217,17 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
     return conv
 
 
+def _run_pass(p, gm, ctx, done: list):
+    """``p.run(gm, ctx)``; an exception other than the project's own becomes a PassError naming the pass."""
+    try:
+        return p.run(gm, ctx)
+    except RewriteError:
+        raise
+    except Exception as e:
+        raise PassError(f"an error occurred when running the '{p.spec()}' pass after the following passes: "
+                        f"{[d.spec() for d in done]}: {type(e).__name__}: {e}") from e
+
+
 def restage(conv: "Converted", passes, calibration=None) -> "Converted":
     """A new ``Converted`` running ``passes`` on the captured graph of ``conv``, without a second capture.
 
@@ -235,12 +240,13 @@ def restage(conv: "Converted", passes, calibration=None) -> "Converted":
                     stages=[copy.deepcopy(conv.report.stages[0])])
     ctx = PassContext(calibration=calibration, captured=cap)
     dtype_bytes = next(iter(source.parameters())).element_size() if source is not None else 4
-    current, graphs = cap.gm, [cap.gm]
+    current, graphs, done = cap.gm, [cap.gm], []
     for p in _pipeline.parse(passes):
         if p.needs_calibration and not calibration:
             raise PassError(f"pass '{p.spec()}' needs calibration data; pass calibration=[batches, ...]")
         t = time.perf_counter()
-        result = p.run(current, ctx)
+        result = _run_pass(p, current, ctx, done)
+        done.append(p)
         report.stages.append(_stage(p.name, p.spec(), p.exact, result.graph, _changed(current, result.graph),
                                     time.perf_counter() - t, _nan_cmp(), [], dtype_bytes, result.diagnostics,
                                     result.stats))

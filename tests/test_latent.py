@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rewrite
+from rewrite.api import restage
 from rewrite import families as fam
 from rewrite.errors import PassError, SpecError
 from rewrite.latent import LatentAttention
@@ -72,16 +73,15 @@ def test_deepseek_decodes_with_the_latent_cache(variant):
 
 
 def test_other_passes_refuse_latent_sites_by_name():
-    model, _ = deepseek("v3")
-    example = fam.make_inputs(model, 2, 8)
+    model, conv = deepseek("v3")  # every pass restages this one capture
     for spec in ("gqa{kv_heads=2}", "mqa"):
         with pytest.raises(SpecError, match=r"no site can take it: model\.layers\.0\.self_attn is multi-head latent "
                                             r"attention \(keys and values are up-projected from a shared latent\); "
                                             r"this pass does not apply to it"):
-            rewrite.convert(model, spec, example_inputs=example, progress=False)
+            restage(conv, spec)
     with pytest.raises(PassError, match=r"model\.layers\.0\.self_attn is multi-head latent attention"):
-        rewrite.convert(model, "prune-heads{ratio=0.5,importance=magnitude}", example_inputs=example, progress=False)
-    res = rewrite.convert(model, "gated-attention", example_inputs=example, progress=False)
+        restage(conv, "prune-heads{ratio=0.5,importance=magnitude}")
+    res = restage(conv, "gated-attention")
     skips = res.report.stages[-1].diagnostics
     assert len(skips) == 2 and "model.layers.1.self_attn is multi-head latent attention" in skips[1]
     assert all(isinstance(op, LatentAttention) for op in res.sites)

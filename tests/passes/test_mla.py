@@ -6,6 +6,7 @@ import torch
 
 import models as M
 import rewrite
+from rewrite.api import restage
 from rewrite.errors import PassError, RewriteError, SpecError
 from rewrite.latent import LatentAttention
 
@@ -99,22 +100,22 @@ def test_converted_model_names_why_it_cannot_be_saved():
 
 def test_refusals():
     model = M.llama(kv_heads=2)
+    base = convert(model, "", calibration=False)  # one capture; every spec below restages it
     with pytest.raises(SpecError, match=r"rope_dims must be even"):
         rewrite.parse_pipeline("mla{rope_dims=7}")
     with pytest.raises(SpecError, match=r"no site can take it: model\.layers\.0\.self_attn: kv_rank=49 is larger "
                                         r"than its non-RoPE K/V width 48"):
-        convert(model, "mla{kv_rank=49,rope_dims=8}")
+        restage(base, "mla{kv_rank=49,rope_dims=8}", CALIBRATION)
     with pytest.raises(SpecError, match=r"rope_dims=18 is larger than its head size 16"):
-        convert(model, "mla{rope_dims=18}")
+        restage(base, "mla{rope_dims=18}", CALIBRATION)
     for spec in ("mla{rope_dims=8}", "mla{kv_rank=16}"):  # the lossy parts read calibration statistics
         with pytest.raises(RewriteError, match=rf"pass '{spec}' needs calibration data; pass calibration="):
-            convert(model, spec, calibration=False)
-    base = convert(model, "", calibration=False)  # the pass itself, run on a captured graph without calibration
+            restage(base, spec)
     with pytest.raises(PassError, match=r"mla\{kv_rank=16\}: kv_rank=16 below the K/V width 32 \(whitened "
                                         r"factorisation\) needs calibration data"):
-        M.restage(base, "mla{kv_rank=16}")
+        M.restage(base, "mla{kv_rank=16}")  # the pass itself, run on a captured graph without calibration
     with pytest.raises(SpecError, match=r"needs RoRoPE, which is not implemented yet"):
-        convert(model, "mla{rope_dims=8,method=transmla}")
+        restage(base, "mla{rope_dims=8,method=transmla}", CALIBRATION)
     with pytest.raises(SpecError, match=r"has no RoPE, so rope_dims=8 has nothing to keep"):
         convert(M.gpt2(), "mla{rope_dims=8}")
     with pytest.raises(SpecError, match=r"a pure RoPE on q and k \(this site has a q/k norm\)"):

@@ -155,9 +155,10 @@ def test_pruning_after_a_sigmoid_gate_slices_the_gate(all_features, tmp_path):
         got = first_tensor(pruned(**x, **gated.fixed))
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert (got - first_tensor(gated(**x))).abs().max() > 1e-3  # the head mattered
-    from rewrite.api import Converted
-    info = Converted(pruned, gated._captured, gated.report).export_onnx(str(tmp_path / "p.onnx"))
-    assert info["max_abs_err"] <= 1e-4
+    if not all_features:  # the sliced per-head gate exports (all_features keeps whole rows: nothing new)
+        from rewrite.api import Converted
+        info = Converted(pruned, gated._captured, gated.report).export_onnx(str(tmp_path / "p.onnx"))
+        assert info["max_abs_err"] <= 1e-4
 
 
 def test_head_count_change_after_moh_is_refused():
