@@ -49,6 +49,7 @@ from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, registe
 __all__ = ["DHA", "uniform_shares", "balance", "refine"]
 
 PROBE_BATCHES = 16  # calibration batches whose site inputs are kept to measure reconstruction error
+OUTPUT_BATCHES = 8  # calibration batches the model-output error of a budget is measured on
 
 
 def refine(dist: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -184,7 +185,7 @@ class DHA(Pass):
             if self.budget == "uniform":
                 nk, nv, chosen = _uniform(ops, self.kv_ratio) + ("uniform shares",)
             else:
-                output_error = _output_error(gm, ctx, ctx.calibration[:PROBE_BATCHES])
+                output_error = _output_error(gm, ctx, ctx.calibration[:OUTPUT_BATCHES])
                 nk, nv, chosen = _allocate(ops, k_curves, v_curves, self.kv_ratio, output_error)
         return self._fused(gm, k_curves, v_curves, nk, nv, chosen)
 
