@@ -23,7 +23,7 @@ import torch
 
 import rewrite
 from rewrite.api import restage
-from rewrite.models import heldout_texts, load_reference_lm, reference_lm_path, tokenizer_for
+from rewrite.models import calibration_texts, heldout_texts, load_reference_lm, reference_lm_path, tokenizer_for
 
 SCORES = ("duo", "retrieval", "distance", "random")
 
@@ -77,8 +77,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = load_reference_lm()
     tok = tokenizer_for(reference_lm_path())
-    with open(os.path.join(reference_lm_path(), "calibration.txt"), encoding="utf-8") as f:
-        train = [line.rstrip("\n") for line in f if line.strip()]
+    train = calibration_texts()
     calib = calibration(tok, documents(train)[:args.calib_docs])
     texts = documents(heldout_texts())[:args.docs]
     recall = recall_texts(heldout_texts())[:args.docs]

@@ -20,7 +20,7 @@ import torch
 
 import rewrite
 from rewrite.api import restage
-from rewrite.models import heldout_texts, load_reference_lm, reference_lm_path, tokenizer_for
+from rewrite.models import calibration_texts, heldout_texts, load_reference_lm, reference_lm_path, tokenizer_for
 
 ROWS = [  # (spec, what it is compared at)
     ("gqa{kv_heads=4,method=mean}", "1/2 KV"),
@@ -106,8 +106,7 @@ def main(argv=None):
 
     model = load_reference_lm()
     tok = tokenizer_for(reference_lm_path())
-    with open(os.path.join(reference_lm_path(), "calibration.txt"), encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
+    lines = calibration_texts()
     calib = batches(tok, lines[:64], 8)  # 8 batches for the passes' statistics
     train = batches(tok, lines, 8, max_length=args.distill_length)  # 32 batches of training paragraphs
     texts = heldout_texts(args.texts)

@@ -15,7 +15,7 @@ from . import pipeline as _pipeline
 from .capture import Captured, capture, flat_inputs, normalize_inputs, resize_inputs, scramble_inputs
 from .errors import CaptureError, NoAttentionError, PassError, RewriteError, VerificationError
 from .graph import count_params, eliminate_dead_code, install, sites
-from .pass_base import PassContext
+from .pass_base import PassContext, run_pass
 from .recognize import find_sites, mark_causal_masks, run_with_env
 from .report import Report, Stage
 from .score_mods import describe
@@ -218,14 +218,7 @@ def convert(model: nn.Module, passes=None, example_inputs=None, calibration=None
 
 
 def _run_pass(p, gm, ctx, done: list):
-    """``p.run(gm, ctx)``; an exception other than the project's own becomes a PassError naming the pass."""
-    try:
-        return p.run(gm, ctx)
-    except RewriteError:
-        raise
-    except Exception as e:
-        raise PassError(f"an error occurred when running the '{p.spec()}' pass after the following passes: "
-                        f"{[d.spec() for d in done]}: {type(e).__name__}: {e}") from e
+    return run_pass(p, gm, ctx, f"after the following passes: {[d.spec() for d in done]}")
 
 
 def restage(conv: "Converted", passes, calibration=None) -> "Converted":

@@ -114,16 +114,24 @@ def row_entropy(p: torch.Tensor) -> tuple:
     return ent, reach
 
 
+def site_probs(gm, ctx, description: str):
+    """``(site index, op, args, probabilities [B, Hq, Sq, Sk])`` of every site on every calibration batch, a batch
+    at a time (``attention_probs`` on the inputs the site received)."""
+    ops = sites(gm)
+    call = ctx.call(gm)
+    for kw in ctx.track(calibration_batches(ctx), description):
+        for i, recs in enumerate(record_site_inputs(gm, call, [kw])):
+            yield i, ops[i], recs[0].args, attention_probs(ops[i], recs[0].args)
+
+
 def _entropy_scores(gm, ctx) -> list:
     ops = sites(gm)
     total = [torch.zeros(op.q_heads, dtype=torch.float64) for op in ops]
     rows = [0] * len(ops)
-    call = ctx.call(gm)
-    for kw in ctx.track(calibration_batches(ctx), "head importance (entropy)"):
-        for i, recs in enumerate(record_site_inputs(gm, call, [kw])):
-            ent, reach = row_entropy(attention_probs(ops[i], recs[0].args))
-            total[i] += (reach - ent).double().sum(dim=(0, 2))
-            rows[i] += ent.shape[0] * ent.shape[2]
+    for i, _, _, p in site_probs(gm, ctx, "head importance (entropy)"):
+        ent, reach = row_entropy(p)
+        total[i] += (reach - ent).double().sum(dim=(0, 2))
+        rows[i] += ent.shape[0] * ent.shape[2]
     return [t / max(n, 1) for t, n in zip(total, rows)]
 
 

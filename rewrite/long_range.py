@@ -14,16 +14,13 @@ needs a key beyond every streaming head's window.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import record_site_inputs
 from .errors import PassError
 from .graph import sites, with_sites
-from .importance import attention_probs, calibration_batches
+from .importance import attention_probs, calibration_batches, site_probs
 from .ir import causal_keep, hidden
 from .score_mods import softcapped_attention
 from .spans import masked_span, real_key_rows, span_keep
@@ -84,19 +81,15 @@ def distance_scores(gm, ctx, window: int, sinks: int) -> list:
     ops = sites(gm)
     mass = [torch.zeros(op.q_heads, dtype=torch.float64) for op in ops]
     rows = [0] * len(ops)
-    call = ctx.call(gm)
-    for kw in ctx.track(calibration_batches(ctx), "long-range score (distance)"):
-        for i, recs in enumerate(record_site_inputs(gm, call, [kw])):
-            op, args = ops[i], recs[0].args
-            p = attention_probs(op, args)  # [B, Hq, Sq, Sk]
-            sq, sk = p.shape[-2:]
-            mask = args[2] if len(args) > 2 else None
-            span = span_keep(_per_head(op, window), _per_head(op, sinks), sq, sk, real_key_rows(mask, sk))
-            outside = _visible(op, mask, sq, sk) & ~span  # [B, Hq, Sq, Sk]
-            has = outside.any(-1).expand(p.shape[:3])
-            beyond = (p * outside).sum(-1)  # [B, Hq, Sq]
-            mass[i] += (beyond * has).double().sum(dim=(0, 2))
-            rows[i] += int(has[:, 0].sum())
+    for i, op, args, p in site_probs(gm, ctx, "long-range score (distance)"):  # p [B, Hq, Sq, Sk]
+        sq, sk = p.shape[-2:]
+        mask = args[2] if len(args) > 2 else None
+        span = span_keep(_per_head(op, window), _per_head(op, sinks), sq, sk, real_key_rows(mask, sk))
+        outside = _visible(op, mask, sq, sk) & ~span  # [B, Hq, Sq, Sk]
+        has = outside.any(-1).expand(p.shape[:3])
+        beyond = (p * outside).sum(-1)  # [B, Hq, Sq]
+        mass[i] += (beyond * has).double().sum(dim=(0, 2))
+        rows[i] += int(has[:, 0].sum())
     if not any(rows):
         raise PassError(f"local-heads: no calibration query has a key beyond window={window}; give calibration "
                         "text longer than the window")

@@ -42,11 +42,20 @@ def load_reference_lm():
     return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def heldout_texts(limit: Optional[int] = None) -> list:
-    """Held-out paragraphs of the reference decoder: standard-library modules its training never saw."""
-    with open(os.path.join(reference_lm_path(), "heldout.txt"), encoding="utf-8") as f:
+def _reference_lines(name: str, limit: Optional[int]) -> list:
+    with open(os.path.join(reference_lm_path(), name), encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
     return lines[:limit] if limit else lines
+
+
+def heldout_texts(limit: Optional[int] = None) -> list:
+    """Held-out paragraphs of the reference decoder: standard-library modules its training never saw."""
+    return _reference_lines("heldout.txt", limit)
+
+
+def calibration_texts(limit: Optional[int] = None) -> list:
+    """Training paragraphs of the reference decoder kept for calibration and distillation."""
+    return _reference_lines("calibration.txt", limit)
 
 
 def load_model(spec: str):

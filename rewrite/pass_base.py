@@ -11,7 +11,8 @@ from typing import Any, Callable, ClassVar, Optional
 
 from torch import fx
 
-__all__ = ["Diagnostic", "PassResult", "PassContext", "Pass", "SitePass", "Calibration", "register", "REGISTRY"]
+__all__ = ["Diagnostic", "PassResult", "PassContext", "Pass", "SitePass", "Calibration", "register", "REGISTRY",
+           "run_pass"]
 
 REGISTRY: dict = {}
 
@@ -108,6 +109,19 @@ class Pass:
                 v = ";".join(f"{k}:{'/'.join(map(str, x))}" for k, x in v.items())
             opts.append(f"{f.name}={v}")
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
+
+
+def run_pass(p, gm, ctx, where: str) -> "PassResult":
+    """``p.run(gm, ctx)``; an exception other than the project's own becomes a PassError naming the pass and
+    ``where`` it ran ("after the following passes: [...]", "on layer 3 (...)")."""
+    from .errors import PassError, RewriteError
+
+    try:
+        return p.run(gm, ctx)
+    except RewriteError:
+        raise
+    except Exception as e:
+        raise PassError(f"an error occurred when running the '{p.spec()}' pass {where}: {type(e).__name__}: {e}") from e
 
 
 def rewrite_each_site(gm, rewrite: Callable, latent: bool = False) -> PassResult:

@@ -45,7 +45,7 @@ from .errors import PassError, RewriteError
 from .graph import SITES, sites
 from .heads import rebuild
 from .hf_checkpoint import HFLayout, SiteTemplate, Writeback
-from .pass_base import PassContext, SitePass
+from .pass_base import PassContext, SitePass, run_pass
 from .report import Report
 from .shards import COMPLETE, JOURNAL, Checkpoint, write_folder
 from .stream_write import load_op, write_output
@@ -82,13 +82,7 @@ def site_graph(ops: list) -> fx.GraphModule:
 
 
 def _run(p, gm, ctx, where: str):
-    try:
-        return p.run(gm, ctx)
-    except RewriteError:
-        raise
-    except Exception as e:
-        raise PassError(f"an error occurred when running the '{p.spec()}' pass on {where}: "
-                        f"{type(e).__name__}: {e}") from e
+    return run_pass(p, gm, ctx, f"on {where}")
 
 
 def _rewrite_site(p, i: int, op, ctx):

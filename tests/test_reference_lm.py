@@ -16,7 +16,8 @@ import rewrite
 from rewrite.api import restage
 from rewrite.cli import main
 from rewrite.errors import EvaluationError, RewriteError
-from rewrite.models import heldout_texts, load_model, load_reference_lm, reference_lm_path, tokenizer_for
+from rewrite.models import (calibration_texts, heldout_texts, load_model, load_reference_lm, reference_lm_path,
+                            tokenizer_for)
 
 N_TEXTS = 48  # held-out paragraphs for the orderings (about 6 KB)
 
@@ -27,8 +28,7 @@ def reference():
     torch.manual_seed(0)
     model = load_reference_lm()
     tok = tokenizer_for(reference_lm_path())
-    with open(os.path.join(reference_lm_path(), "calibration.txt"), encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
+    lines = calibration_texts()
 
     def enc(chunk):
         e = tok(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -189,8 +189,7 @@ def test_cli_eval_prints_the_table_and_names_bad_files(tmp_path, capsys):
 
 def test_cli_distill_with_transfer_and_a_held_out_file(tmp_path, capsys):
     train, held = tmp_path / "train.txt", tmp_path / "held.txt"
-    with open(os.path.join(reference_lm_path(), "calibration.txt"), encoding="utf-8") as f:
-        train.write_text("".join(f.readlines()[:16]))
+    train.write_text("\n".join(calibration_texts(16)) + "\n")
     held.write_text("\n".join(heldout_texts(8)) + "\n")
     report = tmp_path / "r.html"
     assert main(["distill", "demo-lm", "--passes", "moh{active_ratio=0.75,router=qnorm}", "--calibration", str(train),
