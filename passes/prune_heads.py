@@ -10,7 +10,7 @@ Options (exactly one of ``ratio`` / ``heads``):
     ratio: fraction of all query heads to remove, in [0, 1);
     heads: ``{layer: [h, ...]}`` (spec ``heads={0:1/2;3:0}``), the heads to remove, site index = layer,
         numbering of the op the pass receives (the original numbering on a fresh capture);
-    importance: taylor | magnitude | entropy | random (``rewrite.importance``), for ``ratio``;
+    importance: taylor | taylor-local | magnitude | entropy | random (``rewrite.importance``), for ``ratio``;
     scope: global (one ranking over per-layer ℓ2-normalized scores) | layer (``ratio`` of each layer);
     seed: for importance=random and taylor's sampled targets.
 
@@ -22,7 +22,7 @@ Cases handled:
 Refused (SpecError / PassError, with the message):
     1. ratio outside [0, 1); both or neither of ratio and heads; unknown importance or scope;
     2. ``heads=`` naming a site or head that does not exist, or every head of a site;
-    3. an importance that needs calibration (taylor, entropy) without calibration (PassError).
+    3. an importance that needs calibration (taylor, taylor-local, entropy) without calibration (PassError).
 """
 from __future__ import annotations
 
@@ -70,9 +70,10 @@ class PruneHeads(Pass):
         if self.importance == "taylor":
             return Calibration(("model_gradients",), "model",
                                "importance=taylor differentiates the model's loss through every later layer, which "
-                               "a layer-by-layer conversion never holds; use importance=entropy (streams), or "
-                               "convert in memory")
-        return Calibration(("attention_probs",), "site" if self.scope == "layer" else "model")
+                               "a layer-by-layer conversion never holds; use importance=taylor-local (the gradient of "
+                               "each site's own output, which streams), importance=entropy, or convert in memory")
+        stats = ("site_inputs",) if self.importance == "taylor-local" else ("attention_probs",)
+        return Calibration(stats, "site" if self.scope == "layer" else "model")
 
     # scope=global streamed in two sweeps (rewrite.stream_layers): scores per site, one ranking, removal per site
     def gather(self, gm, ctx) -> list:

@@ -8,6 +8,11 @@
   from the unpruned output, a class y ~ softmax(logits) per token, or y = out + ε, ε ~ N(0, I)
   for hidden states (L = ½‖out − y‖², the MSE's curvature). ξ is one scalar per example and head,
   so |·| is taken per example as in the paper's E_x|∂L/∂ξ_h|.
+- ``taylor-local``: the same Fisher-Taylor score with the site's own output o = Σ_h ξ_h o_h (the attention
+  layer's output, before the residual) in place of the model's: L = ½‖o − (o + ε)‖², ε ~ N(0, I), on the
+  inputs the site receives. No gradient crosses a later layer, so it streams layer by layer
+  (``rewrite.stream_calib``); each site draws its own ε sequence from ``seed``, so streamed and in-memory
+  scores agree.
 - ``magnitude``: ‖W_o^h‖_F · ‖W_v^{v_map[h]}‖_F (no calibration).
 - ``entropy``: log n_keys − H(softmax row), averaged over query rows (peaked heads score high).
 - ``random``: uniform scores from ``seed`` (baselines).
@@ -29,8 +34,8 @@ from .score_mods import select_bias, softcap_scores
 __all__ = ["METHODS", "NEEDS_CALIBRATION", "head_importance", "attention_probs", "row_entropy", "check_method",
            "calibration_batches"]
 
-METHODS = ("taylor", "magnitude", "entropy", "random")
-NEEDS_CALIBRATION = ("taylor", "entropy")
+METHODS = ("taylor", "taylor-local", "magnitude", "entropy", "random")
+NEEDS_CALIBRATION = ("taylor", "taylor-local", "entropy")
 
 
 def check_method(method: str, where: str) -> None:
@@ -46,7 +51,7 @@ def head_importance(gm, ctx, method: str = "taylor", seed: int = 0, normalize: b
     Args:
         gm: a canonicalized graph module (never mutated).
         ctx: the PassContext (calibration batches, captured inputs, progress bar).
-        method: "taylor" | "magnitude" | "entropy" | "random".
+        method: "taylor" | "taylor-local" | "magnitude" | "entropy" | "random".
         seed: for ``random`` and for the sampled targets of ``taylor``.
         normalize: divide each layer's scores by their ℓ2 norm (Michel et al.), so layers compare.
         probes: sampled targets per batch for ``taylor`` without labels.
@@ -63,6 +68,8 @@ def head_importance(gm, ctx, method: str = "taylor", seed: int = 0, normalize: b
         scores = [torch.rand(op.q_heads, generator=g, dtype=torch.float64) for op in ops]
     elif method == "entropy":
         scores = _entropy_scores(gm, ctx)
+    elif method == "taylor-local":
+        scores = _taylor_local(gm, ctx, seed, probes)
     else:
         scores = _taylor(gm, ctx, seed, probes)
     scores = [s.detach().double() for s in scores]
@@ -209,6 +216,26 @@ def _taylor(gm, ctx, seed: int, probes: int) -> list:
         for m in masks:
             m.xi = None
     return [t / max(tokens, 1) for t in total]
+
+
+def _taylor_local(gm, ctx, seed: int, probes: int) -> list:
+    """E_x|∂L/∂ξ_h| / tokens per site, L the Gaussian probe loss on the site's own output (module docstring)."""
+    ops = sites(gm)
+    gens = [torch.Generator().manual_seed(seed) for _ in ops]  # one ε sequence per site, as a streamed sweep draws
+    total = [torch.zeros(op.q_heads, dtype=torch.float64) for op in ops]
+    tokens = [0] * len(ops)
+    call = ctx.call(gm)
+    for kw in ctx.track(calibration_batches(ctx), "head importance (taylor-local)"):
+        for i, recs in enumerate(record_site_inputs(gm, call, [kw])):
+            probe, mask = rebuild(ops[i]), HeadMask(ops[i].head_gate)
+            probe.head_gate = mask
+            with torch.enable_grad():
+                losses = _losses(probe(*recs[0].args), {}, ops[i].wo.shape[0], gens[i], probes)
+                for j, loss in enumerate(losses):
+                    (gr,) = torch.autograd.grad(loss, mask.xi, retain_graph=j + 1 < len(losses))
+                    total[i] += gr.detach().abs().double().sum(0) / len(losses)
+            tokens[i] += mask.tokens
+    return [t / max(n, 1) for t, n in zip(total, tokens)]
 
 
 def _losses(out, kw, width: int, g: torch.Generator, probes: int) -> list:

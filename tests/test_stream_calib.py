@@ -53,8 +53,9 @@ def _tensors(folder):
 @pytest.mark.parametrize("spec, kind, sweeps", [
     ("gqa{kv_heads=2,method=aligned}", "stock", 1),
     ("dha{kv_ratio=0.5,budget=uniform}", "custom", 2),  # one head budget for every layer: gathered, decided, applied
-    # two calibrated passes: prune-heads reads the hidden states of layers converted by gqa only
-    ("gqa{kv_heads=2,method=aligned},prune-heads{ratio=0.25,importance=entropy}", "custom", 2),
+    # two calibrated passes: prune-heads reads the hidden states of layers converted by gqa only; taylor-local
+    # differentiates each site's own output on its recorded inputs
+    ("gqa{kv_heads=2,method=aligned},prune-heads{ratio=0.25,importance=taylor-local}", "custom", 2),
 ])
 def test_streamed_calibration_gives_the_in_memory_weights(src, tmp_path, spec, kind, sweeps):
     out = str(tmp_path / "out")
@@ -122,7 +123,7 @@ def test_refusals(src, tmp_path, monkeypatch):
     monkeypatch.setattr("rewrite.stream.available_memory", lambda: 1 << 20)
     with pytest.raises(PassError, match=r"prune-heads needs calibration statistics \('prune-heads\{ratio=0.25\}' "
                                         "cannot stream: importance=taylor differentiates the model's loss through "
-                                        "every later layer.*use importance=entropy.*GiB are available. Refused"):
+                                        "every later layer.*use importance=taylor-local.*GiB are available. Refused"):
         convert_folder(src, "prune-heads{ratio=0.25}", out, calibration_file=_text(src), progress=False)
     with pytest.raises(PassError, match="'masa{refine_rank=2}' cannot stream: masa shares matrix atoms across "
                                         "layers"):
