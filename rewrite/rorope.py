@@ -7,11 +7,11 @@ of group g
 
     q_i^f · R(k_g^f) = R(B_f[g, 0] q_i^f) · R(z_0^f)  +  q_i^f · Σ_{j≥1} B_f[g, j] R(z_j^f)
 
-and the second term drops its RoPE (q_i^f · Σ_{j≥1} B_f[g, j] z_j^f): the only approximation, zero for G = 1
-(MQA) and when the keys of the plane have rank one across heads. A_f = Uᵀ D^{1/2}: U the eigenvectors of
-D^{1/2} C_f D^{1/2} (C_f = E[k^f k^fᵀ] over the pair's two components, G×G, from the calibration grams),
-eigenvalues descending, so z_0 holds the most key energy (D = I, or the group query energies when weighted).
-The frequency pairs not kept in the shared key, and the dims without RoPE, stay per head and lose their RoPE.
+and the second term (the rest) loses its RoPE: kept as q_i^f · Σ_{j≥1} B_f[g, j] z_j^f for the pairs the caller
+marks ``residual``, dropped for the others: the only approximation, zero for G = 1 (MQA) and when the keys of the
+plane have rank one across heads. A_f = Uᵀ D^{1/2}: U the eigenvectors of D^{1/2} C_f D^{1/2} (C_f = E[k^f k^fᵀ]
+over the pair's two components, G×G, from the calibration grams), eigenvalues descending, so z_0 holds the most
+(weighted) key energy; D = diag(w_g), w_g the energy of group g's queries on the pair (or I).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import torch
 from .calibrate import head_grams
 
 __all__ = ["plane_mixes", "split_keys"]
-DROP = False
 
 
 def plane_mixes(wk, bk, kept: torch.Tensor, stats, q_energy: Optional[torch.Tensor] = None):
@@ -50,34 +49,36 @@ def plane_mixes(wk, bk, kept: torch.Tensor, stats, q_energy: Optional[torch.Tens
     return torch.stack(mixes), top / max(total, 1e-30)
 
 
-def split_keys(wk, bk, wq, bq, k_map, keep: torch.Tensor, pair_of: torch.Tensor, mixes: torch.Tensor):
+def split_keys(wk, bk, wq, bq, k_map, keep: torch.Tensor, pair_of: torch.Tensor, mixes: torch.Tensor,
+               residual: torch.Tensor):
     """Every piece of the RoRoPE site, source head dims ``keep [dr]`` in the shared key.
 
-    Returns a dict: ``w_kr [1, dr, D]``/``b_kr`` (the shared key z_0), ``feats [Nk, D]``/``b_feats`` (what the
-    latent must hold of the keys: the other dims of every head, then z_j for j ≥ 1, Nk = G·dh − dr),
-    ``place [G, dn, Nk]`` (head g's non-RoPE key from them), ``w_q [H, dn + dr, D]``/``b_q`` (queries:
-    [q_i on the non-RoPE dims; B[g, 0]·q_i on ``keep``])."""
+    ``residual [dr]`` (bool): the kept dims whose rest (z_j, j ≥ 1) stays in the latent without RoPE; the
+    others' rest is dropped. Returns a dict: ``w_kr [1, dr, D]``/``b_kr`` (the shared key z_0), ``feats [Nk, D]``/
+    ``b_feats`` (what the latent must hold of the keys: the other dims of every head, then z_j for j ≥ 1 on the
+    residual dims), ``place [G, dn, Nk]`` (head g's non-RoPE key from them), ``w_q [H, dn + dr, D]``/``b_q``
+    (queries: [q_i on the non-RoPE dims; B[g, 0]·q_i on ``keep``])."""
     g, dh, d = wk.shape
     dr = keep.numel()
     other = torch.tensor([j for j in range(dh) if j not in set(keep.tolist())], dtype=torch.long)
     a = mixes[pair_of].to(wk.dtype)  # [dr, G, G] the mix of each kept dim's pair
     b = torch.linalg.inv(mixes.double())[pair_of].to(wk.dtype)  # [dr, G, G] B = A⁻¹
     rot = torch.einsum("cjg,gcd->jcd", a, wk[:, keep])  # [G, dr, D] z_j on the kept dims
-    nope_dims = torch.cat([other, keep]) if g > 1 and not DROP else other  # for G = 1 the kept dims have no residual
-    dn, n_other = nope_dims.numel(), g * other.numel()
-    feats = torch.cat([wk[:, other].reshape(-1, d)] + ([] if DROP else [rot[1:].reshape(-1, d)]))
-    place = torch.zeros(g, dn, feats.shape[0], dtype=wk.dtype)
+    res = residual.nonzero()[:, 0] if g > 1 else residual.new_zeros(0, dtype=torch.long)  # G = 1: no rest
+    nope_dims, n_o, n_r = torch.cat([other, keep[res]]), other.numel(), res.numel()
+    feats = torch.cat([wk[:, other].reshape(-1, d), rot[1:, res].reshape(-1, d)])
+    place = torch.zeros(g, nope_dims.numel(), feats.shape[0], dtype=wk.dtype)
     for h in range(g):
-        place[h, torch.arange(other.numel()), h * other.numel() + torch.arange(other.numel())] = 1
-        for j in range(1, 1 if DROP else g):
-            place[h, other.numel() + torch.arange(dr), n_other + (j - 1) * dr + torch.arange(dr)] = b[:, h, j]
+        place[h, torch.arange(n_o), h * n_o + torch.arange(n_o)] = 1
+        for j in range(1, g):
+            place[h, n_o + torch.arange(n_r), g * n_o + (j - 1) * n_r + torch.arange(n_r)] = b[res, h, j]
     scale = b[:, :, 0].T[k_map]  # [H, dr] B[g(i), 0] per query head and kept dim
     out = {"w_kr": rot[:1], "feats": feats, "place": place,
            "w_q": torch.cat([wq[:, nope_dims], scale[..., None] * wq[:, keep]], dim=1)}
     out["b_kr"] = out["b_feats"] = out["b_q"] = None
     if bk is not None:
         rot_b = torch.einsum("cjg,gc->jc", a, bk[:, keep])
-        out["b_kr"], out["b_feats"] = rot_b[:1], torch.cat([bk[:, other].reshape(-1)] + ([] if DROP else [rot_b[1:].reshape(-1)]))
+        out["b_kr"], out["b_feats"] = rot_b[:1], torch.cat([bk[:, other].reshape(-1), rot_b[1:, res].reshape(-1)])
     if bq is not None:
         out["b_q"] = torch.cat([bq[:, nope_dims], scale * bq[:, keep]], dim=1)
     return out
