@@ -26,8 +26,8 @@ and needs calibration otherwise.
 
 Biases move to the up-projection (b_uk, b_uv) and the RoPE key (b_kr). Lossy settings need calibration.
 Refused: odd rope_dims (SpecError); per site (a skip, SpecError when no site can take it): rope_dims above the
-head's rotary dims, rope_dims > 0 on a site without RoPE, a partial RoPE under a q/k norm, kv_rank above N,
-cross-attention, score functions, head gates and per-head score biases.
+head's rotary dims, rope_dims > 0 on a site without RoPE, a partial RoPE under a q/k norm (transmla: any q/k norm
+or unread RoPE layout), kv_rank above N, cross-attention, score functions, head gates and per-head score biases.
 """
 from __future__ import annotations
 
