@@ -59,7 +59,6 @@ def split_keys(wk, bk, wq, bq, k_map, keep: torch.Tensor, pair_of: torch.Tensor,
     residual dims), ``place [G, dn, Nk]`` (head g's non-RoPE key from them), ``w_q [H, dn + dr, D]``/``b_q``
     (queries: [q_i on the non-RoPE dims; B[g, 0]·q_i on ``keep``])."""
     g, dh, d = wk.shape
-    dr = keep.numel()
     other = torch.tensor([j for j in range(dh) if j not in set(keep.tolist())], dtype=torch.long)
     a = mixes[pair_of].to(wk.dtype)  # [dr, G, G] the mix of each kept dim's pair
     b = torch.linalg.inv(mixes.double())[pair_of].to(wk.dtype)  # [dr, G, G] B = A⁻¹
