@@ -294,7 +294,8 @@ class MLA(Pass):
         if lossy:
             if not ctx.calibration:
                 raise PassError(f"{spec}: {_lossy(lossy[0], self.rope_dims, self.kv_rank, self.method)} needs calibration data "
-                                "(pass calibration=[batches, ...]), or use the exact mla (no kv_rank, no rope_dims)")
+                                "(pass calibration=[batches, ...]), or use the exact mla (method=mha2mla, no kv_rank, "
+                                "no rope_dims)")
             stats = input_grams(gm, ctx.call(gm), ctx.calibration, track=ctx.track)
 
         def one(i, op):
