@@ -142,12 +142,27 @@ def test_cross_attention_is_refused():
     assert sum(isinstance(op, LatentAttention) for op in conv.sites) == 2  # encoder and decoder self-attention
 
 
-def test_transmla_is_exact_on_mqa_with_one_shared_rope_key():
-    model = M.llama(kv_heads=1)
+def qwen2_mqa_with_biases():
+    t = pytest.importorskip("transformers")
+    cfg = t.Qwen2Config(vocab_size=M.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = t.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # q, k and v biases that matter (they start at zero)
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-biases"])
+def test_transmla_is_exact_on_mqa_with_one_shared_rope_key(family):
+    model = M.llama(kv_heads=1) if family == "llama" else qwen2_mqa_with_biases()
     conv = convert(model, "mla{method=transmla}", calibration=False)  # G = 1 at full rank: no statistics needed
     for op in conv.sites:  # the DeepSeek form: one RoPE key of every rotary dim, the latent holds the values
         assert isinstance(op, LatentAttention) and not op.rope_map.any()
         assert (op.rope_heads, op.rope_dim, op.nope_dim, op.kv_rank, tuple(op.w_kr.shape)) == (1, 16, 0, 16, (1, 16, 64))
+        assert (op.b_kr is None) == (family == "llama")
     assert conv.report.stages[-1].kv_cache_bytes_per_token == conv.report.stages[0].kv_cache_bytes_per_token
     for inputs in (padded(), {"input_ids": M.ids(1, 5, seed=2), "attention_mask": torch.ones(1, 5, dtype=torch.long)}):
         err, _ = M.rel_err(model, conv, inputs)
