@@ -48,6 +48,8 @@ def _first_pairs(op, base) -> bool:
     if not (isinstance(op.q_rope, PartialRope) and isinstance(op.k_rope, PartialRope)) \
             or op.q_rope.transform is not base.q_transform or op.k_rope.transform is not base.k_transform:
         return False
+    if _pairs(base) is None:
+        return False
     want = _pairs(base)[:dr // 2].reshape(-1).sort().values
     return all(torch.equal(idx, want) for idx in (*op.q_rope.index, *op.k_rope.index))
 
@@ -55,6 +57,7 @@ def _first_pairs(op, base) -> bool:
 def _site_refusal(op, base):
     name = op.info.name
     checks = [
+        (op.rope_dim == 0, "no RoPE key (qk_rope_head_dim = 0)"),
         (op.rope_heads != 1 or bool(op.rope_map.any()),
          f"{op.rope_heads} RoPE key heads (mha2mla keeps one per KV head); DeepSeek-V3 has one shared RoPE key: "
          "use mla{method=transmla}"),
@@ -65,7 +68,6 @@ def _site_refusal(op, base):
          or op.head_gate is not None, "a score modifier, span, sink or gate"),
         (not (op.causal or op.info.causal_mask), "non-causal attention"),
         (base.info.rope not in ("rotate_half", "interleaved") or base.info.qk_norm, "no plain RoPE"),
-        (op.rope_dim == 0, "no RoPE key (qk_rope_head_dim = 0)"),
         (op.q_rope is not None and not _first_pairs(op, base),
          "RoPE on other frequency pairs than the first rope_dims/2 (the only ones DeepSeek's RoPE expresses)"),
     ]
