@@ -101,6 +101,7 @@ def test_converted_model_names_why_it_cannot_be_saved():
 def test_refusals():
     model = M.llama(kv_heads=2)
     base = convert(model, "", calibration=False)  # one capture; every spec below restages it
+    qwen3 = convert(M.qwen3(), "", calibration=False)
     with pytest.raises(SpecError, match=r"rope_dims must be even"):
         rewrite.parse_pipeline("mla{rope_dims=7}")
     with pytest.raises(SpecError, match=r"no site can take it: model\.layers\.0\.self_attn: kv_rank=49 is larger "
@@ -123,11 +124,11 @@ def test_refusals():
     with pytest.raises(SpecError, match=r"mla\{method=transmla\} rotates the RoPE frequency planes across KV heads, "
                                         r"which needs a pure RoPE on q and k .*\(this site has a q/k norm\); use "
                                         r"method=mha2mla"):
-        convert(M.qwen3(), "mla{method=transmla}")
+        restage(qwen3, "mla{method=transmla}", CALIBRATION)
     with pytest.raises(SpecError, match=r"has no RoPE, so rope_dims=8 has nothing to keep"):
         convert(M.gpt2(), "mla{rope_dims=8}")
     with pytest.raises(SpecError, match=r"a pure RoPE on q and k \(this site has a q/k norm\)"):
-        convert(M.qwen3(), "mla{rope_dims=8}")
+        restage(qwen3, "mla{rope_dims=8}", CALIBRATION)
 
 
 def test_cross_attention_is_refused():
