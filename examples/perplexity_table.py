@@ -46,6 +46,8 @@ ROWS = [  # (spec, what it is compared at)
     ("mla{kv_rank=64,rope_dims=8,method=mha2mla}", "1/2 KV"),  # 64 + 8 x 8 = 128 of 256
     ("mla{kv_rank=48,rope_dims=2,method=mha2mla}", "1/4 KV"),  # 48 + 8 x 2 = 64 of 256
     ("mla{kv_rank=32,rope_dims=4,method=mha2mla}", "1/4 KV"),  # 32 + 8 x 4 = 64 of 256
+    ("mla{kv_rank=112,method=transmla}", "1/2 KV"),  # 112 latent + one shared 16-dim RoPE key = 128 of 256
+    ("mla{kv_rank=48,method=transmla}", "1/4 KV"),  # 48 + 16 = 64 of 256
 ]
 
 

@@ -14,14 +14,20 @@ and factorised to rank r = kv_rank: M ≈ W_up W_dkv, so c = W_dkv x is cached w
 - r below N: the whitened truncated SVD of M·L (L Lᵀ = E[x xᵀ] on calibration), after scaling the key rows by
   α = RMS(v)/RMS(k_nope) so K and V weigh the same (TransMLA's K/V balancing); W_up's key rows are divided by α.
 
-``method`` says how RoPE dims are chosen below the rotary dims: ``mha2mla`` (the 2-norm selection above);
-``transmla`` (RoRoPE: rotating the frequency planes across KV heads into one shared RoPE key) is not implemented
-yet and is refused for partial RoPE by name; with every RoPE dim kept both methods are the same rewrite.
+``method`` says how RoPE is kept: ``mha2mla`` (``rope_dims`` per KV head, the 2-norm selection above, one RoPE
+key per KV head); ``transmla`` (RoRoPE, ``rewrite.rorope``: each kept frequency plane is rotated across the KV
+heads by the PCA of the calibration keys, heads weighed by their queries' energy, and its first component is one
+RoPE key shared by every head, the DeepSeek-V3 form; of the other components, those of the lower-frequency half
+of the pairs join the latent without RoPE, those of the higher half are dropped, ``rest_dims``). transmla keeps
+``rope_dims`` in the shared key: the first rope_dims/2 frequency pairs (the highest frequencies, the only subset
+DeepSeek's RoPE with theta' = theta^(rope_dims/rotary_dims) expresses), default every rotary pair; the other
+pairs stay per head without RoPE. The cache is r + rope_dims values. It is exact for G = 1 (MQA) at full rank
+and needs calibration otherwise.
 
 Biases move to the up-projection (b_uk, b_uv) and the RoPE key (b_kr). Lossy settings need calibration.
 Refused: odd rope_dims (SpecError); per site (a skip, SpecError when no site can take it): rope_dims above the
-head's rotary dims, rope_dims > 0 on a site without RoPE, a partial RoPE under a q/k norm, kv_rank above N,
-cross-attention, score functions, head gates and per-head score biases.
+head's rotary dims, rope_dims > 0 on a site without RoPE, a partial RoPE under a q/k norm (transmla: any q/k norm
+or unread RoPE layout), kv_rank above N, cross-attention, score functions, head gates and per-head score biases.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from rewrite.calibrate import head_grams, input_grams
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites
 from rewrite.latent import LatentAttention, is_latent
+from rewrite.rorope import plane_mixes, split_keys
 from rewrite.pass_base import Diagnostic, Pass, register, rewrite_each_site
 
 __all__ = ["MLA", "PartialRope", "convert_site"]
@@ -88,16 +95,18 @@ def _refusal(op, rope_dims: int, kv_rank: Optional[int], method: str = "mha2mla"
     if 0 < rope_dims < dh and (op.info.qk_norm or _pairs(op) is None):
         return (f"{name}: keeping rope_dims={rope_dims} of {dh} needs a pure RoPE on q and k (this site has "
                 f"{'a q/k norm' if op.info.qk_norm else 'a RoPE layout that could not be read'}); use rope_dims={dh}")
-    if method == "transmla" and 0 < rope_dims < op.info.rotary_dims:
-        return (f"{name}: mla{{method=transmla}} with rope_dims={rope_dims} below the {op.info.rotary_dims} rotary "
-                "dims needs RoRoPE, which is not implemented yet; use method=mha2mla (2-norm frequency selection)")
+    if method == "transmla" and rope_dims and (op.info.qk_norm or _pairs(op) is None or rope_dims > op.info.rotary_dims):
+        why = ("a q/k norm" if op.info.qk_norm else "a RoPE layout that could not be read" if _pairs(op) is None
+               else f"only {op.info.rotary_dims} rotary dims")
+        return (f"{name}: mla{{method=transmla}} rotates the RoPE frequency planes across KV heads, which needs a pure "
+                f"RoPE on q and k with rope_dims ≤ its rotary dims (this site has {why}); use method=mha2mla")
     for t in (op.q_transform, op.k_transform, op.v_transform):
         if t is not None and t.heads is not None:
             return f"{name}: a head transform over the whole projection ({t.description}) cannot be split per head"
     if op.v_transform is not None:
         return f"{name}: a value transform ({op.v_transform.description}) is not a linear up-projection"
-    if kv_rank is not None and kv_rank > width(op, rope_dims):
-        return f"{name}: kv_rank={kv_rank} is larger than its non-RoPE K/V width {width(op, rope_dims)}"
+    if kv_rank is not None and kv_rank > width(op, rope_dims, method):
+        return f"{name}: kv_rank={kv_rank} is larger than its non-RoPE K/V width {width(op, rope_dims, method)}"
     return None
 
 
@@ -110,9 +119,11 @@ def default_rope_dims(op) -> int:
     return op.info.rotary_dims
 
 
-def width(op, rope_dims: int) -> int:
-    """N = G·(dh − rope_dims) + G·dv: the non-RoPE key and value values per token."""
-    return op.k_heads * (op.head_dim - rope_dims) + op.v_heads * op.v_head_dim
+def width(op, rope_dims: int, method: str = "mha2mla") -> int:
+    """N: the non-RoPE key and value values per token, G·(dh − rope_dims) + G·dv (mha2mla); transmla adds the
+    rest of the shared key's lower-frequency pairs, (G − 1)·rest_dims(rope_dims)."""
+    shared = (op.k_heads - 1) * rest_dims(rope_dims) if method == "transmla" else 0
+    return op.k_heads * (op.head_dim - rope_dims) + op.v_heads * op.v_head_dim + shared
 
 
 def _select(op, rope_dims: int, stats) -> torch.Tensor:
@@ -167,6 +178,8 @@ def convert_site(op, rope_dims: Optional[int], kv_rank: Optional[int], stats, me
     """(LatentAttention, stats) for one site (see the module docstring)."""
     dh, dv, g = op.head_dim, op.v_head_dim, op.k_heads
     dr = default_rope_dims(op) if rope_dims is None else rope_dims
+    if method == "transmla" and dr:
+        return _convert_rorope(op, dr, kv_rank, stats)
     n = width(op, dr)
     rank = n if kv_rank is None else kv_rank
     keep = _select(op, dr, stats)  # [G, dr]
@@ -198,6 +211,52 @@ def convert_site(op, rope_dims: Optional[int], kv_rank: Optional[int], stats, me
                  "rope_pairs_kept": keep.tolist() if 0 < dr < dh else "all"}
 
 
+def rest_dims(dr: int) -> int:
+    """RoRoPE keeps the rest (z_j, j ≥ 1, without RoPE) of the lower-frequency half of the shared key's pairs
+    and drops it for the higher half, whose RoPE turns too fast for an unrotated dot product (on demo-lm at
+    1/2 KV: 3.38 bpb against 3.82 keeping every rest and 3.60 dropping every rest). Averaged over phases, keeping
+    q·r unrotated errs by 1 − E[cos ωΔ] and dropping it by 1/2, so keeping wins while E[cos ωΔ] > 1/2 over the
+    distances Δ: for Δ up to L that is ωL < 1.9, pair 34 of 64 for theta 5e5 at L = 2048, near the half."""
+    return 2 * (dr // 2 - dr // 4)
+
+
+def _convert_rorope(op, dr: int, kv_rank: Optional[int], stats):
+    """transmla: one RoPE key shared by all heads (``rewrite.rorope``), the rest factorised with the values."""
+    g, dv, kmap = op.k_heads, op.v_head_dim, op.k_map.cpu()
+    pairs = _pairs(op)
+    kept = pairs[:dr // 2]  # the first pairs: the highest frequencies
+    keep = kept.reshape(-1).sort().values  # rotate_half: [0, dr/2) and [rd/2, rd/2 + dr/2); interleaved: [0, dr)
+    pair_of = torch.stack([(kept == j).any(-1).nonzero()[0, 0] for j in keep.tolist()])
+    wk, bk = op.wk.detach(), None if op.bk is None else op.bk.detach()
+    q_energy = None
+    if stats is not None and g > 1:  # heads weighed by their queries' energy: 3.38 → 3.35 bpb on demo-lm
+        e_q = _energy(op.wq, op.bq, stats)
+        q_energy = torch.zeros(g, e_q.shape[1], dtype=e_q.dtype).index_add_(0, kmap, e_q)
+    mixes, share = plane_mixes(wk, bk, kept, stats, q_energy)
+    residual = pair_of >= dr // 4  # the lower-frequency half of the kept pairs (rest_dims)
+    parts = split_keys(wk, bk, op.wq.detach(), None if op.bq is None else op.bq.detach(), kmap, keep, pair_of, mixes,
+                       residual)
+    n = width(op, dr, "transmla")
+    rank = n if kv_rank is None else kv_rank
+    nk = parts["feats"].shape[0]
+    m = torch.cat([parts["feats"], op.wv.detach().reshape(g * dv, -1)])
+    up, down, err = _factor(m, nk, rank, stats)
+    up_k, up_v = torch.einsum("gdn,nr->gdr", parts["place"], up[:nk]), up[nk:].reshape(g, dv, rank)
+    b_uk = None if parts["b_feats"] is None else torch.einsum("gdn,n->gd", parts["place"], parts["b_feats"])[kmap]
+    full = torch.equal(keep, torch.arange(op.head_dim))
+    new = LatentAttention(
+        w_q=parts["w_q"], b_q=parts["b_q"], w_dkv=down, w_kr=parts["w_kr"], b_kr=parts["b_kr"], w_uk=up_k[kmap],
+        w_uv=up_v[kmap], b_uk=b_uk, b_uv=None if op.bv is None else op.bv.detach()[kmap], wo=op.wo, bo=op.bo,
+        q_rope=op.q_transform if full else PartialRope(op.q_transform, keep.expand(op.q_heads, dr), op.head_dim),
+        k_rope=op.k_transform if full else PartialRope(op.k_transform, keep[None], op.head_dim),
+        rope_map=torch.zeros(op.q_heads, dtype=torch.long), scale=op.scale, causal=op.causal,
+        info=copy.deepcopy(op.info), softcap=op.softcap)
+    new.info.sources = {}
+    return new, {"kv_rank": rank, "rope_dims": dr, "kv_width": n, "kv_values_before": g * (op.head_dim + dv),
+                 "kv_values_after": rank + dr, "kv_residual_energy": err, "rope_pairs_kept": f"first {dr // 2}",
+                 "rope_energy_shared": share}
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class MLA(Pass):
@@ -212,12 +271,13 @@ class MLA(Pass):
         self.check_options()
 
     @property
-    def exact(self) -> bool:
-        return self.kv_rank is None and self.rope_dims is None
+    def exact(self) -> bool:  # transmla is exact only on MQA sites (checked per site, not claimed)
+        return self.kv_rank is None and self.rope_dims is None and self.method == "mha2mla"
 
     @property
     def needs_calibration(self) -> bool:  # the frequency selection and the whitened factorisation read statistics
-        return self.kv_rank is not None or bool(self.rope_dims)
+        # (transmla's RoRoPE needs them only with several KV heads: run() asks per site)
+        return self.kv_rank is not None or (bool(self.rope_dims) and self.method == "mha2mla")
 
     def check_options(self) -> None:
         if self.method not in METHODS:
@@ -231,12 +291,13 @@ class MLA(Pass):
     def run(self, gm, ctx, spec: str = ""):
         spec = spec or self.spec()
         ops = sites(gm)
-        lossy = [op for op in ops if not is_latent(op) and _lossy(op, self.rope_dims, self.kv_rank)]
+        lossy = [op for op in ops if not is_latent(op) and _lossy(op, self.rope_dims, self.kv_rank, self.method)]
         stats = [None] * len(ops)
         if lossy:
             if not ctx.calibration:
-                raise PassError(f"{spec}: {_lossy(lossy[0], self.rope_dims, self.kv_rank)} needs calibration data "
-                                "(pass calibration=[batches, ...]), or use the exact mla (no kv_rank, no rope_dims)")
+                raise PassError(f"{spec}: {_lossy(lossy[0], self.rope_dims, self.kv_rank, self.method)} needs calibration data "
+                                "(pass calibration=[batches, ...]), or use the exact mla (method=mha2mla, no kv_rank, "
+                                "no rope_dims)")
             stats = input_grams(gm, ctx.call(gm), ctx.calibration, track=ctx.track)
 
         def one(i, op):
@@ -256,11 +317,14 @@ class MLA(Pass):
         return result
 
 
-def _lossy(op, rope_dims: Optional[int], kv_rank: Optional[int]) -> Optional[str]:
-    """Why this site's conversion is an approximation (it then needs calibration), or None."""
+def _lossy(op, rope_dims: Optional[int], kv_rank: Optional[int], method: str = "mha2mla") -> Optional[str]:
+    """Why this site's conversion reads calibration statistics (an approximation), or None."""
     dr = default_rope_dims(op) if rope_dims is None else rope_dims
-    if op.info.rope is not None and 0 < dr < op.info.rotary_dims:
+    if method == "transmla" and op.info.rope is not None and dr and op.k_heads > 1:
+        return (f"RoRoPE over {op.k_heads} KV heads (one shared RoPE key from the PCA of the keys; the rest of the "
+                "keys lose their RoPE)")
+    if method == "mha2mla" and op.info.rope is not None and 0 < dr < op.info.rotary_dims:
         return f"keeping rope_dims={dr} of the {op.info.rotary_dims} rotary dims (2-norm frequency selection)"
-    if kv_rank is not None and kv_rank < width(op, dr):
-        return f"kv_rank={kv_rank} below the K/V width {width(op, dr)} (whitened factorisation)"
+    if kv_rank is not None and kv_rank < width(op, dr, method):
+        return f"kv_rank={kv_rank} below the K/V width {width(op, dr, method)} (whitened factorisation)"
     return None

@@ -1,6 +1,7 @@
 """``conv.save_pretrained(dir)``: a Hugging Face folder of the converted model.
 
-1. **Stock folder** when the family's own config can express the result: every site plain softmax attention
+1. **Stock folder** when the family's own config can express the result (a LLaMA-like decoder converted to
+   multi-head latent attention: the DeepSeek-V3 config, ``rewrite.hf_deepseek``): every site plain softmax attention
    (no score function, gate or shared atoms) at its original scale and transforms, K and V in equal groups,
    the same (q heads, kv heads, head size) in every layer, and projections the config can resize
    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``). Query heads are reordered so each KV
@@ -67,9 +68,9 @@ def stock_state(conv, model):
         if is_latent(op) or is_latent(base):
             if op is base:  # a captured MLA site, unchanged: its weights stand as they were
                 continue
-            return None, (f"{name}: multi-head latent attention from a conversion cannot be written in the DeepSeek-V3 "
-                          "form: that config always normalises the latent (kv_a_layernorm) and rotates one shared "
-                          "RoPE key with its own qk_rope_head_dim frequencies, which the converted site does not have")
+            from .hf_deepseek import deepseek_stock  # a conversion to MLA: the DeepSeek-V3 form, or why not
+
+            return deepseek_stock(conv, model)
         if op.q_transform is not base.q_transform or op.k_transform is not base.k_transform \
                 or op.v_transform is not base.v_transform:
             return None, f"{name}: the per-head transforms changed"
@@ -140,7 +141,7 @@ def _main(out):
 def _write_stock(conv, model, cfg: dict, state: dict, tmp: str) -> None:
     from .hf_checkpoint import build_model
 
-    config = type(model.config).from_dict(cfg)
+    config = cfg if not isinstance(cfg, dict) else type(model.config).from_dict(cfg)  # a config: another family's
     new = build_model(config, meta=True)
     missing = set(new.state_dict()) - set(state)
     if missing:

@@ -12,7 +12,8 @@
 - ``q_norm``/``kv_norm``: extracted fx graphs on ``[B, S, rq]`` / ``[B, S, r]`` (RMSNorm), or None;
 - ``q_rope``/``k_rope``: ``HeadTransform`` on ``[B, H, S, d_rope]`` / ``[B, R, S, d_rope]`` (the key's may take
   ``[B, S, d_rope]`` and give ``[B, 1, S, d_rope]``, as DeepSeek's graph does);
-- ``rope_map [H]``: the RoPE key head each query head reads (R = 1 for DeepSeek; R = KV heads after ``mla``).
+- ``rope_map [H]``: the RoPE key head each query head reads (R = 1 for DeepSeek and after
+  ``mla{method=transmla}``; R = KV heads after ``mla{method=mha2mla}``).
 
 The cache holds ``c`` and ``k^r``, (r + R·d_rope) values per token. With a cache the absorbed form runs, so no
 per-head key or value is built for cached tokens:

@@ -145,3 +145,56 @@ def test_save_pretrained_writes_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         conv.save_pretrained(str(target))
     assert not target.exists() and not any(p.name.startswith("out.partial") for p in tmp_path.iterdir())
+
+
+def test_transmla_llama_saves_as_a_stock_deepseek_v3_folder(tmp_path):
+    """A converted LLaMA in DeepSeek-V3 form: the latent, one shared RoPE key on the first frequency pairs (theta
+    remapped), the constant latent channel for kv_a_layernorm; the fresh process never imports rewrite."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    torch.manual_seed(0)
+    model = M.llama(kv_heads=2)
+    calibration = [{"input_ids": M.ids(1, 16, s)} for s in (1, 2)]
+    conv = rewrite.convert(model, "mla{kv_rank=24,rope_dims=8,method=transmla}", example_inputs={"input_ids": M.ids(2, 8)},
+                           calibration=calibration, progress=False)
+    folder = str(tmp_path / "ds")
+    info = conv.save_pretrained(folder)
+    assert info["kind"] == "stock", info["reason"]
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    assert cfg["model_type"] == "deepseek_v3" and cfg["q_lora_rank"] is None and not cfg["rope_interleave"]
+    assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"],
+            cfg["first_k_dense_replace"], cfg["num_attention_heads"]) == (24 + 1, 8, 8 + 4, 16, 2, 4)  # nope: the 4
+    # pairs outside the shared key and the rest of its 2 lower-frequency pairs
+    # DeepSeek's RoPE over 8 dims with theta^(8/16) has the source's first 4 of 8 frequencies
+    ds = DeepseekV3RotaryEmbedding(DeepseekV3Config.from_dict(cfg)).inv_freq
+    torch.testing.assert_close(ds, LlamaRotaryEmbedding(model.config).inv_freq[:4], rtol=1e-6, atol=0)
+    ids, mask = M.left_padded_prompt(9, 3, batch=3)
+    with torch.no_grad():  # left padding: the padded positions' logits are no one's to compare
+        again = AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=ids, attention_mask=mask).logits
+        ref = conv.hf_model()(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert float((again - ref)[real].abs().max()) <= 1e-4 * float(ref[real].abs().max())
+    mask = torch.ones_like(mask)  # the fresh process: every position's logits, and greedy tokens
+    with torch.no_grad():
+        expect = {"ids": ids, "mask": mask, "train": False,
+                  "logits": conv.hf_model()(input_ids=ids, attention_mask=mask).logits,
+                  "tokens": conv.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)}
+    torch.save(expect, os.path.join(folder, "expect.pt"))
+    r = _fresh("block", [folder])[folder]
+    assert r["class"] == "DeepseekV3ForCausalLM" and r["tokens"], r
+    assert r["err"] <= 1e-4 * float(expect["logits"].abs().max()), r  # the constant channel's norm error, fp32
+
+
+def test_what_deepseek_v3_cannot_hold_is_named(tmp_path):
+    from rewrite.hf_adapter import GenerationError
+
+    calibration = [{"input_ids": M.ids(1, 16, s)} for s in (1, 2)]
+    for factory, why in ((M.gemma, r"model\.layers\.0\.input_layernorm is not an RMSNorm w·x/rms\(x\) with eps="),
+                         (M.qwen2, r"the DeepSeek-V3 form cannot hold a query bias \(DeepSeek's q_proj has none\)")):
+        conv = rewrite.convert(factory(), "mla{kv_rank=24,rope_dims=8,method=transmla}",
+                               example_inputs={"input_ids": M.ids(2, 8)},
+                               calibration=calibration, progress=False)
+        with pytest.raises(GenerationError, match=r"the stock form is out: .*" + why):
+            conv.save_pretrained(str(tmp_path / "x"))
