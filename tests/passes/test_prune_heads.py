@@ -106,6 +106,7 @@ def test_option_refusals(spec, message):
     ("prune-heads{heads={0:7}}", SpecError, "has 4 heads; no head"),
     ("prune-heads{ratio=0.25}", PassError, "importance=taylor needs calibration data.*importance=magnitude"),
     ("prune-heads{ratio=0.25,importance=entropy}", PassError, "importance=entropy needs calibration data"),
+    ("prune-heads{ratio=0.25,importance=taylor-local}", PassError, "importance=taylor-local needs calibration data"),
 ])
 def test_graph_refusals(llama_graph, spec, error, message):
     gm, _ = llama_graph
@@ -115,7 +116,8 @@ def test_graph_refusals(llama_graph, spec, error, message):
 
 # ---- the real model ------------------------------------------------------------------------------
 def test_minilm_taylor_beats_random():
-    """25% of MiniLM's heads: Taylor importance keeps the sentence embeddings closer than random."""
+    """25% of MiniLM's heads: Taylor importance keeps the sentence embeddings closer than random; the streamable
+    taylor-local (each site's own output) stays near it."""
     from rewrite.models import sentences
 
     enc, text = M.minilm_tokenizer(32), sentences()
@@ -126,8 +128,10 @@ def test_minilm_taylor_beats_random():
     fidelity = M.embedding_fidelity(gm, PassContext(calibration=calib, captured=cap), batches)
     taylor = fidelity("prune-heads{ratio=0.25,importance=taylor}")
     rand = sum(fidelity(f"prune-heads{{ratio=0.25,importance=random,seed={s}}}") for s in range(3)) / 3
+    local = fidelity("prune-heads{ratio=0.25,importance=taylor-local}")
     assert taylor > rand + 0.03, (taylor, rand)
     assert taylor > 0.9
+    assert local > rand + 0.03 and abs(local - taylor) < 0.03, (local, taylor, rand)
 
 
 @pytest.mark.parametrize("all_features", [False, True])
