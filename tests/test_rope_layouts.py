@@ -15,7 +15,7 @@ from rewrite.errors import SpecError
 from rewrite.heads import FixedHeads, rebuild, select_query_heads
 from rewrite.passes.gated_attention import GatedAttention
 from rewrite.passes.gqa import merge_site
-from rewrite.recognize.rope import rope_layout
+from rewrite.recognize.rope import is_linear, rope_layout
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,6 +75,13 @@ def test_rope_layout_is_read_by_execution():
     assert rope_layout(lambda x: x * 2.0, [], b, s, d) == (None, 0)  # nothing rotates
     flip = lambda x: torch.cat([x[..., 1:2], x[..., 0:1], x[..., 2:]], -1)  # mixes, but is no rotation
     assert rope_layout(flip, [], b, s, d) == ("other", 2)
+    # bf16: the tables and the probe round to 8 bits; the layout still reads, a norm still does not pass for linear
+    cos, sin = (f(half["rotate_half"]).bfloat16() for f in (torch.cos, torch.sin))
+    rot16 = lambda x: torch.cat([_rope(x[..., :r], cos, sin, "rotate_half"), x[..., r:]], -1)
+    assert rope_layout(rot16, [], b, s, d, torch.bfloat16) == ("rotate_half", r)
+    assert is_linear(rot16, [], b, s, d, torch.bfloat16)
+    rms = lambda x: x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+    assert not is_linear(lambda x: rot16(rms(x)), [], b, s, d, torch.bfloat16)
 
 
 def _rotations(p: Pairing, heads: int, seed: int = 0) -> torch.Tensor:

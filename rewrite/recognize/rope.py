@@ -72,7 +72,7 @@ def rope_layout(transform, sides: list, b: int, s: int, d: int, dtype=torch.floa
         layout = "rotate_half"
     elif pairs == {(2 * int(j), 2 * int(j) + 1) for j in half}:
         layout = "interleaved"
-    if layout is None or (is_linear(transform, sides, b, s, d, dtype) and not _rotations(m, pairs)):
+    if layout is None or (is_linear(transform, sides, b, s, d, dtype) and not _rotations(m, pairs, _atol(dtype))):
         return "other", r
     return layout, r
 
@@ -88,19 +88,24 @@ def _pairs(off: torch.Tensor, rotary: torch.Tensor) -> Optional[set]:
     return pairs
 
 
+def _atol(dtype) -> float:
+    """Round-off of the probe: 1e-5 in fp32, a few ulps in bf16/fp16 (a norm or a non-rotation is off by O(1))."""
+    return max(1e-5, 4 * torch.finfo(dtype).eps)
+
+
 def is_linear(transform, sides, b, s, d, dtype) -> bool:
-    """T(u + 2v) = T(u) + 2 T(v) on random inputs (false with a q/k norm)."""
+    """T(u + 2v) = T(u) + 2 T(v) on random inputs, to the dtype's round-off (false with a q/k norm)."""
     g = torch.Generator().manual_seed(0)
     u, v = (torch.randn(b, getattr(transform, "heads", None) or 2, s, d, generator=g, dtype=dtype) for _ in range(2))
     with torch.no_grad():
         lhs, rhs = transform(u + 2 * v, *sides), transform(u, *sides) + 2 * transform(v, *sides)
-    return bool(((lhs - rhs).abs() <= 1e-4 * (1 + rhs.abs())).all())
+    return bool(((lhs - rhs).abs() <= 10 * _atol(dtype) * (1 + rhs.abs())).all())
 
 
-def _rotations(m: torch.Tensor, pairs: set) -> bool:
+def _rotations(m: torch.Tensor, pairs: set, atol: float = 1e-5) -> bool:
     """Every pair's 2×2 block of M_p is a rotation [[a, -b], [b, a]] with a² + b² = 1, at every position."""
     i = torch.tensor([p[0] for p in pairs])
     j = torch.tensor([p[1] for p in pairs])
     a, b = m[..., i, i], m[..., j, i]
-    ok = torch.allclose(m[..., j, j], a, atol=1e-5) and torch.allclose(m[..., i, j], -b, atol=1e-5)
-    return ok and torch.allclose(a * a + b * b, torch.ones_like(a), atol=1e-5)
+    ok = torch.allclose(m[..., j, j], a, atol=atol) and torch.allclose(m[..., i, j], -b, atol=atol)
+    return ok and torch.allclose(a * a + b * b, torch.ones_like(a), atol=atol)
