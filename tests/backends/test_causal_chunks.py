@@ -5,6 +5,8 @@ example inputs, on resized ones and on inputs with scrambled values (so that a m
 in is not mistaken for causal). The chunked ONNX graph must equal PyTorch at other batch sizes and
 sequence lengths, shorter than the number of chunks included, with padding on either side.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,8 +63,14 @@ def _convert(model, inputs):
     return rewrite.convert(model, passes="", example_inputs=inputs, progress=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _llama():
+    """One capture of a GQA LLaMA layer (4 query heads, 2 KV heads) for the tests that only read it."""
+    return _convert(models.llama(kv_heads=2, layers=1), _padded(8))
+
+
 def test_causal_masks_are_recognized():
-    assert [op.info.causal_mask for op in _convert(models.llama(kv_heads=2, layers=1), _padded(8)).sites] == [True]
+    assert [op.info.causal_mask for op in _llama().sites] == [True]
     nano = models.NanoGPT()
     assert [op.info.causal_mask for op in _convert(nano, nano.example_inputs()).sites] == [True, True]
     assert not any(op.info.causal_mask for op in _convert(models.bert(layers=1), _padded(8)).sites)  # padding only
@@ -87,7 +95,7 @@ def _max_err(conv, session, inputs):
 
 
 def test_llama_chunks_match_pytorch(tmp_path):
-    conv = _convert(models.llama(kv_heads=2, layers=1), _padded(8))
+    conv = _llama()
     info, session = _chunked_file(conv, tmp_path, 4)
     assert info["attention_nodes"] == 4 * len(conv.sites) and info["causal_chunks"] == 4
     assert set(info["kv_num_heads"]) == {2}  # GQA stays native in every chunk
@@ -115,6 +123,6 @@ def test_non_causal_sites_stay_one_node(tmp_path):
 
 
 def test_bad_chunk_count_is_refused(tmp_path):
-    conv = _convert(models.llama(kv_heads=2, layers=1), _padded(8))
+    conv = _llama()
     with pytest.raises(BackendError, match=r"causal_chunks=0: expected an int >= 1 \(1 = one Attention node per site\)"):
         conv.export_onnx(str(tmp_path / "x.onnx"), causal_chunks=0)

@@ -3,11 +3,14 @@
 Each converted model is exported with dynamic batch/sequence axes and checked by ``export_onnx`` on
 fresh inputs (another batch size and sequence length than the traced ones): max abs error ≤ 1e-4.
 """
+import functools
+
 import pytest
 import torch
 
 import models
 import rewrite
+from rewrite.api import restage
 from rewrite.errors import BackendError
 
 # every pass lowers in one of these pipelines (DESIGN.md names); two passes per export where they compose
@@ -38,9 +41,15 @@ def _calibration():
             for s in range(2)]
 
 
-def _convert(model, spec):
-    return rewrite.convert(model, passes=spec, example_inputs=_inputs(), calibration=_calibration(),
-                           progress=False)
+@functools.lru_cache(maxsize=None)
+def _captured(family: str, layers: int = 1):
+    """One capture per model (verified by ``convert``); each pipeline restages it (``rewrite.api.restage``)."""
+    model = models.llama(kv_heads=4, layers=layers) if family == "llama" else models.bert(layers=layers)
+    return rewrite.convert(model, passes="", example_inputs=_inputs(), progress=False)
+
+
+def _convert(family: str, spec: str, layers: int = 1):
+    return restage(_captured(family, layers), spec, calibration=_calibration())
 
 
 def test_every_pass_is_exported_by_a_pipeline():
@@ -53,7 +62,7 @@ def test_every_pass_is_exported_by_a_pipeline():
 @pytest.mark.parametrize("pass_name", list(SPECS))
 def test_llama_pass_exports_and_matches(pass_name, tmp_path):
     layers = 2 if "masa" in pass_name else 1  # MASA shares weight atoms across layers
-    conv = _convert(models.llama(kv_heads=4, layers=layers), SPECS[pass_name])
+    conv = _convert("llama", SPECS[pass_name], layers)
     info = conv.export_onnx(str(tmp_path / "m.onnx"))
     assert info["max_abs_err"] <= TOL, info
     assert info["checked_inputs"]["input_ids"] != list(conv.example_inputs["input_ids"].shape)
@@ -72,7 +81,7 @@ def test_llama_pass_exports_and_matches(pass_name, tmp_path):
 
 @pytest.mark.parametrize("pass_name", list(BERT_SPECS))
 def test_bert_pass_exports_and_matches(pass_name, tmp_path):
-    conv = _convert(models.bert(layers=1), BERT_SPECS[pass_name])
+    conv = _convert("bert", BERT_SPECS[pass_name])
     info = conv.export_onnx(str(tmp_path / "m.onnx"))
     assert info["max_abs_err"] <= TOL, info
     assert info["inputs"] == ["input_ids", "attention_mask"]
