@@ -9,6 +9,8 @@ For query head ``h`` (RoPE key head ``j = rope_map[h]``), query row ``i`` and ca
 absorbed form); per-head K/V is never built. One program per (batch, RoPE key head, tile of rows), a row being
 a (query head, query position) pair of the heads reading that RoPE key: every row of a tile reads the same
 latent and RoPE-key tiles, so decode (one query) still fills ``tl.dot`` with the heads (16 or more rows).
+Few rows and many tokens (decode at small batch) split the tokens over more programs, each writing its
+partial output and log-sum-exp, combined after (flash-decoding).
 
 Masks as ``flash.py``: ``causal`` keeps t ≤ i + (T − Sq) (bottom-right, as with a cache), ``key_padding_mask
 [B, T]`` keeps True tokens; a row with no kept token gives 0. ``q_nope · b_uk`` is the same for every token
@@ -37,13 +39,15 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _mla_kernel(QL, QR, C, KR, HEADS, KPM, O,
+def _mla_kernel(QL, QR, C, KR, HEADS, KPM, O, LSE,
                 s_lb, s_lh, s_lm, s_ld, s_rb, s_rh, s_rm, s_rd,
-                s_cb, s_cn, s_cd, s_kb, s_kh, s_kn, s_kd, s_pb, s_pn, s_ob, s_oh, s_om, s_od,
-                R, G, Sq, T, r, dr, qk_scale,
+                s_cb, s_cn, s_cd, s_kb, s_kh, s_kn, s_kd, s_pb, s_pn, s_os, s_ob, s_oh, s_om, s_od,
+                s_es, s_eb, s_eh, s_em, R, G, Sq, T, r, dr, qk_scale, split_len,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (batch · RoPE head, tile of G·Sq rows)."""
+                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """One program per (batch · RoPE head, tile of G·Sq rows, split of the tokens); with SPLIT each split
+    writes its normalised partial output and its log2-sum-exp, combined by ``_combine``."""
     b = (tl.program_id(0) // R).to(tl.int64)
     j = (tl.program_id(0) % R).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -60,10 +64,12 @@ def _mla_kernel(QL, QR, C, KR, HEADS, KPM, O,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    hi = T
+    split = tl.program_id(2)
+    lo = split * split_len
+    hi = tl.minimum(T, lo + split_len)
     if CAUSAL:  # tokens after the last row's diagonal are hidden from every row of the tile
-        hi = tl.minimum(T, tl.max(tl.where(row_ok, qpos, 0)) + (T - Sq) + 1)
-    for start in range(0, hi, BLOCK_N):
+        hi = tl.minimum(hi, tl.max(tl.where(row_ok, qpos, 0)) + (T - Sq) + 1)
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         c = tl.load(C + b * s_cb + offs_n[:, None] * s_cn + offs_r[None, :] * s_cd,
                     mask=(offs_n[:, None] < T) & (offs_r[None, :] < r), other=0.0)
@@ -87,8 +93,21 @@ def _mla_kernel(QL, QR, C, KR, HEADS, KPM, O,
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
         m_i = m_new
     acc = acc * tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)[:, None]
-    tl.store(O + b * s_ob + head[:, None] * s_oh + qpos[:, None] * s_om + offs_r[None, :] * s_od,
+    tl.store(O + split * s_os + b * s_ob + head[:, None] * s_oh + qpos[:, None] * s_om + offs_r[None, :] * s_od,
              acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_r[None, :] < r))
+    if SPLIT:
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + split * s_es + b * s_eb + head * s_eh + qpos * s_em, lse, mask=row_ok)
+
+
+def _combine(part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Σ_s w_s o_s / Σ_s w_s with w_s = 2^(lse_s − max lse): the splits' partial outputs ``[S, B, H, Sq, r]``
+    as one softmax over all tokens (0 where no split kept a token)."""
+    top = lse.amax(0)
+    w = torch.exp2(lse - torch.where(torch.isinf(top), torch.zeros_like(top), top))  # 0 for an empty split
+    total = w.sum(0)
+    out = (w[..., None] * part).sum(0) / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    return out
 
 
 def _check(q_lat, q_rope, c, k_rope, rope_map, key_padding_mask):
@@ -116,12 +135,21 @@ def _check(q_lat, q_rope, c, k_rope, rope_map, key_padding_mask):
     return order.view(rr, -1).to(torch.int32).contiguous()
 
 
+def _splits(programs: int, tiles: int, device) -> int:
+    """Token splits so that the GPU has about two programs per SM (decode: few rows, many tokens)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles // 4, triton.cdiv(2 * sms, programs)))
+
+
 def mla_attention(q_lat, q_rope, c, k_rope, *, rope_map, scale: float, causal: bool = False,
-                  key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  key_padding_mask: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> torch.Tensor:
     """``o_lat [B, H, Sq, r]`` = softmax(scale·(q_lat·cᵀ + q_rope·k_ropeᵀ) + mask) c, fp32 accumulation.
 
     q_lat ``[B, H, Sq, r]``, q_rope ``[B, H, Sq, dr]``, c ``[B, 1, T, r]``, k_rope ``[B, R, T, dr]``;
-    ``rope_map [H]``: the RoPE key head of each query head (every RoPE head read by equally many)."""
+    ``rope_map [H]``: the RoPE key head of each query head (every RoPE head read by equally many).
+    ``splits``: programs per row tile over the tokens, combined after (default: enough to fill the GPU)."""
     heads = _check(q_lat, q_rope, c, k_rope, rope_map, key_padding_mask)
     b, h, sq, r = q_lat.shape
     rr, t, dr = k_rope.shape[1:]
@@ -138,14 +166,22 @@ def mla_attention(q_lat, q_rope, c, k_rope, *, rope_map, scale: float, causal: b
     else:
         kpm, s_pb, s_pn = heads, 0, 0  # never read
     g = h // rr
-    grid = (b * rr, triton.cdiv(g * sq, block_m))
-    _mla_kernel[grid](q_lat, q_rope, c, k_rope, heads, kpm, out,
-                      *q_lat.stride(), *q_rope.stride(), c.stride(0), c.stride(2), c.stride(3), *k_rope.stride(),
-                      s_pb, s_pn, *out.stride(), rr, g, sq, t, r, dr, float(scale) * _LOG2E,
-                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, CAUSAL=bool(causal),
-                      HAS_KPM=key_padding_mask is not None, UPCAST=interpreted, PRECISION=dot_precision(q_lat.dtype),
-                      num_warps=8 if wide and not interpreted else 4)
-    return out
+    tiles = triton.cdiv(t, block_n)
+    row_tiles = triton.cdiv(g * sq, block_m)
+    n_split = min(tiles, max(1, int(splits))) if splits is not None else _splits(b * rr * row_tiles, tiles, out.device)
+    split_len = triton.cdiv(tiles, n_split) * block_n
+    n_split = triton.cdiv(t, split_len)  # none empty
+    part = out[None] if n_split == 1 else torch.empty((n_split, *out.shape), dtype=torch.float32, device=out.device)
+    lse = part if n_split == 1 else torch.empty(part.shape[:-1], dtype=torch.float32, device=out.device)
+    _mla_kernel[(b * rr, row_tiles, n_split)](
+        q_lat, q_rope, c, k_rope, heads, kpm, part, lse,
+        *q_lat.stride(), *q_rope.stride(), c.stride(0), c.stride(2), c.stride(3), *k_rope.stride(),
+        s_pb, s_pn, *part.stride(), *(lse.stride() if n_split > 1 else (0, 0, 0, 0)),
+        rr, g, sq, t, r, dr, float(scale) * _LOG2E, split_len,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, CAUSAL=bool(causal),
+        HAS_KPM=key_padding_mask is not None, SPLIT=n_split > 1, UPCAST=interpreted,
+        PRECISION=dot_precision(q_lat.dtype), num_warps=8 if wide and not interpreted else 4)
+    return out if n_split == 1 else _combine(part, lse).to(out.dtype)
 
 
 def mla_reference(q_lat, q_rope, c, k_rope, *, rope_map, scale: float, causal: bool = False,

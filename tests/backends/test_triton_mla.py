@@ -56,13 +56,14 @@ def test_kernel_equals_the_absorbed_form(request, which, sq, causal, pad):
     keep = torch.ones(batch, t, dtype=torch.bool, device=DEVICE)
     if pad:
         keep[0, :6] = False  # left padding
-        keep[2, :17] = False  # fewer kept tokens than one tile
+        keep[2, :17] = False  # fewer kept tokens than one tile (the interpreter's tiles are 16 tokens)
     mask = keep[:, None, None, :] & torch.ones(sq, t, dtype=torch.bool, device=DEVICE).tril(t - sq) if causal \
         else keep[:, None, None, :]
     with torch.no_grad():
         want = op.absorbed(q_nope, q_rope, c, kr, mask, False)
+        # padded cases in two token splits (flash-decoding; the second row's first split keeps no token)
         o_lat = mla_attention((q_nope @ op.w_uk).contiguous(), q_rope, c, kr, rope_map=op.rope_map, scale=op.scale,
-                              causal=causal, key_padding_mask=keep if pad else None)
+                              causal=causal, key_padding_mask=keep if pad else None, splits=2 if pad else 1)
         got = o_lat @ op.w_uv.transpose(-1, -2) + (0 if op.b_uv is None else op.b_uv[None, :, None, :])
         ref = mla_reference((q_nope @ op.w_uk), q_rope, c, kr, rope_map=op.rope_map, scale=op.scale, causal=causal,
                             key_padding_mask=keep if pad else None)
