@@ -9,6 +9,10 @@ Per layer i (the converted head counts, so layers may differ: DHA, global prunin
   - LiT sites (a recurrent score function): the fixed-size state, ``past_key_values.{i}.key`` =
     S = Σ φ(k)ᵀv ``[B, Pairs, d, dv]`` and ``.value`` = z = Σ φ(k) ``[B, Pairs, d]`` (fp32, zeros for the
     prompt); the tokens already folded in are ``attention_mask.shape[1] - N``, nothing is specialized.
+  - multi-head latent attention sites (``rewrite.latent``): ``past_key_values.{i}.key`` = the latent
+    c ``[B, 1, P, r]``, ``.value`` = the RoPE keys ``[B, R, P, d_rope]``; prompt and steps run the absorbed form
+    (``W_uk`` folded into the query, ``W_uv`` after the weighted latent) as MatMul/Softmax, so no per-head K/V
+    of a past token is built. onnxruntime-genai cannot describe this past (``onnx_genai.genai_problem``).
 Batch, P and N are dynamic. The graph runs ``conv.hf_model()`` (the converted ops inside the source
 family's Hugging Face model) on a ``DynamicCache`` built from the past tensors, with the causal+padding mask
 built here as HF's SDPA mask (keep = mask[b, j] ∧ j ≤ P + i; additive for eager attention). Softmax sites
@@ -45,7 +49,7 @@ DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence
 
 
 def decoder_layers(conv) -> list:
-    """Per cache layer: ``{"kind": "kv"|"state", "key": [heads, d...], "value": [...], "dtype", "q_heads"}``
+    """Per cache layer: ``{"kind": "kv"|"state"|"latent", "key": [heads, d...], "value": [...], "dtype", "q_heads"}``
     (shapes without batch and, for KV, without the token axis)."""
     hf = conv.hf_model()
     adapters = sorted((m for m in hf.modules() if isinstance(m, SiteAdapter)), key=lambda m: m.layer_idx)

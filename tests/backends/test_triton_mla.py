@@ -28,16 +28,19 @@ TOL = 1e-4
 def deepseek():
     torch.manual_seed(0)
     model = fam.model_class("deepseek_v3")(fam.tiny_config("deepseek_v3")).eval().to(DEVICE)
-    return rewrite.convert(model, passes=[], example_inputs=fam.make_inputs(model, 2, 8), progress=False)
+    inputs = {k: v.to(DEVICE) for k, v in fam.make_inputs(model, 2, 8).items()}
+    return rewrite.convert(model, passes=[], example_inputs=inputs, progress=False)
 
 
 @pytest.fixture(scope="module")
 def mla_llama():  # R = 2 RoPE key heads, each read by two query heads
-    calibration = [{"input_ids": M.ids(1, 16, s), "attention_mask": torch.ones(1, 16, dtype=torch.long)} for s in (1, 2)]
+    def inputs(batch, seq, seed=0):
+        return {"input_ids": M.ids(batch, seq, seed).to(DEVICE), "attention_mask": torch.ones(batch, seq, dtype=torch.long,
+                                                                                         device=DEVICE)}
+
     torch.manual_seed(0)
     return rewrite.convert(M.llama(kv_heads=2).to(DEVICE), "mla{kv_rank=24,rope_dims=8}", progress=False,
-                           example_inputs={"input_ids": M.ids(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
-                           calibration=calibration)
+                           example_inputs=inputs(2, 8), calibration=[inputs(1, 16, s) for s in (1, 2)])
 
 
 def _random_latent(op, batch, sq, t, seed):
