@@ -32,7 +32,6 @@ from rewrite.backends import LoweredMixin
 from rewrite.errors import BackendError
 from rewrite.graph import sites, with_sites
 from rewrite.ir import DROP
-
 from rewrite.latent import is_latent
 
 from ._common import is_interpreted
