@@ -14,8 +14,8 @@ Handled:
     mask, optionally with a causal triangle: ``mask[b, i, j] = pad[b, j] ∧ (j ≤ i + Sk - Sq)``;
  6. per-head spans (``op.window``/``op.sinks``, local-heads): in the kernel's tile loop, which skips the key
     tiles outside a streaming head's sinks and window.
- 7. multi-head latent attention (``rewrite.latent``, ``mla.py``): a full forward up-projects K/V into the flash
-    kernel; ``TritonModule.generate`` decodes over the latent cache (c, k_rope) in the MLA kernel.
+ 7. multi-head latent attention (``rewrite.latent``, ``mla.py``): a full forward or a prompt up-projects K/V
+    into the flash kernel; ``TritonModule.generate`` decodes the steps over the latent cache in the MLA kernel.
 Refused with ``BackendError`` (naming the site and the feature): a tanh soft-cap, other score functions,
 per-head biases (ALiBi, relative position) and other arbitrary masks, padding with linear attention, a
 top-left causal ``Sq != Sk`` core, no GPU without ``TRITON_INTERPRET=1``. Clipped/linear score functions are confirmed by execution at lowering time:

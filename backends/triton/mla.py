@@ -17,8 +17,8 @@ Masks as ``flash.py``: ``causal`` keeps t ≤ i + (T − Sq) (bottom-right, as w
 of a row, so softmax drops it (the site refuses a soft-cap, where it would not cancel).
 
 ``LatentTritonSite`` runs a ``rewrite.latent.LatentAttention`` with it: with a cache (``generate``) the
-latent and the RoPE keys are appended and this kernel reads them; without one (a full forward) K/V are
-up-projected and the flash kernel runs, the cheaper order when every token is new.
+latent and the RoPE keys are appended and, once the cache holds earlier tokens, this kernel reads them; when
+every token is new (a full forward, a prompt) K/V are up-projected and the flash kernel runs, the cheaper order.
 """
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ class LatentTritonSite(nn.Module):
         else:
             pad, causal = split_mask(mask, x.shape[0], q_nope.shape[2], c.shape[2], op.causal, op.info.name)
         try:
-            if cache is None:  # every token new: up-project K/V once and run the flash kernel
+            if c.shape[2] == q_nope.shape[2]:  # every token new (no cache, or a prompt): up-project K/V, flash kernel
                 k = torch.cat([op._up(c, op.w_uk, op.b_uk), op._rope_keys(kr)], dim=-1)
                 v = op._up(c, op.w_uv, op.b_uv)
                 heads = torch.arange(op.q_heads, device=x.device)
