@@ -33,7 +33,7 @@ from rewrite.errors import BackendError
 
 from ._common import dot_precision, head_block, is_interpreted
 
-__all__ = ["mla_attention", "mla_reference", "LatentTritonSite"]
+__all__ = ["mla_attention", "mla_reference", "head_table", "LatentTritonSite"]
 
 _LOG2E = 1.4426950408889634
 
@@ -110,7 +110,19 @@ def _combine(part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _check(q_lat, q_rope, c, k_rope, rope_map, key_padding_mask):
+def head_table(rope_map: torch.Tensor, rope_heads: int) -> torch.Tensor:
+    """``[R, G]`` int32: the query heads reading each RoPE key head (ValueError unless every one is read by G)."""
+    h = rope_map.shape[0]
+    rope_map = rope_map.long()
+    if rope_map.dim() != 1 or (h and not 0 <= int(rope_map.min()) <= int(rope_map.max()) < rope_heads):
+        raise ValueError(f"rope_map must give each of the {h} query heads one of the {rope_heads} RoPE key heads")
+    counts = torch.bincount(rope_map, minlength=rope_heads)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"RoPE key heads read by unequal numbers of query heads ({counts.tolist()})")
+    return torch.argsort(rope_map, stable=True).view(rope_heads, -1).to(torch.int32).contiguous()
+
+
+def _check(q_lat, q_rope, c, k_rope, rope_map, key_padding_mask, heads=None):
     """(heads [R, G] int32: the query heads of each RoPE key head) after shape checks (ValueError)."""
     for name, t in (("q_lat", q_lat), ("q_rope", q_rope), ("c", c), ("k_rope", k_rope)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -125,14 +137,13 @@ def _check(q_lat, q_rope, c, k_rope, rope_map, key_padding_mask):
                          "[B, R, T, dr]")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, t)):
         raise ValueError(f"key_padding_mask must be a bool tensor [B, T] = {(b, t)}")
-    rope_map = rope_map.to(q_lat.device).long()
-    if rope_map.shape != (h,) or (h and not 0 <= int(rope_map.min()) <= int(rope_map.max()) < rr):
+    if heads is not None:  # precomputed by head_table: no host sync per call
+        if tuple(heads.shape) != (rr, h // rr) or heads.device != q_lat.device:
+            raise ValueError(f"heads must be the [R, G] = {(rr, h // rr)} table of head_table on {q_lat.device}")
+        return heads
+    if rope_map.shape != (h,):
         raise ValueError(f"rope_map must give each of the {h} query heads one of the {rr} RoPE key heads")
-    order = torch.argsort(rope_map, stable=True)
-    counts = torch.bincount(rope_map, minlength=rr)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(f"RoPE key heads read by unequal numbers of query heads ({counts.tolist()})")
-    return order.view(rr, -1).to(torch.int32).contiguous()
+    return head_table(rope_map.to(q_lat.device), rr)
 
 
 def _splits(programs: int, tiles: int, device) -> int:
@@ -144,13 +155,15 @@ def _splits(programs: int, tiles: int, device) -> int:
 
 
 def mla_attention(q_lat, q_rope, c, k_rope, *, rope_map, scale: float, causal: bool = False,
-                  key_padding_mask: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> torch.Tensor:
+                  key_padding_mask: Optional[torch.Tensor] = None, splits: Optional[int] = None,
+                  heads: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``o_lat [B, H, Sq, r]`` = softmax(scale·(q_lat·cᵀ + q_rope·k_ropeᵀ) + mask) c, fp32 accumulation.
 
     q_lat ``[B, H, Sq, r]``, q_rope ``[B, H, Sq, dr]``, c ``[B, 1, T, r]``, k_rope ``[B, R, T, dr]``;
     ``rope_map [H]``: the RoPE key head of each query head (every RoPE head read by equally many).
-    ``splits``: programs per row tile over the tokens, combined after (default: enough to fill the GPU)."""
-    heads = _check(q_lat, q_rope, c, k_rope, rope_map, key_padding_mask)
+    ``splits``: programs per row tile over the tokens, combined after (default: enough to fill the GPU);
+    ``heads``: ``head_table(rope_map, R)`` computed once by a caller that decodes many steps."""
+    heads = _check(q_lat, q_rope, c, k_rope, rope_map, key_padding_mask, heads)
     b, h, sq, r = q_lat.shape
     rr, t, dr = k_rope.shape[1:]
     out = torch.empty_like(q_lat)
@@ -212,6 +225,15 @@ class LatentTritonSite(nn.Module):
 
     info = property(lambda self: self.op.info)  # read by rewrite.hf_adapter.SiteAdapter
 
+    def _heads(self, device) -> torch.Tensor:
+        table = self.__dict__.get("_table")
+        if table is None or table.device != device:
+            try:
+                table = self.__dict__["_table"] = head_table(self.op.rope_map.to(device), self.op.rope_heads)
+            except ValueError as e:
+                raise BackendError(f"site {self.op.info.name}: Triton MLA kernel refused its RoPE key map: {e}") from e
+        return table
+
     def forward(self, x, kv=None, mask=None, *side, cache=None, is_causal: Optional[bool] = None):
         from .flash import attention_forward
         from .lowering import split_mask
@@ -238,7 +260,7 @@ class LatentTritonSite(nn.Module):
                 return op.merge(o)
             q_lat = (q_nope @ op.w_uk).contiguous()  # W_ukᵀ q_nope per head
             o_lat = mla_attention(q_lat, q_rope.contiguous(), c, kr, rope_map=op.rope_map, scale=op.scale,
-                                  causal=causal, key_padding_mask=pad)
+                                  causal=causal, key_padding_mask=pad, heads=self._heads(x.device))
         except ValueError as e:
             raise BackendError(f"site {op.info.name}: Triton MLA kernel refused its inputs: {e}") from e
         o = o_lat @ op.w_uv.transpose(-1, -2)

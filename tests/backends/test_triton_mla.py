@@ -83,6 +83,9 @@ def test_kernel_refuses_bad_inputs(deepseek):
         mla_attention(q_lat, q_rope, c[..., :-1], kr, rope_map=op.rope_map, scale=op.scale)
     with pytest.raises(ValueError, match=r"key_padding_mask must be a bool tensor \[B, T\] = \(2, 5\)"):
         mla_attention(q_lat, q_rope, c, kr, rope_map=op.rope_map, scale=op.scale, key_padding_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"heads must be the \[R, G\] = \(1, 4\) table of head_table"):
+        mla_attention(q_lat, q_rope, c, kr, rope_map=op.rope_map, scale=op.scale,
+                      heads=torch.zeros(2, 2, dtype=torch.int32, device=DEVICE))
     uneven = torch.tensor([0, 0, 0, 1], device=DEVICE)
     with pytest.raises(ValueError, match=r"RoPE key heads read by unequal numbers of query heads \(\[3, 1\]\)"):
         mla_attention(q_lat, q_rope, c, kr.expand(-1, 2, -1, -1).contiguous(), rope_map=uneven, scale=op.scale)
