@@ -124,11 +124,12 @@ echo "   (128 heads, kv_rank 512, one shared RoPE key of 64; one new token; left
 timeout 150 $PY - <<'PYEOF'
 import torch
 
-from rewrite.backends.triton.mla import mla_attention, mla_reference
+from rewrite.backends.triton.mla import head_table, mla_attention, mla_reference
 
 H, R, DR = 128, 512, 64
 SCALE = (128 + 64) ** -0.5
 rope_map = torch.zeros(H, dtype=torch.long, device="cuda")
+heads = head_table(rope_map, 1)  # once per site, as LatentTritonSite does
 
 
 def median_ms(fn, reps=10):
@@ -161,7 +162,7 @@ for B, T in ((1, 4096), (1, 32768), (16, 4096), (16, 32768)):
     keep = torch.ones(B, T, dtype=torch.bool, device="cuda")
     keep[0, : T // 4] = False
     kw = dict(rope_map=rope_map, scale=SCALE, key_padding_mask=keep)
-    tri = lambda: mla_attention(q_lat, q_rope, c, kr, **kw)  # noqa: E731
+    tri = lambda: mla_attention(q_lat, q_rope, c, kr, heads=heads, **kw)  # noqa: E731
     ref = mla_reference(q_lat.float(), q_rope.float(), c.float(), kr.float(), **kw)
     err = (tri().float() - ref).abs().max().item()
     assert err < 2e-2, f"MLA kernel error {err:.3g} at batch {B}, {T} tokens"
