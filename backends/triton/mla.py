@@ -193,7 +193,8 @@ def mla_attention(q_lat, q_rope, c, k_rope, *, rope_map, scale: float, causal: b
         rr, g, sq, t, r, dr, float(scale) * _LOG2E, split_len,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, CAUSAL=bool(causal),
         HAS_KPM=key_padding_mask is not None, SPLIT=n_split > 1, UPCAST=interpreted,
-        PRECISION=dot_precision(q_lat.dtype), num_warps=8 if wide and not interpreted else 4)
+        PRECISION=dot_precision(q_lat.dtype), num_warps=8 if wide and not interpreted else 4,
+        num_stages=2 if wide else 3)  # a wide latent tile (r = 512: 32 KB in bf16) is double-buffered, not triple
     return out if n_split == 1 else _combine(part, lse).to(out.dtype)
 
 
