@@ -9,6 +9,10 @@ Per layer i (the converted head counts, so layers may differ: DHA, global prunin
   - LiT sites (a recurrent score function): the fixed-size state, ``past_key_values.{i}.key`` =
     S = Σ φ(k)ᵀv ``[B, Pairs, d, dv]`` and ``.value`` = z = Σ φ(k) ``[B, Pairs, d]`` (fp32, zeros for the
     prompt); the tokens already folded in are ``attention_mask.shape[1] - N``, nothing is specialized.
+  - multi-head latent attention sites (``rewrite.latent``): ``past_key_values.{i}.key`` = the latent
+    c ``[B, 1, P, r]``, ``.value`` = the RoPE keys ``[B, R, P, d_rope]``; prompt and steps run the absorbed form
+    (``W_uk`` folded into the query, ``W_uv`` after the weighted latent) as MatMul/Softmax, so no per-head K/V
+    of a past token is built. onnxruntime-genai cannot describe this past (``onnx_genai.genai_problem``).
 Batch, P and N are dynamic. The graph runs ``conv.hf_model()`` (the converted ops inside the source
 family's Hugging Face model) on a ``DynamicCache`` built from the past tensors, with the causal+padding mask
 built here as HF's SDPA mask (keep = mask[b, j] ∧ j ≤ P + i; additive for eager attention). Softmax sites
@@ -36,6 +40,7 @@ from torch import nn
 
 from rewrite.cache import LinearStateLayer
 from rewrite.hf_adapter import GenerationError, SiteAdapter, source_model
+from rewrite.latent import is_latent
 
 __all__ = ["export_decoder", "decoder_layers", "DecodeStep", "MODEL_FILE", "LAYOUT_FILE"]
 
@@ -44,7 +49,7 @@ DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence
 
 
 def decoder_layers(conv) -> list:
-    """Per cache layer: ``{"kind": "kv"|"state", "key": [heads, d...], "value": [...], "dtype", "q_heads"}``
+    """Per cache layer: ``{"kind": "kv"|"state"|"latent", "key": [heads, d...], "value": [...], "dtype", "q_heads"}``
     (shapes without batch and, for KV, without the token axis)."""
     hf = conv.hf_model()
     adapters = sorted((m for m in hf.modules() if isinstance(m, SiteAdapter)), key=lambda m: m.layer_idx)
@@ -58,11 +63,10 @@ def decoder_layers(conv) -> list:
         op = a.op
         if op.info.cross:
             raise GenerationError(f"{op.info.name}: cross-attention cannot be exported as a decoder with past KV")
-        if getattr(op, "kv_rank", None) is not None:  # rewrite.latent.LatentAttention
-            raise GenerationError(f"{op.info.name}: multi-head latent attention cannot be exported as an ONNX decoder "
-                                  "yet (its past holds the latent and the RoPE key, not per-head K/V); export the "
-                                  "graph without decoder=True, or decode with conv.generate")
-        if getattr(op.score_fn, "recurrent", False):
+        if is_latent(op):  # the past is the latent c and the RoPE keys, read in the absorbed form
+            out.append({"kind": "latent", "key": [1, op.kv_rank], "value": [op.rope_heads, op.rope_dim],
+                        "dtype": str(op.w_dkv.dtype).replace("torch.", ""), "q_heads": op.q_heads})
+        elif getattr(op.score_fn, "recurrent", False):
             pairs = len(set(zip(op.k_map.tolist(), op.v_map.tolist())))
             f = getattr(op.score_fn, "feature_dim", 0) or op.head_dim  # features per head
             out.append({"kind": "state", "key": [pairs, f, op.v_head_dim], "value": [pairs, f],
@@ -146,7 +150,7 @@ def empty_past(layers: list, batch: int, past: int = 0, fill=None) -> list:
         dtype = getattr(torch, spec["dtype"])
         for part in ("key", "value"):
             shape = [batch, *spec[part]]
-            if spec["kind"] == "kv":
+            if spec["kind"] != "state":
                 shape.insert(2, past)
             out.append(torch.zeros(shape, dtype=dtype) if fill is None else fill(shape).to(dtype))
     return out
@@ -167,7 +171,7 @@ def _dynamic_shapes(layers: list) -> tuple:
     batch, new, past, total = (Dim(n) for n in DIMS)
     shapes = [{0: batch, 1: new}, {0: batch, 1: total}, {0: batch, 1: new}]
     for spec in layers:
-        shapes += [{0: batch, 2: past} if spec["kind"] == "kv" else {0: batch}] * 2
+        shapes += [{0: batch} if spec["kind"] == "state" else {0: batch, 2: past}] * 2
     return tuple(shapes[:3]) + (tuple(shapes[3:]),)
 
 
@@ -179,7 +183,7 @@ def _name_dims(path: str, layers: list) -> None:
     graph = model.graph
     dims = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
     names = {dims["input_ids"][0]: DIMS[0], dims["input_ids"][1]: DIMS[1]}
-    kv = next((i for i, s in enumerate(layers) if s["kind"] == "kv"), None)
+    kv = next((i for i, s in enumerate(layers) if s["kind"] != "state"), None)
     if kv is not None:
         names[dims[f"past_key_values.{kv}.key"][2]] = DIMS[2]
     names = {k: v for k, v in names.items() if k}

@@ -9,7 +9,8 @@ Refused (``genai_problem`` says why, ``export_decoder(genai=True)`` raises it):
   1. per-layer KV head counts (DHA, global pruning): ONNX Runtime GenAI 0.18 allocates KV outputs with one
      global head count (``num_key_value_heads``);
   2. key and value head counts or head sizes that differ within a layer (one ``head_size``);
-  3. LiT's fixed-size state (genai's KV cache grows with the sequence).
+  3. LiT's fixed-size state (genai's KV cache grows with the sequence);
+  4. multi-head latent attention's past (the latent and the RoPE key: genai has no form for it).
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ PER_LAYER = "ONNX Runtime GenAI 0.18 allocates KV outputs with one global head c
 
 def genai_problem(layers: list) -> Optional[str]:
     """Why genai cannot run a decoder with these layers (``decoder_layers`` output), or None."""
+    if any(s["kind"] == "latent" for s in layers):
+        return ("multi-head latent attention layers cache the latent c [B, 1, T, r] and the RoPE key [B, R, T, dr]; "
+                "onnxruntime-genai's decoder config describes per-head keys and values of one head size only "
+                "(use rewrite.load_onnx_decoder)")
     if any(s["kind"] == "state" for s in layers):
         return ("LiT layers keep a fixed-size state (S, z), not a KV cache; onnxruntime-genai only grows KV caches "
                 "(use rewrite.load_onnx_decoder)")

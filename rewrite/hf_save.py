@@ -153,15 +153,11 @@ def _write_stock(conv, model, cfg: dict, state: dict, tmp: str) -> None:
     new.save_pretrained(tmp)
 
 
-def _write_custom(conv, model, tmp: str, reason: str = "") -> None:
+def _write_custom(conv, model, tmp: str) -> None:
     from .hf_remote import family_classes
     from .site_spec import op_spec, plan_spec
 
     arch = type(model).__name__
-    latent = [op.info.name for op in conv.sites if is_latent(op)]
-    if latent:
-        raise GenerationError(f"{latent[0]}: a multi-head latent attention site cannot be written as a custom-code "
-                              "folder yet (rewrite.site_spec has no latent form), and the stock form is out: " + (reason or "?"))
     _, model_cls = family_classes(arch)
     hf = conv.hf_model()
     groups: dict = {}
@@ -239,7 +235,7 @@ def save_pretrained(conv, out_dir: str, stock: bool = True) -> dict:
                 shutil.rmtree(tmp)
                 os.makedirs(tmp)
         if kind == "custom":
-            _write_custom(conv, model, tmp, reason)
+            _write_custom(conv, model, tmp)
         tokenizer = _copy_tokenizer(model, tmp)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)

@@ -190,11 +190,12 @@ class LatentAttention(Attention):
 
     def absorbed(self, q_nope, q_rope, c, kr, mask, causal: bool) -> torch.Tensor:
         """softmax(((W_ukᵀ q_nope)·c + q_rope·k^r + q_nope·b_uk)·scale + M) c, up-projected by W_uv: (B, H, Sq, dv)."""
-        q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, self.w_uk)
-        s = torch.einsum("bhqr,bzkr->bhqk", q_lat, c)
-        s = s + torch.einsum("bhqd,bhkd->bhqk", q_rope, self._rope_keys(kr))
+        # batched matmuls (ONNX MatMul), c and a single RoPE key head broadcast over the query heads
+        q_lat = q_nope @ self.w_uk  # (B, H, Sq, r)
+        s = q_lat @ c.transpose(-1, -2)
+        s = s + q_rope @ (kr if self.rope_heads == 1 else self._rope_keys(kr)).transpose(-1, -2)
         if self.b_uk is not None:
-            s = s + torch.einsum("bhqd,hd->bhq", q_nope, self.b_uk)[..., None]
+            s = s + q_nope @ self.b_uk[:, :, None]
         s = s * self.scale
         if self.softcap:
             s = self.softcap * torch.tanh(s / self.softcap)
@@ -205,7 +206,7 @@ class LatentAttention(Attention):
             # the lowest finite score, not -inf: a row with every key hidden (padding) stays finite, as in SDPA
             s = s.masked_fill(hidden(mask), torch.finfo(s.dtype).min) if mask.dtype == torch.bool else s + mask
         p = torch.softmax(s.float(), dim=-1).to(c.dtype)
-        o = torch.einsum("bhqr,hdr->bhqd", torch.einsum("bhqk,bzkr->bhqr", p, c), self.w_uv)
+        o = (p @ c) @ self.w_uv.transpose(-1, -2)
         return o if self.b_uv is None else o + self.b_uv[None, :, None, :]
 
     def extra_repr(self) -> str:

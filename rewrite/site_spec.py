@@ -6,6 +6,10 @@ its adapter reads the module's arguments. The weights travel separately, in the 
                     "sinks"}
     plan_spec(plan) -> {"name", "inputs": [{"paths", "graph"} | None], "out_path", "out_spec", "layer_idx", "causal"}
 
+A multi-head latent attention site (``rewrite.latent``) is ``{"latent": True, "shapes", "rope_map", "scale", "causal",
+"info", "softcap", "q_norm", "kv_norm", "q_rope", "k_rope"}``: its weight shapes and its norm/RoPE graphs (a partial
+RoPE of ``mla`` adds the kept dims, ``{"partial": {"index", "head_dim"}}``).
+
 Parts (score functions, head gates, weight providers) are stored by class name with their ``to_spec()``
 and rebuilt uninitialised by ``from_spec``; weight providers shared across sites (MASA's atoms) are numbered
 in ``groups`` so that the rebuilt sites share them again.
@@ -25,6 +29,8 @@ from .ir import Attention, HeadTransform, SiteInfo
 __all__ = ["op_spec", "op_from_spec", "plan_spec", "plan_from_spec", "PART_CLASSES"]
 
 FIELDS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
+LATENT_FIELDS = ("w_q", "b_q", "w_dq", "b_dq", "w_dkv", "b_dkv", "w_kr", "b_kr", "w_uk", "b_uk", "w_uv", "b_uv", "wo", "bo")
+LATENT_TRANSFORMS = ("q_norm", "kv_norm", "q_rope", "k_rope")
 PART_CLASSES = {  # class name -> module holding it
     "ClippedSoftmax": "rewrite.scores", "SigmoidHeadGate": "rewrite.scores", "MoHGate": "rewrite.scores",
     "LinearAttention": "rewrite.passes.lit", "AtomWeights": "rewrite.passes.masa", "OutputGate": "rewrite.output_gate",
@@ -54,8 +60,58 @@ def _transform_spec(t):
     return {"n_side": t.n_side, "description": t.description, "heads": t.heads, "graph": graph_to_json(t.fn)}
 
 
+def _transform_from_spec(d):
+    if d is None:
+        return None
+    return HeadTransform(graph_from_json(d["graph"]), d["n_side"], d["description"], heads=d.get("heads"))
+
+
+def _info_spec(op) -> dict:
+    return {f.name: getattr(op.info, f.name) for f in dataclasses.fields(SiteInfo) if f.name != "sources"}
+
+
+def _latent_transform_spec(t):
+    if type(t).__name__ == "PartialRope":  # rewrite.passes.mla: RoPE on the kept dims of each head
+        return {**_transform_spec(t.transform), "partial": {"index": t.index.tolist(), "head_dim": t.head_dim}}
+    if t is not None and not isinstance(t, HeadTransform):
+        raise RewriteError(f"{type(t).__name__} cannot be written to a model folder yet (a latent site's norm or RoPE)")
+    return _transform_spec(t)
+
+
+def _latent_transform_from_spec(d):
+    t = _transform_from_spec(d)
+    if d is not None and d.get("partial"):
+        from .passes.mla import PartialRope
+
+        t = PartialRope(t, torch.tensor(d["partial"]["index"], device="cpu"), d["partial"]["head_dim"])
+    return t
+
+
+def latent_spec(op) -> dict:
+    """A ``LatentAttention``'s spec (see the module docstring)."""
+    return {"latent": True, "dtype": str(op.wo.dtype).replace("torch.", ""),
+            "shapes": {f: (list(getattr(op, f).shape) if getattr(op, f) is not None else None) for f in LATENT_FIELDS},
+            "rope_map": op.rope_map.tolist(), "scale": op.scale, "causal": op.causal, "info": _info_spec(op),
+            "softcap": op.softcap, **{k: _latent_transform_spec(getattr(op, k)) for k in LATENT_TRANSFORMS}}
+
+
+def latent_from_spec(spec: dict):
+    """A ``LatentAttention`` of these shapes and graphs, with zero weights (the weights file fills them)."""
+    from .latent import LatentAttention
+
+    dtype = getattr(torch, spec["dtype"])
+    t = {f: (torch.zeros(s, dtype=dtype) if s is not None else None) for f, s in spec["shapes"].items()}
+    parts = {k: _latent_transform_from_spec(spec[k]) for k in LATENT_TRANSFORMS}
+    return LatentAttention(**t, **parts, rope_map=torch.tensor(spec["rope_map"], device="cpu"), scale=spec["scale"],
+                           causal=spec["causal"], info=SiteInfo(**spec["info"]), softcap=spec.get("softcap", 0.0))
+
+
 def op_spec(op: Attention, groups: dict) -> dict:
-    info = {f.name: getattr(op.info, f.name) for f in dataclasses.fields(SiteInfo) if f.name != "sources"}
+    from .latent import is_latent
+
+    if is_latent(op):
+        return latent_spec(op)
+    info = _info_spec(op)
     own = op.weights is None
     return {
         "shapes": {f: (list(getattr(op, f).shape) if getattr(op, f) is not None else None) for f in FIELDS},
@@ -74,13 +130,11 @@ def op_spec(op: Attention, groups: dict) -> dict:
 
 def op_from_spec(spec: dict, groups: dict) -> Attention:
     """An op of these shapes and parts, with zero weights (the weights file fills them)."""
+    if spec.get("latent"):
+        return latent_from_spec(spec)
     dtype = getattr(torch, spec["dtype"])
     t = {f: (torch.zeros(s, dtype=dtype) if s is not None else None) for f, s in spec["shapes"].items()}
-    transforms = {}
-    for key in ("q_transform", "k_transform", "v_transform"):
-        d = spec.get(key)
-        transforms[key] = None if d is None else HeadTransform(graph_from_json(d["graph"]), d["n_side"],
-                                                                 d["description"], heads=d.get("heads"))
+    transforms = {key: _transform_from_spec(spec.get(key)) for key in ("q_transform", "k_transform", "v_transform")}
     maps = {m: torch.tensor(spec[m], device="cpu") for m in ("k_map", "v_map")}  # real values, even under meta
     bias_map = spec.get("bias_map")
     op = Attention(**t, **maps, scale=spec["scale"],

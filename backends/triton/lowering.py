@@ -14,6 +14,8 @@ Handled:
     mask, optionally with a causal triangle: ``mask[b, i, j] = pad[b, j] ∧ (j ≤ i + Sk - Sq)``;
  6. per-head spans (``op.window``/``op.sinks``, local-heads): in the kernel's tile loop, which skips the key
     tiles outside a streaming head's sinks and window.
+ 7. multi-head latent attention (``rewrite.latent``, ``mla.py``): a full forward or a prompt up-projects K/V
+    into the flash kernel; ``TritonModule.generate`` decodes the steps over the latent cache in the MLA kernel.
 Refused with ``BackendError`` (naming the site and the feature): a tanh soft-cap, other score functions,
 per-head biases (ALiBi, relative position) and other arbitrary masks, padding with linear attention, a
 top-left causal ``Sq != Sk`` core, no GPU without ``TRITON_INTERPRET=1``. Clipped/linear score functions are confirmed by execution at lowering time:
@@ -30,10 +32,12 @@ from rewrite.backends import LoweredMixin
 from rewrite.errors import BackendError
 from rewrite.graph import sites, with_sites
 from rewrite.ir import DROP
+from rewrite.latent import is_latent
 
 from ._common import is_interpreted
 from .flash import _attn_fwd_kernel, attention_forward
 from .linear import FEATURE_MAPS, linear_attention_forward
+from .mla import LatentTritonSite
 
 __all__ = ["lower_triton", "TritonModule", "TritonSite", "split_mask", "site_kind"]
 
@@ -151,7 +155,7 @@ def _kernels_runnable(device: torch.device) -> bool:
 def _confirm(site: TritonSite) -> None:
     """Run the kernel and the site's own score function on a small random input; refuse if they differ."""
     op = site.op
-    if site.kind == "softmax":
+    if site.kind in ("softmax", "latent"):
         return
     device, dtype = op.wq.device, op.wq.dtype
     g = torch.Generator().manual_seed(0)
@@ -180,19 +184,43 @@ class TritonModule(LoweredMixin, nn.Module):
     def forward(self, *args, **kwargs):
         return self.gm(**self.converted.bind(args, kwargs), **self.converted.fixed)
 
+    def hf_model(self):
+        """``conv.to_transformers()`` with each site's attention in Triton, its cache included (built once):
+        multi-head latent attention sites only (``mla.py``: the kernel reads the latent cache); the other kernels
+        have no cached path and are refused by name."""
+        hf = self.__dict__.get("_hf")
+        if hf is None:
+            from rewrite.hf_adapter import SiteAdapter
+
+            other = [op.info.name for op in self.converted.sites if not is_latent(op)]
+            if other:
+                raise BackendError(f"site {other[0]}: generate on the triton backend runs multi-head latent attention "
+                                   "sites only (the other kernels have no cached decode path); use conv.generate")
+            hf = self.converted.to_transformers()
+            lowered = {id(site.op): site for site in sites(self.gm)}
+            for module in hf.modules():
+                if isinstance(module, SiteAdapter):
+                    module.op = lowered[id(module.op)]
+            self.__dict__["_hf"] = hf
+        return hf
+
+    def generate(self, input_ids, attention_mask=None, **generate_kwargs):
+        """As ``conv.generate``, on ``hf_model()`` (latent sites decode in the Triton MLA kernel)."""
+        hf = self.hf_model()
+        if attention_mask is not None:
+            generate_kwargs["attention_mask"] = attention_mask
+        with torch.no_grad():
+            return hf.generate(input_ids=input_ids, **generate_kwargs)
+
 
 def lower_triton(conv) -> TritonModule:
     """``conv`` with every site's core in the Triton kernels; BackendError names a site that cannot be."""
     ops = sites(conv.gm)
-    latent = [op.info.name for op in ops if getattr(op, "kv_rank", None) is not None]  # rewrite.latent
-    if latent:
-        raise BackendError(f"site {latent[0]}: multi-head latent attention has no Triton lowering yet (no MLA "
-                           "kernel over the latent); use backend='eager' or 'onnxruntime'")
     device = ops[0].wo.device if ops else torch.device("cpu")
     if not (is_interpreted(_attn_fwd_kernel) or torch.cuda.is_available()):
         raise BackendError("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is "
                            "first imported) to run the kernels in the CPU interpreter")
-    lowered = {i: TritonSite(op) for i, op in enumerate(ops)}
+    lowered = {i: LatentTritonSite(op) if is_latent(op) else TritonSite(op) for i, op in enumerate(ops)}
     if _kernels_runnable(device):
         for site in lowered.values():
             _confirm(site)
