@@ -1,0 +1,150 @@
+"""refit-output{ridge}: each converted site's output projection refitted to the original site by least squares.
+
+After a lossy rewrite the heads' outputs z_t = [o_t^1; …; o_t^H] (token t, per-head attention outputs of the
+*converted* site, ``[H·dv]``) no longer give the original output y_t under the old W_o. On the calibration
+batches, with y_t the captured (original) site's output on the same inputs x_t:
+
+    W_o' = argmin_W Σ_t ‖y_t − b_o − W z_t‖² + λ‖W‖²  =  (Σ_t (y_t − b_o) z_tᵀ) (Σ_t z_t z_tᵀ + λI)⁻¹,
+
+λ = ridge · mean(diag Σ z zᵀ). The inputs x_t are the ones the converted model gives the site, so each fit
+corrects the site's own error on the inputs it will see (the sequential, GPTQ-style choice). Exact (W_o' = W_o)
+when the site already reproduces the original, up to the ridge. Lossy passes that keep softmax attention gain
+most (gqa, dha, sqa, prune-heads, mla); measured on demo-lm in the README.
+
+Skipped by name: sites whose W_o is built from shared weights (masa atoms: a refit would unshare them), linear
+attention and other score functions (lit: on demo-lm the refit raised held-out bits per byte), and sites the
+pipeline did not change. Refused: no calibration (PassError), a graph whose sites no longer match the captured
+ones one for one (PassError), ridge ≤ 0 (SpecError).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from rewrite.calibrate import record_site_inputs
+from rewrite.errors import PassError, SpecError
+from rewrite.graph import sites, with_sites
+from rewrite.heads import rebuild
+from rewrite.latent import is_latent
+from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, register
+
+__all__ = ["RefitOutput", "head_outputs"]
+
+
+def head_outputs(op, args: tuple) -> tuple:
+    """(the site's output, its per-head outputs z ``[tokens, H·dv]`` in the same token order) on ``args``."""
+    seen = {}
+    merge = op.merge
+
+    def grab(o, wo=None):  # (B, H, S, dv) just before the output projection
+        seen["o"] = o
+        return merge(o, wo)
+
+    op.merge = grab  # an instance attribute shadows the method for this one call
+    try:
+        with torch.no_grad():
+            y = op(*args)
+    finally:
+        del op.merge
+    o = seen["o"]
+    o = o.permute(2, 0, 1, 3) if op.info.layout == "SBD" else o.transpose(1, 2)
+    return y, o.flatten(-2).reshape(-1, o.shape[-2] * o.shape[-1])
+
+
+def _why_not(op, base) -> str:
+    if op is base:
+        return "unchanged by the pipeline"
+    if op.score_fn is not None:
+        return "a score function (linear attention): not refitted (it raised held-out perplexity on demo-lm)"
+    if getattr(op, "weights", None) is not None:
+        return "its W_o comes from shared weights (masa atoms); a refit would unshare them"
+    if op.wo.shape[0] != base.wo.shape[0]:
+        return f"its output width {op.wo.shape[0]} differs from the captured site's {base.wo.shape[0]}"
+    return ""
+
+
+def _with_wo(op, wo: torch.Tensor):
+    if is_latent(op):
+        new = copy.copy(op)
+        new._parameters = dict(op._parameters)
+        new.wo = nn.Parameter(wo)
+        return new
+    return rebuild(op, wo=wo)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RefitOutput(Pass):
+    """W_o refitted per site by ridge least squares (see the module docstring)."""
+
+    name = "refit-output"
+    needs_calibration = True
+    ridge: float = 1e-3
+
+    def __post_init__(self):
+        self.check_options()
+
+    @property
+    def calibration(self):
+        return Calibration(("whole_model",), "site", "refit-output reads the captured (original) site beside the "
+                           "converted one on the same inputs, which a layer-by-layer conversion does not hold; "
+                           "convert in memory")
+
+    def check_options(self) -> None:
+        if not self.ridge > 0:
+            raise SpecError(f"refit-output{{ridge={self.ridge}}}: ridge must be > 0 (a fraction of the mean "
+                            "diagonal of Σ z zᵀ, e.g. 1e-3)")
+
+    def run(self, gm, ctx) -> PassResult:
+        self.check_options()
+        if not ctx.calibration or ctx.captured is None:
+            raise PassError(f"{self.spec()}: needs calibration data (pass calibration=[batches, ...]) and the "
+                            "captured model to fit each site to its original output")
+        ops, bases = sites(gm), sites(ctx.captured.gm)
+        if len(ops) != len(bases):
+            raise PassError(f"{self.spec()}: the graph has {len(ops)} attention sites and the captured model "
+                            f"{len(bases)}; refit-output needs them one for one")
+        diags, todo = [], []
+        for i, (op, base) in enumerate(zip(ops, bases)):
+            why = _why_not(op, base)
+            if why:
+                diags.append(Diagnostic("skip", why, op.info.name))
+            else:
+                todo.append(i)
+        zz = {i: 0.0 for i in todo}
+        yz = {i: 0.0 for i in todo}
+        err = {i: [0.0, 0.0] for i in todo}  # Σ‖y − b − W_o z‖², Σ‖y − b‖²
+        call = ctx.call(gm)
+        for kw in ctx.track(ctx.calibration, "refit-output (least squares per site)"):
+            for i, recs in enumerate(record_site_inputs(gm, call, [kw])):
+                if i not in zz:
+                    continue
+                op, base = ops[i], bases[i]
+                with torch.no_grad():
+                    y = base(*recs[0].args)
+                _, z = head_outputs(op, recs[0].args)
+                y = y.reshape(-1, y.shape[-1]).double()
+                if op.bo is not None:
+                    y = y - op.bo.detach().double()
+                z = z.double()
+                zz[i] = zz[i] + z.T @ z
+                yz[i] = yz[i] + y.T @ z
+                w = op.wo.detach().double().reshape(op.wo.shape[0], -1)
+                err[i][0] += float(((y - z @ w.T) ** 2).sum())
+                err[i][1] += float((y ** 2).sum())
+        replace, stats = {}, {}
+        for i in todo:
+            op, g = ops[i], zz[i]
+            lam = self.ridge * float(torch.diagonal(g).mean().clamp_min(1e-30))
+            w = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), yz[i].T).T
+            before = op.wo.detach().double().reshape(w.shape)
+            fitted = float(torch.einsum("ij,jk,ik->", w, g, w) - 2 * (w * yz[i]).sum())
+            fitted_before = float(torch.einsum("ij,jk,ik->", before, g, before) - 2 * (before * yz[i]).sum())
+            total = err[i][1]
+            stats[op.info.name] = {"rel_err_before": err[i][0] / max(total, 1e-30),
+                                   "rel_err_after": (err[i][0] + fitted - fitted_before) / max(total, 1e-30)}
+            replace[i] = _with_wo(op, w.to(op.wo.dtype).reshape(op.wo.shape))
+        return PassResult(with_sites(gm, replace), bool(replace), stats, diags)
