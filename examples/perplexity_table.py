@@ -39,6 +39,9 @@ ROWS = [  # (spec, what it is compared at)
     ("moh{active_ratio=0.75,router=qnorm}", "3/4 heads active"),
     ("lit", "linear attention"),
     ("lit{feature_map=hedgehog}", "linear attention, learned φ"),
+    ("lit{window=64}", "linear + 64-token softmax window"),
+    ("lit{feature_map=hedgehog,window=64}", "linear + 64-token softmax window, learned φ"),
+    ("lit{feature_map=hedgehog,window=16}", "linear + 16-token softmax window, learned φ"),
     ("masa{atoms=2}", "1/2 attn weights"),
     ("masa{atoms=2,refine_rank=8}", "1/2 attn weights + rank 8"),
     ("clipped-softmax{gamma=-0.01}", "same KV"),
@@ -49,7 +52,8 @@ ROWS = [  # (spec, what it is compared at)
 ]
 
 
-TRANSFER = {"lit{feature_map=hedgehog}": 100}  # per-site attention-transfer steps before distillation
+TRANSFER = {"lit{feature_map=hedgehog}": 100, "lit{feature_map=hedgehog,window=64}": 100,
+            "lit{feature_map=hedgehog,window=16}": 100}  # per-site attention-transfer steps before distillation
 
 
 def batches(tok, lines: list, size: int, max_length: int = 256) -> list:
