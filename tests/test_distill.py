@@ -174,7 +174,16 @@ def test_distill_under_accelerate_launch_matches_one_process(tmp_path):
         _slice({"input_ids": torch.zeros(8, 4)}, 0, 3)
 
 
-def test_distill_lora_trains_peft_adapters_on_the_untouched_linears_and_merges_them(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: a second intra-op thread costs far more than it gives on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_distill_lora_trains_peft_adapters_on_the_untouched_linears_and_merges_them(tmp_path, one_thread):
     """lora=r: peft adapters (r·(in + out) parameters per Linear) on every untouched Linear call with a weight of its
     own (the MLPs; a tied lm_head is left alone) train with the changed sites; the loss goes down; merging gives the
     adapter model's outputs in the converted model's own weights (no adapter modules left, same names), which the
@@ -195,13 +204,13 @@ def test_distill_lora_trains_peft_adapters_on_the_untouched_linears_and_merges_t
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     captured = {n: p.detach().clone() for n, p in conv._captured.gm.named_parameters()}
     mlp = params["model.layers.0.mlp.up_proj.weight"].detach().clone()
-    data = [{"input_ids": M.ids(4, 16, seed=s)} for s in range(2)]
-    losses = rewrite.distill(conv, teacher, data, steps=24, lr=3e-3, progress=False, lora=4)
+    data = [{"input_ids": M.ids(2, 12, seed=s)} for s in range(2)]
+    losses = rewrite.distill(conv, teacher, data, steps=12, lr=1e-3, progress=False, lora=4)
     stats = conv.report.stages[-1].stats
     site_params = sum(p.numel() for p in trainable_parameters(conv))
     assert stats["lora_params"] == expected and stats["trained_params"] == expected + site_params
     assert conv.report.stages[-1].spec.endswith(",lora=4}")
-    assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
+    assert sum(losses[-3:]) < 0.6 * sum(losses[:3])
     assert stats["lora_merge_max_abs_err"] < 1e-5
     assert sorted(n for n, _ in conv.gm.named_parameters()) == names
     assert not any("lora" in n for n, _ in conv.gm.named_modules())

@@ -370,8 +370,6 @@ def test_window_pass_generates_saves_and_is_refused_where_not_lowered(tmp_path):
                                            "Triton kernel"):
         from rewrite.backends.triton.lowering import site_kind
         site_kind(site)
-    info = conv.export_onnx(str(tmp_path / "w.onnx"))  # the whole-sequence graph is lowered (ONNX Runtime checks it)
-    assert info["max_abs_err"] < 1e-4 and info["checked_inputs"]["input_ids"][1] > 4  # past the window
     with pytest.raises(GenerationError, match="lit window=4 .* has no ONNX decoder lowering"):
         conv.export_onnx(str(tmp_path / "dec"), decoder=True)
     with pytest.raises(SpecError, match="window must be an integer >= 0"):
