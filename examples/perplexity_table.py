@@ -92,7 +92,8 @@ def markdown(original: float, rows: list, steps: int) -> str:
         kv = f"{r['kv_bytes_per_token'] / r['kv_bytes_original']:.2g}×" if r["kv_bytes_original"] else "-"
         d = f"{r['bpb_distilled']:.3f} ({r['bpb_distilled'] - original:+.3f})" if "bpb_distilled" in r else "-"
         lora = f" + LoRA {r['lora']} on the MLPs" if r.get("lora") else ""
-        lines.append(f"| `{r['spec']}`{lora} | {notes.get(r['spec'], '')} | {kv} | {r['bpb']:.3f} ({r['bpb'] - original:+.3f}) "
+        lines.append(f"| `{r['spec']}`{lora} | {notes.get(r['spec'], '')} | {kv} | "
+                     f"{r['bpb']:.3f} ({r['bpb'] - original:+.3f}) "
                      f"| {d} |")
     return "\n".join(lines)
 

@@ -147,6 +147,9 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     batches = [_student_inputs(student, normalize_inputs(teacher, b)) for b in data]
     if not batches:
         raise RewriteError("distill needs at least one batch of data")
+    if lora and params == "all":
+        raise RewriteError("distill: lora adapts the layers that do not train; with params='all' every weight "
+                           "trains already. Use params='changed' with lora, or lora=0")
     _snapshot_stages(student, params)
     chosen = _untie_from(student, teacher, trainable_parameters(student, params))
     if not chosen:

@@ -234,3 +234,5 @@ def test_distill_lora_trains_peft_adapters_on_the_untouched_linears_and_merges_t
     assert torch.allclose(reloaded, merged, atol=1e-5)
     with pytest.raises(RewriteError, match="lora must be a positive integer rank"):
         attach_lora(conv, -1)
+    with pytest.raises(RewriteError, match="with params='all' every weight trains already"):
+        rewrite.distill(conv, teacher, data, steps=1, params="all", lora=2, progress=False)

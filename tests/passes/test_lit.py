@@ -250,14 +250,15 @@ def test_hedgehog_maps_match_their_direct_sum_decode_from_the_state_and_save(tmp
 
 
 def _hybrid_direct(fn, op, q, k, v, keep, window):
-    """o_t = (Σ_{t−W<j≤t} γ e^{s−m} v_j + Σ_{j≤t−W} φq·φk v_j) / (same sums without v), a full S×S evaluation."""
+    """o_t = (Σ_{t−W<j≤t} γ e^{s−m} v_j + Σ_{j≤t−W} φq·φk v_j) / (the same sums without v), over all S×S."""
     kq, vq = op._expand(k, op.k_map, 2), op._expand(v, op.v_map, 2)
     s = (q @ kq.transpose(-1, -2)) * op.scale
     lag = torch.arange(q.shape[2])[:, None] - torch.arange(q.shape[2])[None, :]
     win = (lag >= 0) & (lag < window) & keep[:, None, None, :]
     lin = (lag >= window) & keep[:, None, None, :]
     e = torch.exp(s - s.masked_fill(~win, float("-inf")).amax(-1, keepdim=True)).masked_fill(~win, 0)
-    a = e * fn.gamma().view(1, -1, 1, 1) + (fn.phi(q, "q") @ op._expand(fn.phi(k, "k"), op.k_map, 2).transpose(-1, -2)) * lin
+    linear = fn.phi(q, "q") @ op._expand(fn.phi(k, "k"), op.k_map, 2).transpose(-1, -2)
+    a = e * fn.gamma().view(1, -1, 1, 1) + linear * lin
     return (a @ vq) / a.sum(-1, keepdim=True)
 
 
