@@ -194,8 +194,9 @@ def test_cli_distill_with_transfer_and_a_held_out_file(tmp_path, capsys):
     report = tmp_path / "r.html"
     assert main(["distill", "demo-lm", "--passes", "moh{active_ratio=0.75,router=qnorm}", "--calibration", str(train),
                  "--steps", "4", "--lr", "1e-3", "--transfer-steps", "2", "--held-out", str(held), "--eval-every",
-                 "2", "--report", str(report)]) == 0
+                 "2", "--lora", "2", "--report", str(report)]) == 0
     assert "distill" in capsys.readouterr().out and report.read_text().count("<img") >= 3
+    assert "lora=2}" in report.read_text()  # the MLPs trained LoRA adapters too, merged back
     assert main(["distill", "demo-lm", "--passes", "moh{active_ratio=0.75}", "--calibration", str(train),
                  "--held-out", str(tmp_path / "missing.txt")]) == 2
     out = " ".join(capsys.readouterr().out.split())
