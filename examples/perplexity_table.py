@@ -39,6 +39,9 @@ ROWS = [  # (spec, what it is compared at)
     ("moh{active_ratio=0.75,router=qnorm}", "3/4 heads active"),
     ("lit", "linear attention"),
     ("lit{feature_map=hedgehog}", "linear attention, learned φ"),
+    ("lit{window=64}", "linear + 64-token softmax window"),
+    ("lit{feature_map=hedgehog,window=64}", "linear + 64-token softmax window, learned φ"),
+    ("lit{feature_map=hedgehog,window=16}", "linear + 16-token softmax window, learned φ"),
     ("masa{atoms=2}", "1/2 attn weights"),
     ("masa{atoms=2,refine_rank=8}", "1/2 attn weights + rank 8"),
     ("clipped-softmax{gamma=-0.01}", "same KV"),
@@ -51,7 +54,8 @@ ROWS = [  # (spec, what it is compared at)
 ]
 
 
-TRANSFER = {"lit{feature_map=hedgehog}": 100}  # per-site attention-transfer steps before distillation
+TRANSFER = {"lit{feature_map=hedgehog}": 100, "lit{feature_map=hedgehog,window=64}": 100,
+            "lit{feature_map=hedgehog,window=16}": 100}  # per-site attention-transfer steps before distillation
 
 
 def batches(tok, lines: list, size: int, max_length: int = 256) -> list:
@@ -60,7 +64,8 @@ def batches(tok, lines: list, size: int, max_length: int = 256) -> list:
             for i in range(0, len(lines), size)]
 
 
-def measure(spec: str, base, model, tok, calib: list, train: list, texts: list, steps: int, lr: float) -> dict:
+def measure(spec: str, base, model, tok, calib: list, train: list, texts: list, steps: int, lr: float,
+            lora: int = 0) -> dict:
     """Bits per byte of ``spec`` on ``texts`` training-free and after ``steps`` distillation steps."""
     t0 = time.time()
     conv = restage(base, spec, calib)  # on the one captured graph of ``base``
@@ -73,7 +78,7 @@ def measure(spec: str, base, model, tok, calib: list, train: list, texts: list, 
     row["worst_site_rel_err"] = max(ev.stages[-1].site_errors or [0.0])
     if steps:
         losses = rewrite.distill(conv, model, train, steps=steps, lr=lr, progress=False,
-                                 transfer_steps=TRANSFER.get(spec, 0))
+                                 transfer_steps=TRANSFER.get(spec, 0), lora=lora)
         ev = rewrite.evaluate(conv, texts, tokenizer=tok, stages=["distill"], original=False, progress=False)
         row["bpb_distilled"] = ev["distill"].bits_per_byte
         row["distill_loss"] = [round(losses[0], 4), round(losses[-1], 4)]
@@ -88,7 +93,9 @@ def markdown(original: float, rows: list, steps: int) -> str:
     for r in rows:
         kv = f"{r['kv_bytes_per_token'] / r['kv_bytes_original']:.2g}×" if r["kv_bytes_original"] else "-"
         d = f"{r['bpb_distilled']:.3f} ({r['bpb_distilled'] - original:+.3f})" if "bpb_distilled" in r else "-"
-        lines.append(f"| `{r['spec']}` | {notes.get(r['spec'], '')} | {kv} | {r['bpb']:.3f} ({r['bpb'] - original:+.3f}) "
+        lora = f" + LoRA {r['lora']} on the MLPs" if r.get("lora") else ""
+        lines.append(f"| `{r['spec']}`{lora} | {notes.get(r['spec'], '')} | {kv} | "
+                     f"{r['bpb']:.3f} ({r['bpb'] - original:+.3f}) "
                      f"| {d} |")
     return "\n".join(lines)
 
@@ -102,6 +109,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma list: rows whose spec contains one of these")
     ap.add_argument("--json", default="perplexity_table.json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lora", type=int, default=0, help="distill with peft LoRA of this rank on the MLPs too")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -134,10 +142,12 @@ def main(argv=None):
     for spec, _ in ROWS:
         if wanted and not any(w in spec for w in wanted):
             continue
-        key = f"{spec}/{args.steps}/{args.lr:g}/{args.texts}/{args.distill_length}"
+        key = f"{spec}/{args.steps}/{args.lr:g}/{args.texts}/{args.distill_length}" + (
+            f"/lora{args.lora}" if args.lora else "")
         if key not in cache:
             try:
-                cache[key] = measure(spec, base(), model, tok, calib, train, texts, args.steps, args.lr)
+                cache[key] = measure(spec, base(), model, tok, calib, train, texts, args.steps, args.lr, args.lora)
+                cache[key]["lora"] = args.lora
             except rewrite.RewriteError as e:
                 print(f"{spec}: {type(e).__name__}: {e}", flush=True)
                 continue

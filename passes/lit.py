@@ -7,6 +7,11 @@ queries and the key head's for keys, φ(x) = [softmax(x W_h + b_h), softmax(−x
 W = I at the start); train it with ``rewrite.distill(..., transfer_steps=N)`` (per-site attention transfer)
 before end-to-end steps. ``relu`` and ``elu`` (elu + 1) are fixed.
 
+``window=W`` (LoLCATs' hybrid, ``rewrite.window_linear``; causal sites only): the last W keys of each query keep
+softmax scores γ_h·exp(q·k·scale − m), older keys the feature scores φ(q)·φ(k), under one normalisation; γ_h =
+sigmoid(g_h) is learned per query head (g = 0 at the start). Decoding keeps the last W keys/values and the linear
+state of the older tokens (``rewrite.cache.WindowStateLayer``). W = 0: pure linear attention.
+
 per query head, in fp32. Causal sites sum over j ≤ t in chunks of 64 (a masked block inside the chunk
 plus prefix sums of the chunk states; bottom-right aligned prefix sums when Sq < Sk); key positions a
 padding mask drops contribute nothing. On a 2-D token grid an optional
@@ -23,7 +28,9 @@ Refused:
   1. cross-attention sites (Diagnostic "lit does not support cross-attention at <site>");
   2. masks that are neither causal nor padding (Diagnostic);
   3. ``conv=on`` where there is no grid or the site is causal (Diagnostic);
-  4. an unknown ``feature_map`` or ``conv`` value, ``eps <= 0`` (SpecError).
+  4. ``window > 0`` at a bidirectional site (Diagnostic "lit window=W needs a causal site; <site> is
+     bidirectional");
+  5. an unknown ``feature_map`` or ``conv`` value, ``eps <= 0``, ``window < 0`` (SpecError).
 """
 from __future__ import annotations
 
@@ -60,10 +67,12 @@ class LinearAttention(nn.Module):
 
     def __init__(self, feature_map: str = "relu", eps: float = 1e-6, causal: bool = False,
                  grid: int = 0, class_tokens: int = 0, channels: int = 0, kernel: int = 3,
-                 q_heads: int = 0, k_heads: int = 0, head_dim: int = 0):
+                 q_heads: int = 0, k_heads: int = 0, head_dim: int = 0, window: int = 0):
         super().__init__()
         self.feature_map, self.eps, self.causal = feature_map, float(eps), bool(causal)
         self.grid, self.class_tokens = grid, class_tokens
+        self.window, self.q_heads = int(window), int(q_heads)
+        self.window_gate = nn.Parameter(torch.zeros(q_heads)) if self.window else None  # γ_h = sigmoid(g_h)
         self.maps = None
         if feature_map == "hedgehog":  # W [H, d, d] = I, b = 0 per query head ("q") and key head ("k")
             eye = torch.eye(head_dim)
@@ -88,10 +97,21 @@ class LinearAttention(nn.Module):
         y = x.float() @ self.maps["w" + side] + self.maps["b" + side]  # (B, H, S, d)
         return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], -1)
 
+    def gamma(self) -> torch.Tensor:
+        """The window's factor γ_h = sigmoid(g_h) per query head."""
+        return torch.sigmoid(self.window_gate.float())
+
     def forward(self, op, q, k, v, mask):
         fq = self.phi(q, "q")  # (B, Hq, Sq, f)
         fk = op._expand(self.phi(k, "k"), op.k_map, op._k_group)  # (B, Hq, Sk, f)
         vf = op._expand(v, op.v_map, op._v_group).float()  # (B, Hq, Sk, dv)
+        if self.window:
+            from rewrite.window_linear import hybrid_sums
+
+            kq = op._expand(k, op.k_map, op._k_group).float()
+            num, den = hybrid_sums(q.float(), kq, vf, fq, fk, None if mask is None else key_keep(mask), op.scale,
+                                   self.window, self.gamma())
+            return (num / den.clamp_min(self.eps)).to(q.dtype)
         if mask is not None:
             fk = fk * key_keep(mask)
         if self.causal and q.shape[2] == k.shape[2]:
@@ -117,9 +137,9 @@ class LinearAttention(nn.Module):
         return {"feature_map": self.feature_map, "eps": self.eps, "causal": self.causal, "grid": self.grid,
                 "class_tokens": self.class_tokens, "channels": conv.in_channels if conv is not None else 0,
                 "kernel": conv.kernel_size[0] if conv is not None else 3,
-                "q_heads": maps["wq"].shape[0] if maps is not None else 0,
+                "q_heads": self.q_heads,
                 "k_heads": maps["wk"].shape[0] if maps is not None else 0,
-                "head_dim": maps["wq"].shape[-1] if maps is not None else 0}
+                "head_dim": maps["wq"].shape[-1] if maps is not None else 0, "window": self.window}
 
     @classmethod
     def from_spec(cls, spec: dict, **_) -> "LinearAttention":
@@ -127,8 +147,13 @@ class LinearAttention(nn.Module):
 
     @property
     def recurrent(self) -> bool:
-        """Decoding keeps the fixed-size state (S, z) instead of keys and values (causal sites)."""
-        return self.causal and self.conv is None
+        """Decoding keeps the fixed-size state (S, z) instead of keys and values (causal sites, no window)."""
+        return self.causal and self.conv is None and not self.window
+
+    @property
+    def windowed(self) -> bool:
+        """Decoding keeps the last ``window`` keys/values plus the state (S, z) of the older tokens."""
+        return self.causal and self.window > 0
 
     def step(self, op, q, k, v, mask, cache):
         """The new tokens' outputs from the state of the earlier ones, then the state moves on:
@@ -137,7 +162,12 @@ class LinearAttention(nn.Module):
             S ← S + Σ_new φ(k_j)ᵀ v_j,   z ← z + Σ_new φ(k_j)
 
         S and z are kept per distinct (key head, value head) pair, P of them (Hk for GQA, Hq for MHA).
+        With a window: ``rewrite.window_linear.hybrid_step``.
         """
+        if self.window:
+            from rewrite.window_linear import hybrid_step
+
+            return hybrid_step(self, op, q, k, v, mask, cache)
         layer = cache.state_layer()
         sq, past = q.shape[2], layer.tokens
         pair_of_q, k_of_pair, v_of_pair = _pairs(op)
@@ -166,12 +196,13 @@ class LinearAttention(nn.Module):
 
     def extra_repr(self) -> str:
         conv = f", conv={self.grid}x{self.grid}+{self.class_tokens} cls" if self.conv is not None else ""
-        return f"phi={self.feature_map}, eps={self.eps:g}, causal={self.causal}{conv}"
+        window = f", window={self.window}" if self.window else ""
+        return f"phi={self.feature_map}, eps={self.eps:g}, causal={self.causal}{conv}{window}"
 
     def select(self, keep: torch.Tensor):
         """The score function for the query heads ``keep`` (original numbering) of the same KV heads: None for a
-        learned map (its key maps belong to KV heads the selection may drop)."""
-        return None if self.maps is not None else self
+        learned map (its key maps belong to KV heads the selection may drop) or a window (γ per query head)."""
+        return None if self.maps is not None or self.window else self
 
 
 def _pairs(op):
@@ -245,6 +276,7 @@ class Lit(SitePass):
     inherit: bool = True
     eps: float = 1e-6
     seed: int = 0  # for inherit=false
+    window: int = 0  # softmax over the last `window` keys, linear attention before them (LoLCATs); 0: none
 
     def check_options(self) -> None:
         if self.feature_map not in FEATURE_MAPS:
@@ -254,6 +286,8 @@ class Lit(SitePass):
             raise SpecError(f"lit{{conv={self.conv}}}: conv must be auto, on or off")
         if not self.eps > 0:
             raise SpecError(f"lit{{eps={self.eps}}}: eps must be positive")
+        if not (isinstance(self.window, int) and self.window >= 0):
+            raise SpecError(f"lit{{window={self.window}}}: window must be an integer >= 0 (0: pure linear attention)")
 
     def run(self, gm, ctx):
         self.check_options()
@@ -270,6 +304,9 @@ class Lit(SitePass):
             return None, {}, [Diagnostic("skip", f"lit needs a causal or padding mask at {site}; this site's "
                                          "mask is neither (a bias or arbitrary pattern)", site)]
         causal = op.causal or "causal" in kinds
+        if self.window and not causal:
+            return None, {}, [Diagnostic("skip", f"lit window={self.window} needs a causal site; {site} is "
+                                         "bidirectional", site)]
         grid = _grid(static_tokens) if static_tokens else None
         if self.conv == "on" and (grid is None or causal):
             why = "it is causal" if causal else "its token count is dynamic or not class tokens + a square grid"
@@ -279,8 +316,8 @@ class Lit(SitePass):
         cls, side = grid if use_conv else (0, 0)
         new.score_fn = LinearAttention(self.feature_map, self.eps, causal, side, cls, new.q_heads * new.v_head_dim,
                                        kernel=5 if side >= 5 else 3, q_heads=new.q_heads, k_heads=new.k_heads,
-                                       head_dim=new.head_dim)
-        st = {"causal": causal, "inherited": self.inherit,
+                                       head_dim=new.head_dim, window=self.window)
+        st = {"causal": causal, "inherited": self.inherit, "window": self.window,
               "conv": f"{new.score_fn.conv.kernel_size[0]}x{new.score_fn.conv.kernel_size[0]} on {side}x{side} "
                       f"grid, {cls} class tokens" if use_conv else "off"}
         notes = [Diagnostic("warning", f"the scores' soft-cap {op.softcap:g}·tanh(s/{op.softcap:g}) has no counterpart "

@@ -355,7 +355,14 @@ class Converted(nn.Module):
         ``rewrite.load_onnx_decoder(path)`` generates from."""
         if decoder:
             from rewrite.backends.onnx_decoder import export_decoder
+            from rewrite.hf_adapter import GenerationError
 
+            for op in self.sites:
+                if getattr(op.score_fn, "windowed", False):
+                    raise GenerationError(
+                        f"{op.info.name}: lit window={op.score_fn.window} (sliding-window softmax + linear state) "
+                        "has no ONNX decoder lowering (its past is the last W keys/values plus the linear state); export the "
+                        "graph without decoder=True, or decode with conv.generate")
             return export_decoder(self, path, opset=opset, check=check, **kwargs)
         from rewrite.backends.onnx import export_onnx
 

@@ -8,6 +8,9 @@
   "values" are z = Σ_j φ(k_j) ``[B, P, d]`` (P key/value head pairs); it counts the tokens it absorbed, so
   ``get_seq_length`` and mask sizes stay right while its size does not grow with the sequence. Beam search
   reordering and batch selection act on the state like on keys.
+- ``WindowStateLayer``: the sliding-window + linear hybrid's (``lit{window=W}``, ``rewrite.window_linear``) cache:
+  the last W keys ``[B, Hk, W, dh]`` and values ``[B, Hv, W, dv]`` at the site's head counts plus the state
+  (S, z) of the tokens that left the window; bounded, it counts the tokens like ``LinearStateLayer``.
 - ``cache_bytes(cache)``: bytes held per layer, measured from the cached tensors (``nbytes()`` of a layer that
   has one: the bounded streaming-head layer of ``rewrite.span_cache``).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["LayerCache", "LinearStateLayer", "cache_bytes"]
+__all__ = ["LayerCache", "LinearStateLayer", "WindowStateLayer", "cache_bytes"]
 
 
 class LinearStateLayer(DynamicLayer):
@@ -57,6 +60,53 @@ class LinearStateLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("a linear-attention state cannot be cropped (assisted decoding needs a KV cache)")
+
+
+class WindowStateLayer(LinearStateLayer):
+    """The last W keys/values (``window()``) and the linear state (S, z) of the tokens older than them."""
+
+    STORES = ("keys", "values", "win_k", "win_v")
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.win_k = self.win_v = None
+
+    def window(self):
+        """(keys, values) of the last W tokens, or (None, None) before the first token."""
+        return self.win_k, self.win_v
+
+    def state(self):
+        """(S, z) of the tokens that left the window, or (None, None) while none has."""
+        return self.keys, self.values
+
+    def absorb_window(self, k, v, s, z, tokens: int) -> None:
+        """Keep ``k``/``v`` as the window and ``(s, z)`` (None: empty) as the state after ``tokens`` more tokens."""
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        self.win_k, self.win_v, self.keys, self.values = k, v, s, z
+        self.tokens += int(tokens)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._stores().values())
+
+    def _stores(self) -> dict:
+        return {n: getattr(self, n) for n in self.STORES if getattr(self, n) is not None}
+
+    def reorder_cache(self, beam_idx) -> None:
+        for n, t in self._stores().items():
+            setattr(self, n, t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for n, t in self._stores().items():
+            setattr(self, n, t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices) -> None:
+        for n, t in self._stores().items():
+            setattr(self, n, t[indices, ...])
+
+    def reset(self) -> None:
+        super().reset()
+        self.win_k = self.win_v = None
 
 
 class LayerCache:

@@ -132,7 +132,7 @@ def cmd_distill(args, console):
     conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib)
     held_out = _calibration(args, folder, model, "held_out")
     rewrite.distill(conv, model, calib, steps=args.steps, lr=args.lr, transfer_steps=args.transfer_steps,
-                    eval_data=held_out, eval_every=args.eval_every, patience=args.patience)
+                    eval_data=held_out, eval_every=args.eval_every, patience=args.patience, lora=args.lora)
     if int(os.environ.get("RANK", "0")) != 0:  # one of several data-parallel processes: rank 0 reports
         return 0
     conv.report.print(console)
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--held-out", help="text file (one sample a line) measured before training and every "
                                        "--eval-every steps; the best parameters are kept")
     sp.add_argument("--eval-every", type=int, default=25)
+    sp.add_argument("--lora", type=int, default=0, metavar="R", help="peft LoRA adapters of rank R on the "
+                    "untouched Linear layers (MLPs), trained too and merged back at the end (0: none)")
     sp.add_argument("--patience", type=int, default=0, help="stop after this many held-out evaluations without "
                                                             "a new best (0: never)")
     sp.add_argument("--report")

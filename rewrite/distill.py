@@ -9,6 +9,10 @@ differs from the captured stage (its weights, score_fn, head_gate, shared atoms)
 trains every parameter of the student. The teacher and the captured stage are never modified: a trainable
 parameter that shares memory with either is replaced by its own copy first.
 
+``lora=r``: peft LoRA adapters of rank r on the untouched Linear layers (``rewrite.lora``: MLPs and other
+projections outside the attention sites) train too, and are merged into their weights at the end, so the result
+is a plain converted model again.
+
 ``transfer_steps``: first train each changed site alone on the original's site inputs (``rewrite.transfer``).
 ``eval_data``: held-out batches whose loss is measured before training and every ``eval_every`` steps; the best
 parameters are kept (restored at the end) and training stops after ``patience`` evaluations without a new best
@@ -117,7 +121,8 @@ def _loss(kind: str, s_out, t_out, batch: dict) -> torch.Tensor:
 
 def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-4, params: str = "changed",
             loss: str = "auto", progress: bool = True, eval_data=None, eval_every: int = 25, patience: int = 0,
-            transfer_steps: int = 0, transfer_lr: Optional[float] = None) -> list:
+            transfer_steps: int = 0, transfer_lr: Optional[float] = None, lora: int = 0,
+            lora_alpha: Optional[float] = None) -> list:
     """Train ``student`` (a ``rewrite.Converted``) to reproduce ``teacher`` on ``data``.
 
     Args:
@@ -131,6 +136,8 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
             evaluations without a new best stop training (0: never); the best parameters are kept.
         transfer_steps, transfer_lr: steps (and learning rate, default ``lr``) of per-site attention transfer
             before the end-to-end steps.
+        lora, lora_alpha: rank of peft LoRA adapters on the untouched Linear layers (0: none) and their α
+            (default 2·rank); merged into the weights at the end.
     Returns:
         the loss of every step.
     """
@@ -140,16 +147,26 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     batches = [_student_inputs(student, normalize_inputs(teacher, b)) for b in data]
     if not batches:
         raise RewriteError("distill needs at least one batch of data")
+    if lora and params == "all":
+        raise RewriteError("distill: lora adapts the layers that do not train; with params='all' every weight "
+                           "trains already. Use params='changed' with lora, or lora=0")
     _snapshot_stages(student, params)
     chosen = _untie_from(student, teacher, trainable_parameters(student, params))
     if not chosen:
         raise RewriteError("distill: no parameters to train (no site was changed by the passes); "
                            "use params='all'")
     flags = {id(p): p.requires_grad for p in student.gm.parameters()}
+    adapters = None
+    if lora:
+        from .lora import attach_lora
+
+        adapters = attach_lora(student, lora, lora_alpha)  # peft leaves only its adapters trainable
     for p in student.gm.parameters():
         p.requires_grad_(False)
     for p in chosen:
         p.requires_grad_(True)
+    model = student.gm if adapters is None else adapters.module
+    trained = chosen + ([] if adapters is None else adapters.parameters())
     teacher_mode = teacher.training
     teacher.eval()
     held_out = [_student_inputs(student, normalize_inputs(teacher, b)) for b in (eval_data or [])]
@@ -162,17 +179,17 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
 
         student.report.extras["loss (attention transfer)"] = attention_transfer(
             student, batches, transfer_steps, transfer_lr or lr, chosen, track)
-    optimizer = torch.optim.Adam(chosen, lr=lr)
+    optimizer = torch.optim.Adam(trained, lr=lr)
     acc = _accelerator()
-    forward, local, backward, mean = student.gm, batches, (lambda v: v.backward()), (lambda v: v)
+    forward, local, backward, mean = model, batches, (lambda v: v.backward()), (lambda v: v)
     if acc is not None:  # data parallel: DDP averages the gradients of every process's slice
-        forward, optimizer = acc.prepare(student.gm, optimizer)
+        forward, optimizer = acc.prepare(model, optimizer)
         local = [_slice(b, acc.process_index, acc.num_processes) for b in batches]
         backward, mean = acc.backward, (lambda v: acc.reduce(v, "mean"))
     losses, evals, best = [], {}, None
     if held_out:  # step 0 counts: when training only hurts, the converted parameters are kept
-        evals[0] = _held_out_loss(student, teacher, held_out, loss)
-        best = (0, evals[0], [p.detach().clone() for p in chosen])
+        evals[0] = _held_out_loss(student, teacher, held_out, loss, model)
+        best = (0, evals[0], [p.detach().clone() for p in trained])
     steps_iter = range(steps)
     if track and (acc is None or acc.is_main_process):
         steps_iter = track(steps_iter, "distilling")
@@ -187,19 +204,25 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
             optimizer.step()
             losses.append(float(mean(value.detach())))
             if held_out and ((step + 1) % eval_every == 0 or step + 1 == steps):  # the same on every process
-                evals[step + 1] = _held_out_loss(student, teacher, held_out, loss)
+                evals[step + 1] = _held_out_loss(student, teacher, held_out, loss, model)
                 if best is None or evals[step + 1] < best[1]:
-                    best = (step + 1, evals[step + 1], [p.detach().clone() for p in chosen])
+                    best = (step + 1, evals[step + 1], [p.detach().clone() for p in trained])
                 elif patience and sum(1 for s in evals if s > best[0]) >= patience:
                     break
         if best is not None and best[0] != max(evals):
             with torch.no_grad():
-                for p, kept in zip(chosen, best[2]):
+                for p, kept in zip(trained, best[2]):
                     p.copy_(kept)
     finally:
         for p in student.gm.parameters():
             p.requires_grad_(flags.get(id(p), True))
         teacher.train(teacher_mode)
+    merge_err = None
+    if adapters is not None:  # fold B A into the weights; the merged model must compute what the adapters did
+        with torch.no_grad():
+            unmerged = _main_tensor(model(**batches[0], **student.fixed))[1]
+            adapters.merge()
+            merge_err = float((_main_tensor(student.gm(**batches[0], **student.fixed))[1] - unmerged).abs().max())
     seconds = time.perf_counter() - t0
     call_teacher = (lambda kw: teacher(**kw, **student.fixed))
     call_student = (lambda kw: student.gm(**kw, **student.fixed))
@@ -209,8 +232,11 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
         errs = site_errors(captured, lambda kw: captured(**kw, **student.fixed), student.gm, batches[:1])
     dtype_bytes = next(iter(teacher.parameters())).element_size()
     changed = sum(1 for a, b in zip(sites(captured), sites(student.gm)) if a is not b)
-    spec = f"distill{{steps={steps},lr={lr:g},params={params},loss={loss}}}"
-    stats = {"trained_params": sum(p.numel() for p in chosen), "first_loss": losses[0], "last_loss": losses[-1]}
+    spec = f"distill{{steps={steps},lr={lr:g},params={params},loss={loss}" + (f",lora={lora}}}" if lora else "}")
+    stats = {"trained_params": sum(p.numel() for p in trained), "first_loss": losses[0], "last_loss": losses[-1]}
+    if adapters is not None:
+        stats.update(lora_rank=lora, lora_params=sum(p.numel() for p in adapters.parameters()),
+                     lora_layers=len(adapters.names), lora_merge_max_abs_err=merge_err)
     if best is not None:
         stats.update(best_step=best[0], best_held_out_loss=best[1], steps_run=len(losses))
         student.report.extras["loss (distill, held-out)"] = evals
@@ -223,9 +249,10 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     return losses
 
 
-def _held_out_loss(student, teacher, batches: list, loss: str) -> float:
+def _held_out_loss(student, teacher, batches: list, loss: str, model=None) -> float:
+    model = student.gm if model is None else model
     with torch.no_grad():
-        return sum(float(_loss(loss, student.gm(**b, **student.fixed), teacher(**b, **student.fixed), b))
+        return sum(float(_loss(loss, model(**b, **student.fixed), teacher(**b, **student.fixed), b))
                    for b in batches) / len(batches)
 
 

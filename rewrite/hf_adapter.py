@@ -318,7 +318,7 @@ def to_transformers(conv):
         if name in shared and shared[name].shape == t.shape:
             memo[id(t)] = shared[name]
     hf = copy.deepcopy(model, memo)
-    plans = site_plans(conv, hf)
+    plans = site_plans(conv, model)  # read where the captured graph's weights hold (distill may move the others)
     for plan, op in zip(plans, conv.sites):
         hf.set_submodule(plan.name, SiteAdapter(op, plan))
     hf.eval()

@@ -241,19 +241,23 @@ class Attention(nn.Module):
         return self.wv.shape[1]
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """Bytes the cache grows by per token: (Hk·dh + Hv·dv)·bytes; 0 for a recurrent (linear) site."""
-        if getattr(self.score_fn, "recurrent", False):
+        """Bytes the cache grows by per token: (Hk·dh + Hv·dv)·bytes; 0 for a recurrent (linear) site or a
+        sliding-window + linear one (its cache is bounded: ``state_bytes``)."""
+        if _bounded_cache(self.score_fn):
             return 0
         return (self.k_heads * self.head_dim + self.v_heads * self.v_head_dim) * dtype_bytes
 
     def state_bytes(self) -> int:
         """Bytes of a recurrent site's fixed-size state per sequence: P·(f·dv + f) fp32 values, P the distinct
-        (key head, value head) pairs, f the features per head (dh, or a learned map's); 0 for softmax sites."""
-        if not getattr(self.score_fn, "recurrent", False):
+        (key head, value head) pairs, f the features per head (dh, or a learned map's), plus for a sliding-window
+        site the last W keys and values, W·(Hk·dh + Hv·dv) in the weights' dtype; 0 for softmax sites."""
+        if not _bounded_cache(self.score_fn):
             return 0
         pairs = len(set(zip(self.k_map.tolist(), self.v_map.tolist())))
         f = getattr(self.score_fn, "feature_dim", 0) or self.head_dim  # features per head (a learned map's)
-        return pairs * (f * self.v_head_dim + f) * 4
+        window = getattr(self.score_fn, "window", 0) if getattr(self.score_fn, "windowed", False) else 0
+        return pairs * (f * self.v_head_dim + f) * 4 + window * (
+            self.k_heads * self.head_dim + self.v_heads * self.v_head_dim) * self.wk.element_size()
 
     def attn_flops(self, q_len: Optional[int] = None, kv_len: Optional[int] = None) -> int:
         """Score and value matmuls for one sequence: 2·Sq·Sk·Hq·(dh + dv)."""
@@ -364,7 +368,7 @@ class Attention(nn.Module):
         ``self.causal`` when there is no mask (a model that skips its causal mask, as transformers does)."""
         weights = self.weights() if self.weights is not None else None  # once per forward
         q, k, v = self.project_qkv(x, kv, *side, weights=weights)
-        if cache is not None and getattr(self.score_fn, "recurrent", False):
+        if cache is not None and _bounded_cache(self.score_fn):  # linear state (and a window of K/V)
             o = self.score_fn.step(self, q, k, v, mask, cache)
         elif cache is not None and self.window is not None and self.score_fn is None and self._span_plan():
             from .span_cache import span_cached_attention  # streaming KV heads keep sinks + window slots
@@ -389,6 +393,12 @@ class Attention(nn.Module):
                 + (f", softcap={self.softcap:g}" if self.softcap else "")
                 + (", sinks" if self.sink_logits is not None else "")
                 + (f", window={self.window.tolist()}, sinks={self.sinks.tolist()}" if self.window is not None else ""))
+
+
+def _bounded_cache(score_fn) -> bool:
+    """The score function decodes from its own bounded cache (``step``): linear attention's state, or the
+    sliding-window + linear hybrid's window and state."""
+    return bool(getattr(score_fn, "recurrent", False) or getattr(score_fn, "windowed", False))
 
 
 def _rows_fold(q, mask, causal: bool, limit: int) -> bool:

@@ -172,3 +172,67 @@ def test_distill_under_accelerate_launch_matches_one_process(tmp_path):
     with pytest.raises(RewriteError, match="distill on 3 processes: every batch must hold a multiple of 3 samples"):
         from rewrite.distill import _slice
         _slice({"input_ids": torch.zeros(8, 4)}, 0, 3)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: a second intra-op thread costs far more than it gives on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_distill_lora_trains_peft_adapters_on_the_untouched_linears_and_merges_them(tmp_path, one_thread):
+    """lora=r: peft adapters (r·(in + out) parameters per Linear) on every untouched Linear call with a weight of its
+    own (the MLPs; a tied lm_head is left alone) train with the changed sites; the loss goes down; merging gives the
+    adapter model's outputs in the converted model's own weights (no adapter modules left, same names), which the
+    teacher and the captured stage do not share; save_pretrained still works."""
+    from transformers import AutoModelForCausalLM
+
+    from rewrite.lora import attach_lora, lora_targets
+
+    torch.manual_seed(0)
+    teacher = M.llama(kv_heads=2)
+    conv = rewrite.convert(teacher, "lit{feature_map=hedgehog,window=4}", example_inputs=(M.ids(2, 8),),
+                           progress=False, verify=False)
+    targets = lora_targets(conv.gm)
+    params = dict(conv.gm.named_parameters())
+    assert sorted(w for _, w, _ in targets) == sorted(n for n in params if ".mlp." in n or n == "lm_head.weight")
+    expected = sum(4 * sum(params[w].shape) for _, w, _ in targets)
+    names = sorted(params)
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    captured = {n: p.detach().clone() for n, p in conv._captured.gm.named_parameters()}
+    mlp = params["model.layers.0.mlp.up_proj.weight"].detach().clone()
+    data = [{"input_ids": M.ids(2, 12, seed=s)} for s in range(2)]
+    losses = rewrite.distill(conv, teacher, data, steps=12, lr=1e-3, progress=False, lora=4)
+    stats = conv.report.stages[-1].stats
+    site_params = sum(p.numel() for p in trainable_parameters(conv))
+    assert stats["lora_params"] == expected and stats["trained_params"] == expected + site_params
+    assert conv.report.stages[-1].spec.endswith(",lora=4}")
+    assert sum(losses[-3:]) < 0.6 * sum(losses[:3])
+    assert stats["lora_merge_max_abs_err"] < 1e-5
+    assert sorted(n for n, _ in conv.gm.named_parameters()) == names
+    assert not any("lora" in n for n, _ in conv.gm.named_modules())
+    assert not torch.equal(dict(conv.gm.named_parameters())["model.layers.0.mlp.up_proj.weight"], mlp)  # merged
+    assert all(torch.equal(before[n], p) for n, p in teacher.named_parameters())
+    assert all(torch.equal(captured[n], p) for n, p in conv._captured.gm.named_parameters())
+
+    adapters = attach_lora(conv, 2)  # merge = adapters, on B ≠ 0
+    assert sum(p.numel() for p in adapters.parameters()) == expected // 2
+    with torch.no_grad():
+        for layer in adapters.layers():
+            layer.lora_B["default"].weight.normal_(std=0.1)
+        ids = M.ids(3, 11, seed=9)
+        unmerged = adapters.module(input_ids=ids, **conv.fixed).logits
+        adapters.merge()
+        merged = conv(input_ids=ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5) and (merged - unmerged).abs().max() < 1e-5
+    conv.save_pretrained(str(tmp_path / "m"))
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()(ids).logits
+    assert torch.allclose(reloaded, merged, atol=1e-5)
+    with pytest.raises(RewriteError, match="lora must be a positive integer rank"):
+        attach_lora(conv, -1)
+    with pytest.raises(RewriteError, match="with params='all' every weight trains already"):
+        rewrite.distill(conv, teacher, data, steps=1, params="all", lora=2, progress=False)

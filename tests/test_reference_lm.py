@@ -201,9 +201,19 @@ def test_cli_distill_with_transfer_and_a_held_out_file(tmp_path, capsys):
     report = tmp_path / "r.html"
     assert main(["distill", "demo-lm", "--passes", "moh{active_ratio=0.75,router=qnorm}", "--calibration", str(train),
                  "--steps", "4", "--lr", "1e-3", "--transfer-steps", "2", "--held-out", str(held), "--eval-every",
-                 "2", "--report", str(report)]) == 0
+                 "2", "--lora", "2", "--report", str(report), "--json", str(tmp_path / "r.json")]) == 0
     assert "distill" in capsys.readouterr().out and report.read_text().count("<img") >= 3
+    stage = json.loads((tmp_path / "r.json").read_text())["stages"][-1]  # LoRA on the 12 MLP Linears, merged back
+    assert stage["spec"].endswith(",lora=2}") and stage["stats"]["lora_params"] == 12 * 2 * (128 + 384)
     assert main(["distill", "demo-lm", "--passes", "moh{active_ratio=0.75}", "--calibration", str(train),
                  "--held-out", str(tmp_path / "missing.txt")]) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "--held-out" in out and "missing.txt: no such file" in out
+
+
+def test_a_softmax_window_brings_linear_attention_much_closer_training_free():
+    """LoLCATs' hybrid on the real decoder: the last 64 keys under softmax, the older ones linear, beats pure linear
+    attention by more than half a bit per byte before any training (table: 3.42 against 4.48 on 200 paragraphs;
+    the original is at 2.51)."""
+    hybrid, linear = bpb("lit{feature_map=hedgehog,window=64}"), bpb("lit{feature_map=hedgehog}")
+    assert hybrid < linear - 0.5

@@ -8,7 +8,8 @@ Projections, RoPE/q-k norms, gates and the output projection stay in PyTorch.
 Handled:
  1. softmax (``score_fn`` None), any k_map/v_map (MHA, GQA, DHA) read in the kernel, no KV repeat;
  2. clipped softmax: a ``score_fn`` with ``zeta`` and ``gamma`` attributes → ``clip=(zeta, gamma)``;
- 3. linear attention: a ``score_fn`` with ``kind == "linear"`` (ReLU feature map, ``eps``);
+ 3. linear attention: a ``score_fn`` with ``kind == "linear"`` (ReLU feature map, ``eps``); not the
+   sliding-window + linear hybrid (``lit{window=W}``, refused by name);
  4. head gates (``head_gate``) → ``head_scale`` (softmax) or a product after the kernel (linear);
  5. masks: None (``op.causal``), or bool / additive (0 or ≤ -1e4) masks that are exactly a key padding
     mask, optionally with a causal triangle: ``mask[b, i, j] = pad[b, j] ∧ (j ≤ i + Sk - Sq)``;
@@ -61,6 +62,9 @@ def site_kind(op) -> tuple:
         raise BackendError(f"site {name}: streaming heads (window/sinks) with linear attention have no Triton kernel")
     if fn is None:
         return "softmax", {}
+    if _is_linear(fn) and getattr(fn, "window", 0):
+        raise BackendError(f"site {name}: lit window={fn.window} (sliding-window softmax + linear attention, LoLCATs) "
+                           "has no Triton kernel; use backend='eager' or 'onnxruntime' for this model")
     learned = [n for n, _ in fn.named_parameters()]
     if learned:  # e.g. LiT's depthwise convolution over V: not part of any kernel
         raise BackendError(f"site {name}: score function {type(fn).__name__} has parameters "

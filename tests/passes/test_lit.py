@@ -247,3 +247,136 @@ def test_hedgehog_maps_match_their_direct_sum_decode_from_the_state_and_save(tmp
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hh")).eval()(ids).logits
     assert torch.allclose(reloaded, full, atol=1e-5)
+
+
+def _hybrid_direct(fn, op, q, k, v, keep, window):
+    """o_t = (Σ_{t−W<j≤t} γ e^{s−m} v_j + Σ_{j≤t−W} φq·φk v_j) / (the same sums without v), over all S×S."""
+    kq, vq = op._expand(k, op.k_map, 2), op._expand(v, op.v_map, 2)
+    s = (q @ kq.transpose(-1, -2)) * op.scale
+    lag = torch.arange(q.shape[2])[:, None] - torch.arange(q.shape[2])[None, :]
+    win = (lag >= 0) & (lag < window) & keep[:, None, None, :]
+    lin = (lag >= window) & keep[:, None, None, :]
+    e = torch.exp(s - s.masked_fill(~win, float("-inf")).amax(-1, keepdim=True)).masked_fill(~win, 0)
+    linear = fn.phi(q, "q") @ op._expand(fn.phi(k, "k"), op.k_map, 2).transpose(-1, -2)
+    a = e * fn.gamma().view(1, -1, 1, 1) + linear * lin
+    return (a @ vq) / a.sum(-1, keepdim=True)
+
+
+def _window_fn(window, seed=0):
+    torch.manual_seed(seed)
+    fn = LinearAttention("hedgehog", causal=True, q_heads=4, k_heads=2, head_dim=8, window=window)
+    with torch.no_grad():  # away from the start: γ_h ≠ 1/2, maps ≠ identity
+        fn.window_gate.normal_()
+        for p in fn.maps.values():
+            p.add_(torch.randn(p.shape) * 0.3)
+    return fn
+
+
+@pytest.mark.parametrize("seq,window", [(70, 5), (130, 64), (70, 66)])  # windows inside a chunk, across chunks
+def test_window_hybrid_matches_its_direct_sum_with_left_padding_and_gqa(seq, window):
+    from rewrite.passes.lit import _causal_chunked
+    from rewrite.window_linear import hybrid_sums
+
+    op, fn = _op(causal=True), _window_fn(window)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, seq, 8, generator=g) for h in (4, 2, 2))
+    keep = torch.ones(2, seq, dtype=torch.bool)
+    keep[1, :3] = False  # left padding: rows 0..2 of the second sequence are unused
+    mask = keep[:, None, None, :] & torch.ones(seq, seq, dtype=torch.bool).tril()
+    out, ref = fn(op, q, k, v, mask), _hybrid_direct(fn, op, q, k, v, keep, window)
+    assert torch.allclose(out[0], ref[0], atol=2e-6) and torch.allclose(out[1, :, 3:], ref[1, :, 3:], atol=2e-6)
+    assert fn(op, q, k, v, mask.logical_not().float() * -1e9)[0].sub(out[0]).abs().max() < 1e-6  # additive mask
+    tail = fn(op, q[:, :, -3:], k, v, mask[:, :, -3:])  # fewer queries than keys: the last 3 positions
+    assert torch.allclose(tail, out[:, :, -3:], atol=1e-6)
+    # W = 0 in the same sums: all keys on the linear side, today's causal linear attention exactly
+    fq, fk = fn.phi(q, "q"), op._expand(fn.phi(k, "k"), op.k_map, 2)
+    vq = op._expand(v, op.v_map, 2)
+    num, den = hybrid_sums(q, op._expand(k, op.k_map, 2), vq, fq, fk, None, op.scale, 0, fn.gamma())
+    want = _causal_chunked(fq, fk, vq)
+    assert torch.equal(num, want[0]) and torch.equal(den, want[1])
+
+
+def test_window_at_least_the_sequence_is_softmax_attention():
+    """W ≥ S: the linear sum is empty and γ_h (here random per head) cancels in every row."""
+    op, fn = _op(causal=True), _window_fn(200)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, h, 70, 8, generator=g) for h in (4, 2, 2))
+    keep = torch.ones(3, 70, dtype=torch.bool)
+    keep[2, 60:] = False  # right padding
+    mask = keep[:, None, None, :] & torch.ones(70, 70, dtype=torch.bool).tril()
+    want = torch.nn.functional.scaled_dot_product_attention(q, op._expand(k, op.k_map, 2), op._expand(v, op.v_map, 2),
+                                                            attn_mask=mask, scale=op.scale)
+    assert float(fn.gamma().detach().std()) > 0.1
+    assert torch.allclose(fn(op, q, k, v, mask), want, atol=1e-6)
+
+
+def test_window_decodes_from_a_bounded_cache_exactly():
+    """Prefill then steps of 1, 1, 3 and the rest at batch 3 with left padding equals the full forward; the cache
+    holds the last W keys/values and the state, and its bytes are what the report states."""
+    from transformers import DynamicCache
+
+    from rewrite.cache import LayerCache, WindowStateLayer, cache_bytes
+
+    op, fn = _op(causal=True), _window_fn(6)
+    op.score_fn = fn
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 23, 16, generator=g)
+    keep = torch.ones(3, 23, dtype=torch.bool)
+    keep[1, :4] = False
+    mask = keep[:, None, None, :] & torch.ones(23, 23, dtype=torch.bool).tril()
+    with torch.no_grad():
+        full = op(x, None, mask)
+        cache, outs, pos = DynamicCache(), [], 0
+        for n in (5, 1, 1, 3, 13):
+            outs.append(op(x[:, pos:pos + n], None, mask[:, :, pos:pos + n, :pos + n], cache=LayerCache(cache, 0)))
+            pos += n
+    assert torch.allclose(torch.cat(outs, 1)[keep], full[keep], atol=1e-6)
+    layer = cache.layers[0]
+    assert isinstance(layer, WindowStateLayer) and layer.get_seq_length() == 23
+    assert layer.win_k.shape == (3, 2, 6, 8) and layer.keys.shape == (3, 2, 16, 8)  # (B, pairs, 2d features, dv)
+    assert cache_bytes(cache)[0] == 3 * op.state_bytes() and op.kv_cache_bytes_per_token() == 0
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    assert layer.win_k.shape[0] == 3 and layer.keys.shape[0] == 3
+
+
+def test_window_pass_generates_saves_and_is_refused_where_not_lowered(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rewrite.errors import BackendError
+    from rewrite.hf_adapter import GenerationError
+
+    torch.manual_seed(0)
+    model = M.llama(kv_heads=2)
+    conv = rewrite.convert(model, "lit{feature_map=hedgehog,window=4}", example_inputs=(M.ids(2, 8),), progress=False,
+                           verify=False)
+    stage = conv.report.to_json()["stages"][-1]
+    site = conv.sites[0]
+    assert all(s["window"] == 4 for s in stage["stats"].values())
+    d = site.head_dim  # per site: the maps W [H, d, d] and b [H, 1, d] of query and key heads, and γ per query head
+    assert stage["params"] - conv.report.stages[0].params == len(conv.sites) * (
+        (site.q_heads + site.k_heads) * (d * d + d) + site.q_heads)
+    rewrite.distill(conv, model, [{"input_ids": M.ids(2, 12, seed=s)} for s in range(2)], steps=2, lr=1e-2,
+                    transfer_steps=2, progress=False)
+    assert float(site.score_fn.window_gate.abs().max()) > 0  # γ trains
+    ids = M.ids(1, 9, seed=3)
+    with torch.no_grad():
+        out = conv.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        again = conv(out).logits
+    assert torch.equal(out[0, 9:], again[0, 8:-1].argmax(-1))  # decoding from the bounded cache = full forward
+    assert conv.save_pretrained(str(tmp_path / "w"))["kind"] == "custom"
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "w")).eval()(out).logits
+    assert torch.allclose(reloaded, again, atol=1e-5)
+    with pytest.raises(BackendError, match="lit window=4 .sliding-window softmax . linear attention, LoLCATs. has no "
+                                           "Triton kernel"):
+        from rewrite.backends.triton.lowering import site_kind
+        site_kind(site)
+    with pytest.raises(GenerationError, match="lit window=4 .* has no ONNX decoder lowering"):
+        conv.export_onnx(str(tmp_path / "dec"), decoder=True)
+    with pytest.raises(SpecError, match="window must be an integer >= 0"):
+        rewrite.parse_pipeline("lit{window=-1}")[0].check_options()
+    bert = rewrite.convert(M.bert(), [], example_inputs=_hf_inputs(2, 8), progress=False)
+    _, result = _restage(bert, "lit{window=4}")
+    assert not result.changed
+    assert "lit window=4 needs a causal site; " in str(result.diagnostics[0]) and "is bidirectional" in str(
+        result.diagnostics[0])
