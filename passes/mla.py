@@ -59,7 +59,7 @@ class PartialRope(nn.Module):
         super().__init__()
         self.transform, self.head_dim = transform, int(head_dim)
         self.n_side = transform.n_side
-        self.register_buffer("index", index.long())
+        self.register_buffer("index", index.long().contiguous())  # an expanded selection would not save
 
     def forward(self, x, *side):
         b, h, s, d = x.shape
