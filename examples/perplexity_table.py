@@ -25,18 +25,26 @@ from rewrite.models import calibration_texts, heldout_texts, load_reference_lm, 
 ROWS = [  # (spec, what it is compared at)
     ("gqa{kv_heads=4,method=mean}", "1/2 KV"),
     ("gqa{kv_heads=4,method=aligned}", "1/2 KV"),
+    ("gqa{kv_heads=4,method=aligned},refit-output", "1/2 KV"),
     ("dha{kv_ratio=0.5}", "1/2 KV"),
+    ("dha{kv_ratio=0.5},refit-output", "1/2 KV"),
     ("sqa{q_heads=4,kv_heads=4}", "1/2 KV, 1/2 attn FLOPs"),
+    ("sqa{q_heads=4,kv_heads=4},refit-output", "1/2 KV, 1/2 attn FLOPs"),
     ("gqa{kv_heads=2,method=mean}", "1/4 KV"),
     ("gqa{kv_heads=2,method=aligned}", "1/4 KV"),
+    ("gqa{kv_heads=2,method=aligned},refit-output", "1/4 KV"),
     ("dha{kv_ratio=0.25}", "1/4 KV"),
+    ("dha{kv_ratio=0.25},refit-output", "1/4 KV"),
     ("sqa{q_heads=4,kv_heads=2}", "1/4 KV, 1/2 attn FLOPs"),
+    ("sqa{q_heads=4,kv_heads=2},refit-output", "1/4 KV, 1/2 attn FLOPs"),
     ("prune-heads{ratio=0.5,importance=taylor}", "1/2 heads"),
+    ("prune-heads{ratio=0.5,importance=taylor},refit-output", "1/2 heads"),
     ("prune-heads{ratio=0.5,importance=magnitude}", "1/2 heads"),
     ("prune-heads{ratio=0.5,importance=entropy}", "1/2 heads"),
     ("prune-heads{ratio=0.5,importance=random}", "1/2 heads"),
     ("moh{active_ratio=0.75}", "3/4 heads active"),
     ("moh{active_ratio=0.75,router=qnorm}", "3/4 heads active"),
+    ("moh{active_ratio=0.75,router=qnorm},refit-output", "3/4 heads active"),
     ("lit", "linear attention"),
     ("lit{feature_map=hedgehog}", "linear attention, learned φ"),
     ("lit{window=64}", "linear + 64-token softmax window"),
@@ -45,12 +53,14 @@ ROWS = [  # (spec, what it is compared at)
     ("masa{atoms=2}", "1/2 attn weights"),
     ("masa{atoms=2,refine_rank=8}", "1/2 attn weights + rank 8"),
     ("clipped-softmax{gamma=-0.01}", "same KV"),
+    ("clipped-softmax{gamma=-0.01},refit-output", "same KV"),
     ("mla{kv_rank=96,rope_dims=4,method=mha2mla}", "1/2 KV"),  # 96 latent + 8 heads x 4 RoPE dims = 128 of 256
     ("mla{kv_rank=64,rope_dims=8,method=mha2mla}", "1/2 KV"),  # 64 + 8 x 8 = 128 of 256
     ("mla{kv_rank=48,rope_dims=2,method=mha2mla}", "1/4 KV"),  # 48 + 8 x 2 = 64 of 256
     ("mla{kv_rank=32,rope_dims=4,method=mha2mla}", "1/4 KV"),  # 32 + 8 x 4 = 64 of 256
     ("mla{kv_rank=112,method=transmla}", "1/2 KV"),  # 112 latent + one shared 16-dim RoPE key = 128 of 256
     ("mla{kv_rank=48,method=transmla}", "1/4 KV"),  # 48 + 16 = 64 of 256
+    ("mla{kv_rank=48,method=transmla},refit-output", "1/4 KV"),
 ]
 
 
