@@ -37,18 +37,9 @@ B, HQ, HK, D = 1, 32, 8, 128
 kv_map = torch.arange(HQ, device="cuda") // (HQ // HK)  # HF repeat_kv order
 
 
-def median_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+import sys
+sys.path.insert(0, "examples")
+from gpu_timing import median_ms  # noqa: E402
 
 
 def sdpa(q, k, v):
@@ -92,18 +83,9 @@ window = torch.where(torch.arange(HQ) < HQ // 4, 0, 256)  # KV groups 0-1 full, 
 sinks = torch.where(window > 0, 4, 0)
 
 
-def median_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+import sys
+sys.path.insert(0, "examples")
+from gpu_timing import median_ms  # noqa: E402
 
 
 for S in (2048, 8192):
@@ -132,18 +114,9 @@ rope_map = torch.zeros(H, dtype=torch.long, device="cuda")
 heads = head_table(rope_map, 1)  # once per site, as LatentTritonSite does
 
 
-def median_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+import sys
+sys.path.insert(0, "examples")
+from gpu_timing import median_ms  # noqa: E402
 
 
 def eager(q_lat, q_rope, c, kr, keep):  # rewrite.latent.LatentAttention.absorbed's core, bf16 matmuls

@@ -345,3 +345,17 @@ def embedding_fidelity(gm, ctx, batches):
                                              ref).mean())
 
     return fidelity
+
+
+def triton_device(kernel) -> str:
+    """Where a Triton test runs ``kernel``: "cpu" in the interpreter (TRITON_INTERPRET=1), "cuda" with a GPU
+    (examples/gpu_check.sh: compiled kernels); without either the calling module is skipped."""
+    import pytest
+
+    from rewrite.backends.triton._common import is_interpreted
+
+    if is_interpreted(kernel):
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)

@@ -10,7 +10,7 @@ import torch
 
 import models as M
 import rewrite
-from test_save_pretrained import _fresh  # the fresh-process reload check shared with the other passes
+from test_save_pretrained import _expect, _fresh  # the fresh-process reload check shared with the other passes
 
 
 def test_mla_conversion_writes_a_custom_folder_that_reloads_exactly(tmp_path):
@@ -32,10 +32,6 @@ def test_mla_conversion_writes_a_custom_folder_that_reloads_exactly(tmp_path):
     ids = M.ids(3, 9, seed=1)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    with torch.no_grad():
-        expect = {"ids": ids, "mask": mask, "train": False,
-                  "logits": conv.hf_model()(input_ids=ids, attention_mask=mask).logits,
-                  "tokens": conv.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)}
-    torch.save(expect, os.path.join(folder, "expect.pt"))
+    _expect(conv, folder, ids, mask)
     result = _fresh("trust", [folder])[folder]
     assert result["class"] == "RewriteLlamaForCausalLM" and result["err"] == 0.0 and result["tokens"], result

@@ -67,6 +67,16 @@ def _fresh(mode: str, folders: list) -> dict:
     return json.loads(line[0][len("RESULT"):])
 
 
+def _expect(conv, folder: str, ids, mask, train: bool = False) -> dict:
+    """What the fresh process must reproduce, saved as ``folder/expect.pt``: logits and 12 greedy tokens."""
+    with torch.no_grad():
+        expect = {"ids": ids, "mask": mask, "train": train,
+                  "logits": conv.hf_model()(input_ids=ids, attention_mask=mask).logits,
+                  "tokens": conv.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)}
+    torch.save(expect, os.path.join(folder, "expect.pt"))
+    return expect
+
+
 def test_every_pass_reloads_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
     model = M.llama(kv_heads=4)
@@ -85,12 +95,7 @@ def test_every_pass_reloads_in_a_fresh_process(tmp_path):
             assert info["reason"] and os.path.isfile(os.path.join(folder, "modeling_rewrite.py"))
             cfg = json.load(open(os.path.join(folder, "config.json")))
             assert cfg["model_type"] == "rewrite_llama" and "AutoModelForCausalLM" in cfg["auto_map"]
-        with torch.no_grad():
-            expect = {"ids": ids, "mask": mask, "train": spec.startswith(TRAINED),
-                      "logits": conv.hf_model()(input_ids=ids, attention_mask=mask).logits,
-                      "tokens": conv.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                                              pad_token_id=0)}
-        torch.save(expect, os.path.join(folder, "expect.pt"))
+        _expect(conv, folder, ids, mask, train=spec.startswith(TRAINED))
         folders[kind].append(folder)
     results = {**_fresh("block", folders["stock"]), **_fresh("trust", folders["custom"][1:]),
                **_fresh("import", folders["custom"][:1])}
@@ -177,11 +182,7 @@ def test_transmla_llama_saves_as_a_stock_deepseek_v3_folder(tmp_path):
     real = mask.bool()
     assert float((again - ref)[real].abs().max()) <= 1e-4 * float(ref[real].abs().max())
     mask = torch.ones_like(mask)  # the fresh process: every position's logits, and greedy tokens
-    with torch.no_grad():
-        expect = {"ids": ids, "mask": mask, "train": False,
-                  "logits": conv.hf_model()(input_ids=ids, attention_mask=mask).logits,
-                  "tokens": conv.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)}
-    torch.save(expect, os.path.join(folder, "expect.pt"))
+    expect = _expect(conv, folder, ids, mask)
     r = _fresh("block", [folder])[folder]
     assert r["class"] == "DeepseekV3ForCausalLM" and r["tokens"], r
     assert r["err"] <= 1e-4 * float(expect["logits"].abs().max()), r  # the constant channel's norm error, fp32

@@ -11,16 +11,10 @@ import rewrite
 from rewrite.backends import lower
 from rewrite.backends.triton.lowering import TritonModule, TritonSite, lower_triton, split_mask
 from rewrite.errors import BackendError
-from rewrite.backends.triton._common import is_interpreted
 from rewrite.backends.triton.flash import _attn_fwd_kernel
 from rewrite.pipeline import available
 
-if is_interpreted(_attn_fwd_kernel):
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"  # examples/gpu_check.sh: compiled kernels
-else:
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+DEVICE = models.triton_device(_attn_fwd_kernel)
 TOL = 1e-4
 
 

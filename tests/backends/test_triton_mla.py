@@ -11,16 +11,10 @@ import models as M
 import rewrite
 from rewrite import families as fam
 from rewrite.backends import lower
-from rewrite.backends.triton._common import is_interpreted
 from rewrite.backends.triton.mla import _mla_kernel, mla_attention, mla_reference
 from rewrite.errors import BackendError
 
-if is_interpreted(_mla_kernel):
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"  # examples/gpu_check.sh: compiled kernels
-else:
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+DEVICE = M.triton_device(_mla_kernel)
 TOL = 1e-4
 
 

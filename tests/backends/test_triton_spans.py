@@ -10,14 +10,11 @@ import torch
 import models as M
 import rewrite
 from rewrite.backends.triton import attention_forward
-from rewrite.backends.triton._common import is_interpreted
 from rewrite.backends.triton.flash import _attn_fwd_kernel, sink_ends
 from rewrite.backends.triton.lowering import lower_triton
 from rewrite.spans import span_keep
 
-if not (is_interpreted(_attn_fwd_kernel) or torch.cuda.is_available()):
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
-DEVICE = "cpu" if is_interpreted(_attn_fwd_kernel) else "cuda"
+DEVICE = M.triton_device(_attn_fwd_kernel)
 
 WINDOW, SINKS = torch.tensor([0, 5, 3, 0]), torch.tensor([0, 2, 1, 0])
 
