@@ -24,10 +24,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from rewrite.calibrate import record_site_inputs
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import rebuild
+from rewrite.importance import site_inputs
 from rewrite.latent import is_latent
 from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, register
 
@@ -117,30 +117,27 @@ class RefitOutput(Pass):
         zz = {i: 0.0 for i in todo}
         yz = {i: 0.0 for i in todo}
         err = {i: [0.0, 0.0] for i in todo}  # Σ‖y − b − W_o z‖², Σ‖y − b‖²
-        call = ctx.call(gm)
-        for kw in ctx.track(ctx.calibration, "refit-output (least squares per site)"):
-            for i, recs in enumerate(record_site_inputs(gm, call, [kw])):
-                if i not in zz:
-                    continue
-                op, base = ops[i], bases[i]
-                with torch.no_grad():
-                    y = base(*recs[0].args)
-                _, z = head_outputs(op, recs[0].args)
-                y = y.reshape(-1, y.shape[-1]).double()
-                if op.bo is not None:
-                    y = y - op.bo.detach().double()
-                z = z.double()
-                zz[i] = zz[i] + z.T @ z
-                yz[i] = yz[i] + y.T @ z
-                w = op.wo.detach().double().reshape(op.wo.shape[0], -1)
-                err[i][0] += float(((y - z @ w.T) ** 2).sum())
-                err[i][1] += float((y ** 2).sum())
+        old = {i: ops[i].wo.detach().double().reshape(ops[i].wo.shape[0], -1) for i in todo}
+        for i, op, args in site_inputs(gm, ctx, "refit-output (least squares per site)"):
+            if i not in zz:
+                continue
+            with torch.no_grad():
+                y = bases[i](*args)
+            _, z = head_outputs(op, args)
+            y = y.reshape(-1, y.shape[-1]).double()
+            if op.bo is not None:
+                y = y - op.bo.detach().double()
+            z = z.double()
+            zz[i] = zz[i] + z.T @ z
+            yz[i] = yz[i] + y.T @ z
+            err[i][0] += float(((y - z @ old[i].T) ** 2).sum())
+            err[i][1] += float((y ** 2).sum())
         replace, stats = {}, {}
         for i in todo:
             op, g = ops[i], zz[i]
             lam = self.ridge * float(torch.diagonal(g).mean().clamp_min(1e-30))
             w = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), yz[i].T).T
-            before = op.wo.detach().double().reshape(w.shape)
+            before = old[i]
             fitted = float(torch.einsum("ij,jk,ik->", w, g, w) - 2 * (w * yz[i]).sum())
             fitted_before = float(torch.einsum("ij,jk,ik->", before, g, before) - 2 * (before * yz[i]).sum())
             total = err[i][1]

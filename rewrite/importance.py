@@ -32,6 +32,7 @@ from .heads import rebuild
 from .score_mods import select_bias, softcap_scores
 
 __all__ = ["METHODS", "NEEDS_CALIBRATION", "head_importance", "attention_probs", "row_entropy", "check_method",
+           "site_inputs",
            "calibration_batches"]
 
 METHODS = ("taylor", "taylor-local", "magnitude", "entropy", "random")
@@ -121,14 +122,20 @@ def row_entropy(p: torch.Tensor) -> tuple:
     return ent, reach
 
 
-def site_probs(gm, ctx, description: str):
-    """``(site index, op, args, probabilities [B, Hq, Sq, Sk])`` of every site on every calibration batch, a batch
-    at a time (``attention_probs`` on the inputs the site received)."""
+def site_inputs(gm, ctx, description: str):
+    """``(site index, op, args)`` of every site on every calibration batch, a batch at a time (the inputs the site
+    received)."""
     ops = sites(gm)
     call = ctx.call(gm)
     for kw in ctx.track(calibration_batches(ctx), description):
         for i, recs in enumerate(record_site_inputs(gm, call, [kw])):
-            yield i, ops[i], recs[0].args, attention_probs(ops[i], recs[0].args)
+            yield i, ops[i], recs[0].args
+
+
+def site_probs(gm, ctx, description: str):
+    """``(site index, op, args, probabilities [B, Hq, Sq, Sk])``: ``site_inputs`` with ``attention_probs``."""
+    for i, op, args in site_inputs(gm, ctx, description):
+        yield i, op, args, attention_probs(op, args)
 
 
 def _entropy_scores(gm, ctx) -> list:
@@ -224,17 +231,15 @@ def _taylor_local(gm, ctx, seed: int, probes: int) -> list:
     gens = [torch.Generator().manual_seed(seed) for _ in ops]  # one ε sequence per site, as a streamed sweep draws
     total = [torch.zeros(op.q_heads, dtype=torch.float64) for op in ops]
     tokens = [0] * len(ops)
-    call = ctx.call(gm)
-    for kw in ctx.track(calibration_batches(ctx), "head importance (taylor-local)"):
-        for i, recs in enumerate(record_site_inputs(gm, call, [kw])):
-            probe, mask = rebuild(ops[i]), HeadMask(ops[i].head_gate)
-            probe.head_gate = mask
-            with torch.enable_grad():
-                losses = _losses(probe(*recs[0].args), {}, ops[i].wo.shape[0], gens[i], probes)
-                for j, loss in enumerate(losses):
-                    (gr,) = torch.autograd.grad(loss, mask.xi, retain_graph=j + 1 < len(losses))
-                    total[i] += gr.detach().abs().double().sum(0) / len(losses)
-            tokens[i] += mask.tokens
+    for i, op, args in site_inputs(gm, ctx, "head importance (taylor-local)"):
+        probe, mask = rebuild(op), HeadMask(op.head_gate)
+        probe.head_gate = mask
+        with torch.enable_grad():
+            losses = _losses(probe(*args), {}, op.wo.shape[0], gens[i], probes)
+            for j, loss in enumerate(losses):
+                (gr,) = torch.autograd.grad(loss, mask.xi, retain_graph=j + 1 < len(losses))
+                total[i] += gr.detach().abs().double().sum(0) / len(losses)
+        tokens[i] += mask.tokens
     return [t / max(n, 1) for t, n in zip(total, tokens)]
 
 
