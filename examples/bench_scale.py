@@ -93,6 +93,26 @@ def write_checkpoint(folder: str, size: str, shard_bytes: int, n_layers: int = 0
             "bytes": sum(sizes)}
 
 
+def _reused(folder: str, size: str, n_layers: int):
+    """write_checkpoint's numbers for a checkpoint of this size and depth already in ``folder``, else None."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+            weight_map = json.load(f)["weight_map"]
+    except OSError:
+        return None
+    d, layers, heads, inter = SIZES[size]
+    if (cfg["hidden_size"], cfg["num_hidden_layers"]) != (d, n_layers or layers):
+        return None
+    files = set(weight_map.values())
+    sizes = [os.path.getsize(os.path.join(folder, f)) for f in files]
+    layer = sum(torch.Size(s).numel() for s in layer_shapes(d, inter, 0).values()) * 2
+    params = (2 * VOCAB * d + d + cfg["num_hidden_layers"] * layer // 2)
+    return {"params": params, "shards": len(files), "shard": max(sizes), "layer": layer, "heads": heads,
+            "bytes": sum(sizes)}
+
+
 def write_calibration(folder: str, samples: int, tokens: int) -> str:
     """A word-level tokenizer (w0 .. w{VOCAB-3}) in ``folder`` and ``samples`` lines of ``tokens`` random words."""
     import transformers
@@ -112,7 +132,8 @@ def write_calibration(folder: str, samples: int, tokens: int) -> str:
     return path
 
 
-def run_convert(folder: str, spec: str, out: str, log: str, threads: int = 0, calibration: list = ()) -> dict:
+def run_convert(folder: str, spec: str, out: str, log: str, threads: int = 0, calibration: list = (),
+                compute_dtype: str = "fp32") -> dict:
     """One ``rewrite convert`` process: wall s, CPU s, peak RSS bytes, exit code and how it ran.
 
     Measured by GNU time, whose child is forked from a small process: Linux carries the forking process's
@@ -120,6 +141,8 @@ def run_convert(folder: str, spec: str, out: str, log: str, threads: int = 0, ca
     """
     cmd = [sys.executable, "-m", "rewrite", "convert", folder, "--passes", spec, "--out", out, "--stream",
            "--json", out.rstrip("/") + "-report.json", *calibration]
+    if calibration:
+        cmd += ["--compute-dtype", compute_dtype]
     timer = shutil.which("time") or "/usr/bin/time"
     if os.path.exists(timer):
         cmd = [timer, "-f", "RUSAGE %M %U %S"] + cmd
@@ -196,6 +219,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-tokens", type=int, default=256)
     ap.add_argument("--calib-batch", type=int, default=8)
+    ap.add_argument("--compute-dtype", choices=("fp32", "bf16"), default="bf16",
+                    help="dtype of the calibrated conversions' layer forwards (rewrite convert --compute-dtype)")
+    ap.add_argument("--reuse", action="store_true", help="reuse a checkpoint --keep left in --root (same size)")
     args = ap.parse_args(argv)
     rows = []
     for size in args.sizes.split(","):
@@ -208,7 +234,8 @@ def main(argv=None) -> int:
             continue
         src = os.path.join(args.root, size)
         t = time.perf_counter()
-        info = write_checkpoint(src, size, int(args.shard_gb * GiB), layers)
+        info = _reused(src, size, layers) if args.reuse else None
+        info = info or write_checkpoint(src, size, int(args.shard_gb * GiB), layers)
         calibration, hidden = [], 0
         if args.calibrated:
             text = write_calibration(src, args.calib_samples, args.calib_tokens)
@@ -227,7 +254,7 @@ def main(argv=None) -> int:
                 continue
             out = os.path.join(args.root, f"{size}-out")
             r = run_convert(src, spec, out, os.path.join(args.root, f"{size}-{spec.split('{')[0]}.log"),
-                            args.threads, calibration)
+                            args.threads, calibration, args.compute_dtype)
             rows.append((size, info, spec, r, bound))
             ex = r["extras"]
             print(f"  {spec}: {r['mode']}, {r['wall']:.0f} s wall, {r['cpu']:.0f} s CPU, "

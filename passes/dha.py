@@ -16,7 +16,7 @@ reads key head π_k(i) and value head π_v(i) (arbitrary, non-contiguous maps, g
    z = R y, M_i the readers' metric (query second moment for K, W_oᵀW_o for V): a closed form from the moments.
 4. Budget: Σ_ℓ G^ℓ = round(kv_ratio × Σ_ℓ H^ℓ), separately for K and V, in the metric of the model's output.
    The error of a site with n heads is e_ℓ(n) = ‖site output − original‖² / ‖site input‖² on the recorded
-   inputs of the first PROBE_BATCHES calibration batches (only that site's K, or V, merged). Its weight s_ℓ
+   inputs of the first PROBE_TOKENS calibration tokens (only that site's K, or V, merged). Its weight s_ℓ
    is measured once: the model's relative output error ε with only that site merged at the uniform share,
    over e_ℓ there. From the uniform shares, single heads move between sites while Σ_ℓ s_ℓ e_ℓ(n_ℓ) drops
    (``balance``); the result is kept only if the model's measured output error beats the uniform shares'.
@@ -48,7 +48,7 @@ from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, registe
 
 __all__ = ["DHA", "uniform_shares", "balance", "refine"]
 
-PROBE_BATCHES = 16  # calibration batches whose site inputs are kept to measure reconstruction error
+PROBE_TOKENS = 4096  # calibration tokens (whole batches, at least one) whose site inputs measure reconstruction error
 OUTPUT_BATCHES = 8  # calibration batches the model-output error of a budget is measured on
 
 
@@ -126,6 +126,18 @@ class FusionCurve:
         return self._errors[n]
 
 
+def probe_batches(batches: list) -> list:
+    """The first calibration batches holding PROBE_TOKENS tokens (at least one batch)."""
+    out, tokens = [], 0
+    for b in batches:
+        if out and tokens >= PROBE_TOKENS:
+            break
+        out.append(b)
+        first = next(v for v in b.values() if isinstance(v, torch.Tensor))  # input_ids [B, S] or a site's x [B, S, D]
+        tokens += first.shape[0] * first.shape[1]
+    return out
+
+
 def uniform_shares(heads: list, ratio: float) -> list:
     """Per site ⌊ratio·H_ℓ⌋ (at least 1), the rest of round(ratio·ΣH) to the largest remainders."""
     total = min(sum(heads), max(len(heads), round(ratio * sum(heads))))
@@ -176,7 +188,8 @@ class DHA(Pass):
         if self.budget not in ("output", "uniform"):
             raise SpecError(f"dha{{budget={self.budget}}}: budget must be 'output' or 'uniform'")
 
-    calibration = Calibration(("input_gram", "site_inputs"), "model")  # the head budget is shared by all sites
+    # the head budget is shared by all sites; streamed, it is read off the head counts alone
+    calibration = Calibration(("input_gram", "site_inputs"), "model", gather_reads_inputs=False)
 
     def run(self, gm, ctx):
         ops = sites(gm)
@@ -194,7 +207,7 @@ class DHA(Pass):
         if not ctx.calibration:
             raise PassError(f"{self.spec()} needs calibration data to fuse heads; pass calibration=[batches, ...]")
         stats = input_grams(gm, ctx.call(gm), ctx.calibration, track=ctx.track)
-        records = record_site_inputs(gm, ctx.call(gm), ctx.calibration[:PROBE_BATCHES])
+        records = record_site_inputs(gm, ctx.call(gm), probe_batches(ctx.calibration))
         with torch.no_grad():
             k_curves, v_curves = [], []
             for op, st, rec in zip(sites(gm), stats, records):

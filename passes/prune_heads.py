@@ -73,7 +73,7 @@ class PruneHeads(Pass):
                                "a layer-by-layer conversion never holds; use importance=taylor-local (the gradient of "
                                "each site's own output, which streams), importance=entropy, or convert in memory")
         stats = ("site_inputs",) if self.importance == "taylor-local" else ("attention_probs",)
-        return Calibration(stats, "site" if self.scope == "layer" else "model")
+        return Calibration(stats, "site" if self.scope == "layer" else "model", apply_reads_inputs=False)
 
     # scope=global streamed in two sweeps (rewrite.stream_layers): scores per site, one ranking, removal per site
     def gather(self, gm, ctx) -> list:

@@ -178,6 +178,13 @@ def _member_weights(labels: torch.Tensor) -> torch.Tensor:
     return same / same.sum(1, keepdim=True)  # w[m, n] = 1/|g| when m and n share group g
 
 
+def _to_group_mean(w: torch.Tensor, c: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """X_m = Σ_n w_mn C_mn R_nᵀ = E[y_m t_gᵀ], over the pairs (m, n) of one group only (w is zero elsewhere)."""
+    m, n = w.nonzero(as_tuple=True)
+    terms = (c[m, n] @ rot[n].transpose(-1, -2)) * w[m, n, None, None]
+    return c.new_zeros(c.shape[0], *terms.shape[1:]).index_add_(0, m, terms)
+
+
 def generalized_procrustes(c: torch.Tensor, labels: torch.Tensor, p: Pairing, pairwise: Optional[torch.Tensor] = None,
                            dist: Optional[torch.Tensor] = None, iters: int = 30, tol: float = 1e-6) -> torch.Tensor:
     """Rotations R [H, d, d] aligning every head to its group's running mean t_g = mean_n R_n y_n.
@@ -197,7 +204,7 @@ def generalized_procrustes(c: torch.Tensor, labels: torch.Tensor, p: Pairing, pa
         rot = torch.eye(d, dtype=c.dtype).repeat(h, 1, 1)
     last = -np.inf
     for _ in range(iters):
-        x = torch.einsum("mn,mnab,ncb->mac", w, c, rot)  # E[y_m t_gᵀ]
+        x = _to_group_mean(w, c, rot)  # E[y_m t_gᵀ]
         rot, value = procrustes(x, p)
         total = float(value.sum())
         if total - last <= tol * max(abs(total), 1e-30):
@@ -208,7 +215,7 @@ def generalized_procrustes(c: torch.Tensor, labels: torch.Tensor, p: Pairing, pa
 
 def group_residual(c: torch.Tensor, labels: torch.Tensor, rot: torch.Tensor) -> float:
     """Σ_m E‖t_g − R_m y_m‖² after mean-pooling the aligned heads = Σ tr C_mm − Σ tr(R_m X_m)."""
-    x = torch.einsum("mn,mnab,ncb->mac", _member_weights(labels), c, rot)
+    x = _to_group_mean(_member_weights(labels), c, rot)
     energy = torch.diagonal(c, dim1=-2, dim2=-1).sum(-1).diagonal()
     return float(energy.sum() - torch.einsum("mab,mba->", rot, x))
 

@@ -32,13 +32,33 @@ class SiteRecord:
         return self.args[1] if self.args[1] is not None else self.args[0]
 
 
-def _each_batch(gm, call: Callable, batches, on_site: Callable, track=None, description="calibrating"):
+class _Seen(Exception):
+    """Raised by a one-site graph's site once its inputs are seen: the site's own output is not needed."""
+
+
+ONE_SITE = "rewrite_one_site"  # gm.meta key: the graph is x -> site(x), so its site's inputs are all it computes
+
+
+def _each_batch(gm, call: Callable, batches, on_site: Callable, track=None, description="calibrating",
+                inputs_only: bool = False):
+    """Run ``gm`` on every batch, calling ``on_site(i, args, output)`` as site i runs. ``inputs_only``: the
+    callback reads args alone, so a one-site graph (``stream_layers.one_site_graph``) skips the site itself."""
     ops = sites(gm)
-    hooks = [op.register_forward_hook(lambda m, a, o, i=i: on_site(i, a, o)) for i, op in enumerate(ops)]
+    skip = inputs_only and gm.meta.get(ONE_SITE, False)
+
+    def seen(i, a):
+        on_site(i, a, None)
+        raise _Seen
+
+    hooks = [op.register_forward_pre_hook(lambda m, a, i=i: seen(i, a)) if skip else
+             op.register_forward_hook(lambda m, a, o, i=i: on_site(i, a, o)) for i, op in enumerate(ops)]
     try:
         with torch.no_grad():
             for kw in (track(batches, description) if track else batches):
-                call(kw)
+                try:
+                    call(kw)
+                except _Seen:
+                    pass
     finally:
         for h in hooks:
             h.remove()
@@ -47,7 +67,7 @@ def _each_batch(gm, call: Callable, batches, on_site: Callable, track=None, desc
 def record_site_inputs(gm, call: Callable, batches, track=None) -> list:
     """Per site, the list of SiteRecords over the batches (for small models and analysis)."""
     out = [[] for _ in sites(gm)]
-    _each_batch(gm, call, batches, lambda i, a, o: out[i].append(SiteRecord(tuple(a))), track)
+    _each_batch(gm, call, batches, lambda i, a, o: out[i].append(SiteRecord(tuple(a))), track, inputs_only=True)
     return out
 
 
@@ -104,7 +124,7 @@ def input_grams(gm, call: Callable, batches, track=None) -> list:
             stats[i] = InputStats.empty(x.shape[-1])
         stats[i].add(x, real_keys(args[2] if len(args) > 2 else None, b, s), layout)
 
-    _each_batch(gm, call, batches, on_site, track, "calibration statistics")
+    _each_batch(gm, call, batches, on_site, track, "calibration statistics", inputs_only=True)
     return stats
 
 

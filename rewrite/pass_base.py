@@ -66,11 +66,22 @@ class Calibration:
     scope: "site" (each site decided from its own statistics) | "model" (one decision across the sites:
         streamed as a gathering sweep, ``gather``/``decide``, then an applying sweep, ``apply``).
     why: for stats that cannot stream, the reason and the fix, said in the refusal.
+    gather_reads_inputs, apply_reads_inputs: whether ``gather`` / ``apply`` (scope "model") read the site's
+        calibration inputs; when not (dha's budget needs only head counts, prune-heads' removal only the decided
+        heads), that sweep runs no layer forward for this pass.
     """
 
     stats: tuple
     scope: str = "site"
     why: str = ""
+    gather_reads_inputs: bool = True
+    apply_reads_inputs: bool = True
+
+    def reads_inputs(self, gathering: bool) -> bool:
+        """Whether this sweep (gathering this pass's numbers, or applying its decision) reads the site's inputs."""
+        if self.scope != "model":
+            return True
+        return self.gather_reads_inputs if gathering else self.apply_reads_inputs
 
     @property
     def streams(self) -> bool:

@@ -160,7 +160,7 @@ def pipeline_tier(pipeline: list) -> str:
 
 
 def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: Optional[str] = None,
-                   progress: bool = True, calibration: Optional[list] = None) -> Report:
+                   progress: bool = True, calibration: Optional[list] = None, compute_dtype=torch.float32) -> Report:
     """Convert the Hugging Face folder ``model_dir`` into ``out_dir`` (see the module docstring).
 
     Args:
@@ -169,6 +169,9 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
         out_dir: output folder (created); must differ from ``model_dir``.
         calibration_file: text, one sample per line, for passes that need calibration (tiers "layers", "model").
         calibration: instead of the file, a list of batches (dicts with input_ids and attention_mask).
+        compute_dtype: dtype of the decoder-layer forwards that make the calibration hidden states (tier
+            "layers"): fp32 (as ``rewrite.convert``), or bf16, which runs a bf16 checkpoint's layers about
+            2.5× faster on CPUs with bf16 matrix units. The passes' statistics are fp32 either way.
     Returns:
         the Report: one stage for the original and one per pass; ``extras["streaming"]`` says how it ran.
     """
@@ -179,6 +182,7 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
     pipeline = _pipeline.parse(passes_spec)
     for p in pipeline:
         p.check_options()
+    dtype = _dtype(compute_dtype)
     tier = pipeline_tier(pipeline)
     first = next((p for p in pipeline if tier_of(p) == tier), pipeline[0] if pipeline else None)
     needs = next((p for p in pipeline if p.calibration is not None), None)
@@ -199,7 +203,7 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
                               f"model in memory: {first.spec()} needs calibration statistics ({why})", t0)
         return _finished(tmp, out_dir, report)
     try:
-        report = _convert(ckpt, pipeline, tmp, tier, first, calibration, progress, t0, bool(calibration_file))
+        report = _convert(ckpt, pipeline, tmp, tier, first, calibration, progress, t0, bool(calibration_file), dtype)
     except BaseException:
         if tier != "layers":  # the layers tier keeps its journal, to resume
             shutil.rmtree(tmp, ignore_errors=True)
@@ -219,7 +223,17 @@ def _finished(tmp: str, out_dir: str, report: Report) -> Report:
     return report
 
 
-def _convert(ckpt, pipeline, out_dir, tier, first, calibration, progress, t0, file_given) -> Report:
+def _dtype(name) -> torch.dtype:
+    """torch.float32 / torch.bfloat16 from a dtype or its name ("fp32", "float32", "bf16", "bfloat16")."""
+    if isinstance(name, torch.dtype) and name in (torch.float32, torch.bfloat16):
+        return name
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if str(name).replace("torch.", "") not in names:
+        raise RewriteError(f"compute dtype {name!r}: use fp32 or bf16")
+    return names[str(name).replace("torch.", "")]
+
+
+def _convert(ckpt, pipeline, out_dir, tier, first, calibration, progress, t0, file_given, dtype) -> Report:
     """Tiers site, attention and layers, into ``out_dir``."""
     tpl = SiteTemplate(ckpt)
     layout = tpl.layout
@@ -231,7 +245,7 @@ def _convert(ckpt, pipeline, out_dir, tier, first, calibration, progress, t0, fi
         if tier == "layers":
             from .stream_calib import convert_layers
 
-            extras = convert_layers(ckpt, tpl, pipeline, out_dir, calibration, bar, tally)
+            extras = convert_layers(ckpt, tpl, pipeline, out_dir, calibration, bar, tally, dtype)
             journal = extras.pop("journal")
             why = f"{len(pipeline)} pass(es), {extras['sweeps']} sweep(s)"
             written = write_output(ckpt, tpl, finish, out_dir, lambda i: load_op(journal.layer_file(i, "op")),

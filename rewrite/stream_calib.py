@@ -112,7 +112,8 @@ def _heads(op) -> dict:
     return {"q_heads": op.q_heads, "k_heads": op.k_heads, "v_heads": op.v_heads, "kv_heads": op.kv_heads}
 
 
-def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tally) -> dict:
+def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tally,
+                   dtype: torch.dtype = torch.float32) -> dict:
     """Run ``pipeline`` layer by layer into the journal of ``tmp`` (see the module docstring); returns extras.
 
     Tests set ``REWRITE_TEST_KILL_AFTER=i`` to have the process SIGKILL itself once layer i of the converting
@@ -124,12 +125,12 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
     kill_after = os.environ.get("REWRITE_TEST_KILL_AFTER")
     kill_after = int(kill_after) if kill_after else None
     key = {"version": 1, "input": os.path.abspath(ckpt.folder), "pipeline": _pipeline.to_spec(pipeline),
-           "calibration": _digest(batches)}
+           "calibration": _digest(batches), "compute_dtype": str(dtype)}
     journal = Journal(tmp, key)
     st = journal.state
     resumed_at = {"sweep": st["sweep"] + 1, "layer": st["done"]} if journal.resumed else None
     inputs = LayerInputs(ckpt, tpl, batches)
-    layers = DecoderLayers(ckpt, tpl, inputs)
+    layers = DecoderLayers(ckpt, tpl, inputs, dtype)
     shapes = [tuple(h.shape) for h in inputs.hidden]
     calibrated = [s for s, p in enumerate(pipeline, 1) if p.calibration is not None]
     store = _store(shapes, len(calibrated), journal.folder, bar)
@@ -150,16 +151,18 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
         for i in range(st["done"], n):
             t = time.perf_counter()
             op0 = _load(ckpt, tpl, i)
-            weights = layers.weights(i) if streams else None
+            weights = None  # read when a layer forward first needs them
             ops, stats, diags, secs = [op0], [{}], [[]], [0.0]
+            arity = len(tpl.plans[tpl.site_of[i]].inputs)  # the site's (x, kv, mask, *side)
             for s, p in enumerate(run, 1):
                 ctx = PassContext()
-                if p.calibration is not None:
+                if p.calibration is not None and p.calibration.reads_inputs(gathering=s == gather_at):
+                    weights = layers.weights(i) if weights is None else weights
                     records = layers.run(i, weights, ops[-1], store, streams.index(s), record=True)
                     ctx = PassContext(calibration=site_batches(records))
                 ts = time.perf_counter()
                 if s == gather_at:
-                    gm = one_site_graph(ops[-1], len(records[0]))
+                    gm = one_site_graph(ops[-1], arity)
                     gathered.append({"data": p.gather(gm, ctx)[0], "heads": _heads(ops[-1]),
                                      "name": ops[-1].info.name})
                     break
@@ -167,7 +170,7 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
                     new, st_s, dg = _rewrite_site(p, i, ops[-1], ctx)
                     new = new if new is not None else ops[-1]
                 else:
-                    gm = one_site_graph(ops[-1], len(records[0]))
+                    gm = one_site_graph(ops[-1], arity)
                     result = (p.apply(gm, ctx, st["plans"][str(s)][i]) if p.calibration.scope == "model"
                               else _run(p, gm, ctx, f"layer {i} ({ops[-1].info.name})"))
                     new, st_s, dg = sites(result.graph)[0], result.stats.get(ops[-1].info.name, {}), result.diagnostics
@@ -210,7 +213,7 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
     per_layer = st["seconds"]
     return {"journal": journal, "hidden_state_bytes": HiddenStore.bytes_needed(shapes, len(calibrated)),
             "hidden_states": "memory-mapped files in the journal" if store.folder else "RAM",
-            "calibration_tokens": sum(int(torch.Size(s[:-1]).numel()) for s in shapes),
+            "compute_dtype": str(dtype).replace("torch.", ""), "calibration_tokens": sum(int(torch.Size(s[:-1]).numel()) for s in shapes),
             "sweeps": len(sweeps), "resumed_at": resumed_at,
             "seconds_per_layer": sum(per_layer) / max(len(per_layer), 1), "layer_seconds": per_layer,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -5,7 +5,7 @@
   masks, positions), read off the template model (tiny vocabulary and MLP, real attention shapes) whose
   layers are stand-ins that record their arguments.
 - ``DecoderLayers``: layer i built from the config on the meta device, its tensors read from the shards
-  (fp32), its attention module replaced by a ``hf_adapter.SiteAdapter`` around any canonical op, so the
+  (in the compute dtype: fp32, or bf16 for speed), its attention module replaced by a ``hf_adapter.SiteAdapter`` around any canonical op, so the
   same layer runs with the original or the converted attention.
 - ``HiddenStore``: per stream, two sides (layer i reads side i mod 2, writes the other) of every batch's
   ``[B, S, D]`` fp32 hidden states, in one memory-mapped file each (or RAM), so a resumed conversion finds
@@ -15,11 +15,14 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
+from .calibrate import ONE_SITE
 from .errors import RewriteError
 from .graph import SITES
 from .hf_checkpoint import SiteTemplate, build_model
@@ -86,21 +89,26 @@ class LayerInputs:
 class DecoderLayers:
     """Decoder layer i of the checkpoint, its attention an adapter around a given canonical op."""
 
-    def __init__(self, ckpt, tpl: SiteTemplate, inputs: LayerInputs):
+    def __init__(self, ckpt, tpl: SiteTemplate, inputs: LayerInputs, dtype: torch.dtype = torch.float32):
         if isinstance(tpl.plans, Exception):
             raise RewriteError(f"{tpl.family}: calibrated streaming runs the decoder layers, and cannot place the "
                                f"canonical op in the attention module: {tpl.plans}")
-        self.ckpt, self.tpl, self.inputs = ckpt, tpl, inputs
+        self.ckpt, self.tpl, self.inputs, self.dtype = ckpt, tpl, inputs, dtype
 
     def weights(self, i: int) -> dict:
-        """Layer i's tensors other than its attention module's (fp32), by name inside the layer."""
+        """Layer i's tensors other than its attention module's (in the compute dtype), by name inside the layer."""
         with torch.device("meta"):
             layer = self.inputs.layer_class(self.tpl.cfg, i)
         names = [k for k in layer.state_dict() if not k.startswith(self.inputs.attn_path + ".")]
         prefix = f"{self.inputs.list_path}.{i}."
         full = {k: self.ckpt.resolve(prefix + k) for k in names}
         raw = self.ckpt.load(list(full.values()))
-        return {k: raw[n].float() for k, n in full.items()}
+        return {k: raw[n].to(self.dtype) for k, n in full.items()}
+
+    def _kwargs(self, b: int, j: int) -> dict:
+        """Batch b's keyword arguments of template layer j, their float tensors in the compute dtype."""
+        kw = self.inputs.kwargs[b][j]
+        return kw if self.dtype == torch.float32 else _cast_floats(kw, self.dtype)
 
     def build(self, i: int, weights: dict, op) -> nn.Module:
         from .hf_adapter import SiteAdapter
@@ -119,20 +127,37 @@ class DecoderLayers:
     def run(self, i: int, weights: dict, op, store: "HiddenStore", stream: int, record: bool) -> list:
         """Layer i (attention ``op``) on every batch of ``stream``: writes the outputs to the other side.
 
-        Returns the site inputs (x, kv, mask, *side) per batch when ``record``."""
-        layer = self.build(i, weights, op)
+        Returns the site inputs (x, kv, mask, *side) per batch when ``record``, as fp32 whatever the compute
+        dtype (a bf16 forward records its bf16 values, widened), so the passes' statistics stay fp32."""
+        fast = op if self.dtype == torch.float32 else copy.deepcopy(op).to(self.dtype)
+        layer = self.build(i, weights, fast)
         records = []
-        hook = op.register_forward_hook(lambda m, a, o: records.append(tuple(a))) if record else None
+        hook = fast.register_forward_hook(lambda m, a, o: records.append(_widen(a))) if record else None
         j = self.tpl.site_of[i]
         try:
             with torch.no_grad():
                 for b in range(store.n_batches):
-                    out = layer(store.get(stream, i, b), **self.inputs.kwargs[b][j])
+                    out = layer(store.get(stream, i, b).to(self.dtype), **self._kwargs(b, j))
                     store.put(stream, i, b, out[0] if isinstance(out, tuple) else out)
         finally:
             if hook is not None:
                 hook.remove()
         return records
+
+
+def _cast_floats(tree, dtype: torch.dtype):
+    """Every float tensor in ``tree`` (rotary tables, an additive mask) in ``dtype``, the rest as it is."""
+    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                           tree)
+
+
+def _widen(args: tuple) -> tuple:
+    """``args`` with low-precision float tensors as fp32 (one copy per distinct tensor: x is often kv too)."""
+    done = {}
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float32 and id(a) not in done:
+            done[id(a)] = a.float()
+    return tuple(done.get(id(a), a) for a in args)
 
 
 class HiddenStore:
@@ -187,7 +212,9 @@ def one_site_graph(op, n_args: int) -> fx.GraphModule:
     root, holder = nn.Module(), nn.Module()
     holder.add_module("0", op)
     root.add_module(SITES, holder)
-    return fx.GraphModule(root, g)
+    gm = fx.GraphModule(root, g)
+    gm.meta[ONE_SITE] = True  # calibration that reads only the site's inputs need not run it
+    return gm
 
 
 def _arg_names(n: int) -> list:

@@ -94,6 +94,24 @@ def test_streamed_calibration_gives_the_in_memory_weights(src, tmp_path, spec, k
             assert json.load(f)["model_type"] == "rewrite_llama"
 
 
+def test_bf16_layer_forwards_give_nearly_the_fp32_conversion(src, tmp_path):
+    """compute_dtype=bf16 runs the decoder layers in bf16 (the statistics stay fp32): a conversion close to fp32's."""
+    spec = "gqa{kv_heads=2,method=aligned}"
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        out = str(tmp_path / dtype)
+        report = convert_folder(src, spec, out, calibration_file=_text(src), progress=False, compute_dtype=dtype)
+        assert report.to_json()["extras"]["streaming"]["compute_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+        runs[dtype] = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, VOCAB - 2, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        a, b = (runs[d](x, attention_mask=torch.ones_like(x)).logits for d in ("fp32", "bf16"))
+    assert 0 < (a - b).abs().max() <= 2e-2 * a.abs().max()  # bf16 hidden states: not equal, close
+    with pytest.raises(RewriteError, match=r"compute dtype 'fp16': use fp32 or bf16"):
+        convert_folder(src, spec, str(tmp_path / "o"), calibration_file=_text(src), progress=False,
+                       compute_dtype="fp16")
+
+
 def test_sigkill_resumes_at_the_last_completed_layer(src, tmp_path):
     spec = "gqa{kv_heads=2,method=aligned}"
     out = str(tmp_path / "out")
