@@ -182,10 +182,14 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     optimizer = torch.optim.Adam(trained, lr=lr)
     acc = _accelerator()
     forward, local, backward, mean = model, batches, (lambda v: v.backward()), (lambda v: v)
-    if acc is not None:  # data parallel: DDP averages the gradients of every process's slice
+    if acc is not None:  # data parallel: DDP averages the gradients of every process's slice; FSDP also shards
         forward, optimizer = acc.prepare(model, optimizer)
         local = [_slice(b, acc.process_index, acc.num_processes) for b in batches]
         backward, mean = acc.backward, (lambda v: acc.reduce(v, "mean"))
+        engine = str(acc.distributed_type).split(".")[-1]
+        student.report.extras["distributed"] = {"engine": engine, "processes": acc.num_processes}
+        if engine == "FSDP":  # fully_shard swapped the parameters for sharded ones: keep the best of those
+            trained = [p for p in model.parameters() if p.requires_grad]
     losses, evals, best = [], {}, None
     if held_out:  # step 0 counts: when training only hurts, the converted parameters are kept
         evals[0] = _held_out_loss(student, teacher, held_out, loss, model)
@@ -258,11 +262,18 @@ def _held_out_loss(student, teacher, batches: list, loss: str, model=None) -> fl
 
 def _accelerator():
     """An ``accelerate.Accelerator`` when this process is one of several (accelerate launch, torchrun), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return None
     from accelerate import Accelerator
 
-    return Accelerator()
+    acc = Accelerator()
+    if acc.num_processes != world:  # e.g. --use_fsdp on CPUs: accelerate falls back to one process per launch
+        raise RewriteError(f"distill: launched as {world} processes, but accelerate set up "
+                           f"{str(acc.distributed_type).split('.')[-1]} training on {acc.num_processes}; each process "
+                           "would train alone. accelerate runs FSDP only on GPUs (and similar devices): on CPUs "
+                           "launch DDP with `accelerate launch --cpu --num_processes N`")
+    return acc
 
 
 def _slice(batch: dict, rank: int, world: int) -> dict:

@@ -166,12 +166,31 @@ def test_distill_under_accelerate_launch_matches_one_process(tmp_path):
                            "-m", "rewrite"] + args + ["--json", str(tmp_path / "two.json")],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["extras"]["loss (distill)"] for n in ("one", "two"))
+    extras = {n: json.loads((tmp_path / f"{n}.json").read_text())["extras"] for n in ("one", "two")}
+    assert extras["two"]["distributed"] == {"engine": "MULTI_CPU", "processes": 2} and "distributed" not in extras["one"]
+    one, two = (extras[n]["loss (distill)"] for n in ("one", "two"))
     assert len(two) == 3 and two[-1] < two[0]
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5 * max(one)
     with pytest.raises(RewriteError, match="distill on 3 processes: every batch must hold a multiple of 3 samples"):
         from rewrite.distill import _slice
         _slice({"input_ids": torch.zeros(8, 4)}, 0, 3)
+
+
+def test_distill_refuses_a_launch_that_accelerate_did_not_make_distributed(monkeypatch):
+    """`accelerate launch --use_fsdp` on CPUs starts processes that each train alone: refused, naming the fix."""
+    import accelerate
+
+    from rewrite.distill import _accelerator
+
+    class OneProcess:  # what accelerate's state is in each process of an FSDP launch without GPUs
+        num_processes, distributed_type = 1, "DistributedType.NO"
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerate, "Accelerator", OneProcess)
+    with pytest.raises(RewriteError, match=r"distill: launched as 2 processes, but accelerate set up NO training on 1; "
+                                           r"each process would train alone\. accelerate runs FSDP only on GPUs .* "
+                                           r"`accelerate launch --cpu --num_processes N`"):
+        _accelerator()
 
 
 @pytest.fixture
