@@ -110,8 +110,8 @@ def _drop_sites(*graphs) -> None:
 
 
 def _release() -> None:
-    """Return freed memory to the OS after a layer (young cycles; glibc keeps freed heap memory otherwise)."""
-    gc.collect(1)
+    """Return freed memory to the OS after a layer (cycles; glibc keeps freed heap memory otherwise)."""
+    gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

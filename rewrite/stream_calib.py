@@ -124,7 +124,7 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
     Tests set ``REWRITE_TEST_KILL_AFTER=i`` to have the process SIGKILL itself once layer i of the converting
     sweep is journaled."""
     from . import pipeline as _pipeline
-    from .stream import _load, _rewrite_site, _run
+    from .stream import _drop_sites, _load, _release, _rewrite_site, _run
 
     t0 = time.perf_counter()
     kill_after = os.environ.get("REWRITE_TEST_KILL_AFTER")
@@ -157,7 +157,7 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
             t = time.perf_counter()
             op0 = _load(ckpt, tpl, i)
             weights = None  # read when a layer forward first needs them
-            ops, stats, diags, secs = [op0], [{}], [[]], [0.0]
+            ops, stats, diags, secs, graphs = [op0], [{}], [[]], [0.0], []
             arity = len(tpl.plans[tpl.site_of[i]].inputs)  # the site's (x, kv, mask, *side)
             for s, p in enumerate(run, 1):
                 ctx = PassContext()
@@ -168,6 +168,7 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
                 ts = time.perf_counter()
                 if s == gather_at:
                     gm = one_site_graph(ops[-1], arity)
+                    graphs.append(gm)
                     gathered.append({"data": p.gather(gm, ctx)[0], "heads": _heads(ops[-1]),
                                      "name": ops[-1].info.name})
                     break
@@ -179,6 +180,7 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
                     result = (p.apply(gm, ctx, st["plans"][str(s)][i]) if p.calibration.scope == "model"
                               else _run(p, gm, ctx, f"layer {i} ({ops[-1].info.name})"))
                     new, st_s, dg = sites(result.graph)[0], result.stats.get(ops[-1].info.name, {}), result.diagnostics
+                    graphs += [gm, result.graph]
                 ops.append(new)
                 stats.append(st_s)
                 diags.append([vars(d) for d in dg])
@@ -190,9 +192,13 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
                     json.dump({"rows": [r[-1] for r in tally.rows], "stats": stats, "diags": diags, "seconds": secs}, f)
                 for r in tally.rows:
                     r.pop()  # read back below, the same way for resumed and fresh layers
-            del ops, weights
+            _drop_sites(*graphs)  # graph modules are reference cycles: without this every layer's ops would stay
+            del ops, weights, graphs, ctx
+            records = result = gm = None
+            _release()
             st["done"] = i + 1
             st["seconds"].append(time.perf_counter() - t)
+            st.setdefault("rss", []).append(_rss())
             journal.save()
             bar.advance(task)
             if kill_after is not None and gather_at is None and i == kill_after:
@@ -221,8 +227,18 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
             "compute_dtype": str(dtype).replace("torch.", ""), "calibration_tokens": sum(int(torch.Size(s[:-1]).numel()) for s in shapes),
             "sweeps": len(sweeps), "resumed_at": resumed_at,
             "seconds_per_layer": sum(per_layer) / max(len(per_layer), 1), "layer_seconds": per_layer,
+            "layer_rss_bytes": st.get("rss", []),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "calibration_seconds": time.perf_counter() - t0}
+
+
+def _rss() -> int:
+    """Resident memory now (bytes; Linux /proc, else the peak)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _store(shapes: list, streams: int, folder: str, bar) -> HiddenStore:
