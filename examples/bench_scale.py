@@ -234,7 +234,7 @@ def main(argv=None) -> int:
             continue
         src = os.path.join(args.root, size)
         t = time.perf_counter()
-        info = _reused(src, size, layers) if args.reuse else None
+        info = reused = _reused(src, size, layers) if args.reuse else None
         info = info or write_checkpoint(src, size, int(args.shard_gb * GiB), layers)
         calibration, hidden = [], 0
         if args.calibrated:
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
             calibration = ["--calibration", text, "--calibration-batch", str(args.calib_batch),
                            "--calibration-length", str(args.calib_tokens)]
             hidden = args.calib_samples * args.calib_tokens * d * 4
-        print(f"{size}: wrote {info['params'] / 1e9:.2f}B parameters in {info['shards']} shards "
+        print(f"{size}: {'reused' if reused else 'wrote'} {info['params'] / 1e9:.2f}B parameters in {info['shards']} shards "
               f"({info['bytes'] / GiB:.2f} GiB) in {time.perf_counter() - t:.0f} s", flush=True)
         bound = (1.5 * (info["shard"] + info["layer"] + hidden) + GiB if args.calibrated
                  else 1.5 * (info["shard"] + info["layer"] + GiB))

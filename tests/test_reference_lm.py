@@ -151,20 +151,21 @@ def test_distillation_improves_a_lossy_pass_and_earlier_stages_keep_their_figure
 LOSSY = ["gqa{kv_heads=2,method=aligned}", "dha{kv_ratio=0.25}", "sqa{q_heads=4,kv_heads=2}",
          "prune-heads{ratio=0.5,importance=taylor}", "moh{active_ratio=0.75,router=qnorm}", "lit",
          "masa{atoms=2,refine_rank=8}", "mla{kv_rank=48,method=transmla}",
-         "gqa{kv_heads=2,method=aligned},refit-output"]  # clipped-softmax{gamma=-0.01}: below
+         "gqa{kv_heads=2,method=aligned},refit-output"]  # clipped softmax: its own lr, below
 
 
-@pytest.mark.parametrize("spec", LOSSY)
-def test_every_lossy_pass_improves_under_distillation(spec):
-    """The same short schedule for every pass: 12 steps, Adam at 1e-4. Clipped softmax (γ = -0.01, +0.009 before
-    training) is not in the list: here it ends 0.001 worse; over 100 steps at 1e-4 on 200 paragraphs it improves
-    to +0.007 (examples/perplexity_table.py --lr 1e-4), at 1e-3 it worsens to +0.020."""
+@pytest.mark.parametrize("spec, lr", [(spec, 1e-4) for spec in LOSSY] + [("clipped-softmax{gamma=-0.01}", 3e-5)])
+def test_every_lossy_pass_improves_under_distillation(spec, lr):
+    """The same short schedule for every pass: 12 steps, Adam at 1e-4, except clipped softmax (γ = -0.01), which
+    starts only +0.009 above the original: steps of 1e-4 overshoot that (2.5443 -> 2.5452 bpb here; 2e-4 -> 2.5502),
+    3e-5 closes part of it (-> 2.5435). Over 100 steps at 1e-4 on 200 paragraphs it improves to +0.007
+    (examples/perplexity_table.py --lr 1e-4); at 1e-3 it worsens to +0.020."""
     model, tok, base, calib, train = reference()
     conv = restage(base, spec, calib)
     texts = heldout_texts(24)
     stage = conv.report.stages[-1].name
     before = rewrite.evaluate(conv, texts, tokenizer=tok, original=False, stages=[stage], progress=False)[stage]
-    rewrite.distill(conv, model, train[:12], steps=12, lr=1e-4, progress=False)
+    rewrite.distill(conv, model, train[:12], steps=12, lr=lr, progress=False)
     after = rewrite.evaluate(conv, texts, tokenizer=tok, original=False, stages=["distill"], progress=False)["distill"]
     assert after.bits_per_byte < before.bits_per_byte, (spec, before.bits_per_byte, after.bits_per_byte)
 
