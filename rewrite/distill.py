@@ -18,8 +18,8 @@ is a plain converted model again.
 parameters are kept (restored at the end) and training stops after ``patience`` evaluations without a new best
 (0: never).
 
-Launched by ``accelerate launch --num_processes N`` (or any launcher that sets ``WORLD_SIZE`` > 1) the same call
-trains data-parallel: ``accelerate.Accelerator().prepare`` wraps the student in DistributedDataParallel, every
+Launched by ``accelerate launch --multi_gpu --num_processes N`` (or any launcher that sets ``WORLD_SIZE`` > 1, such
+as torchrun; on the CPU when there is no GPU) the same call trains data-parallel: ``accelerate.Accelerator().prepare`` wraps the student in DistributedDataParallel, every
 process takes its contiguous 1/N of each batch's rows, and the averaged gradients give every process the
 same update, the one a single process makes on the whole batch (to round-off, when the processes' slices hold
 equal numbers of tokens). The returned losses are averaged over the processes.
@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import types
+import warnings
 from typing import Optional
 
 import torch
@@ -101,6 +102,12 @@ def _token_weights(batch: dict, like: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _loss(kind: str, s_out, t_out, batch: dict) -> torch.Tensor:
+    total, count = _loss_terms(kind, s_out, t_out, batch)
+    return total / count
+
+
+def _loss_terms(kind: str, s_out, t_out, batch: dict) -> tuple:
+    """(the per-token loss summed over the kept tokens, their number): the mean is total / count."""
     key, t = _main_tensor(t_out)
     s = getattr(s_out, key) if key != "output" else _main_tensor(s_out)[1]
     s = s.reshape(t.shape)
@@ -115,8 +122,8 @@ def _loss(kind: str, s_out, t_out, batch: dict) -> torch.Tensor:
     else:
         raise RewriteError(f"distill: loss must be 'auto', 'kl' or 'mse', got {kind!r}")
     if w is not None and per.dim() >= 2:
-        return (per * w).sum() / w.sum().clamp_min(1.0)
-    return per.mean()
+        return (per * w).sum(), w.sum().clamp_min(1.0)
+    return per.sum(), torch.tensor(float(per.numel()))
 
 
 def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-4, params: str = "changed",
@@ -182,10 +189,12 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     optimizer = torch.optim.Adam(trained, lr=lr)
     acc = _accelerator()
     forward, local, backward, mean = model, batches, (lambda v: v.backward()), (lambda v: v)
+    tokens = (lambda n: n)  # the batch's kept tokens, from this process's
     if acc is not None:  # data parallel: DDP averages the gradients of every process's slice; FSDP also shards
         forward, optimizer = acc.prepare(model, optimizer)
         local = [_slice(b, acc.process_index, acc.num_processes) for b in batches]
         backward, mean = acc.backward, (lambda v: acc.reduce(v, "mean"))
+        tokens = (lambda n: acc.reduce(n.detach().clone(), "sum") / acc.num_processes)
         engine = str(acc.distributed_type).split(".")[-1]
         student.report.extras["distributed"] = {"engine": engine, "processes": acc.num_processes}
         if engine == "FSDP":  # fully_shard swapped the parameters for sharded ones: keep the best of those
@@ -202,7 +211,8 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
             batch = local[step % len(local)]
             with torch.no_grad():
                 t_out = teacher(**batch, **student.fixed)
-            value = _loss(loss, forward(**batch, **student.fixed), t_out, batch)
+            total, count = _loss_terms(loss, forward(**batch, **student.fixed), t_out, batch)
+            value = total / tokens(count)  # averaged over the processes: the whole batch's mean per token
             optimizer.zero_grad(set_to_none=True)
             backward(value)
             optimizer.step()
@@ -261,19 +271,52 @@ def _held_out_loss(student, teacher, batches: list, loss: str, model=None) -> fl
 
 
 def _accelerator():
-    """An ``accelerate.Accelerator`` when this process is one of several (accelerate launch, torchrun), else None."""
+    """An ``accelerate.Accelerator`` when this process is one of several (accelerate launch, torchrun), else None.
+
+    Without a GPU the processes train on the CPU (gloo): ``accelerate launch --multi_gpu --num_processes N`` and
+    ``torchrun --nproc_per_node N`` both give DDP over N CPU processes. ``accelerate launch --cpu --num_processes N``
+    starts several processes only through MPI (``--mpirun_hostfile``); without it accelerate starts one, which is
+    warned about."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        _warn_one_cpu_process()
         return None
     from accelerate import Accelerator
 
-    acc = Accelerator()
-    if acc.num_processes != world:  # e.g. --use_fsdp on CPUs: accelerate falls back to one process per launch
+    acc = Accelerator(cpu=not _has_accelerator_device())
+    if acc.num_processes != world:
         raise RewriteError(f"distill: launched as {world} processes, but accelerate set up "
                            f"{str(acc.distributed_type).split('.')[-1]} training on {acc.num_processes}; each process "
-                           "would train alone. accelerate runs FSDP only on GPUs (and similar devices): on CPUs "
-                           "launch DDP with `accelerate launch --cpu --num_processes N`")
+                           "would train alone. Launch data-parallel training with `accelerate launch --multi_gpu "
+                           "--num_processes N` (on CPUs too) or `torchrun --nproc_per_node N`")
+    engine = str(acc.distributed_type).split(".")[-1]
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and engine != "FSDP":
+        warnings.warn(f"distill: FSDP was asked for, but accelerate set up {engine} (it shards only on GPUs and "
+                      "similar devices): every process holds the whole student", RuntimeWarning, stacklevel=3)
     return acc
+
+
+def _has_accelerator_device() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
+def _warn_one_cpu_process() -> None:
+    """``accelerate launch --cpu --num_processes N>1`` without MPI runs one process: say so, and how to get N."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
+        return
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            launcher = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return
+    asked = next((launcher[i + 1] for i, a in enumerate(launcher[:-1]) if a == "--num_processes"), "1")
+    if "accelerate" in " ".join(launcher) and asked.isdigit() and int(asked) > 1:
+        warnings.warn(f"distill: `accelerate launch --cpu --num_processes {asked}` started one process (accelerate "
+                      "starts several CPU processes only through MPI, with --mpirun_hostfile); this one trains on "
+                      f"every batch alone. For {asked} CPU processes: `accelerate launch --multi_gpu "
+                      f"--num_processes {asked}` (without --cpu; distill trains on the CPU when there is no GPU)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _slice(batch: dict, rank: int, world: int) -> dict:

@@ -4,6 +4,8 @@ report gains a stage and a loss curve. One MiniLM capture serves every pass."""
 import copy
 import functools
 
+import warnings
+
 import pytest
 import torch
 
@@ -147,8 +149,8 @@ def test_distill_moh_raises_sentence_cosine():  # last: needs passes/moh.py from
 
 
 def test_distill_under_accelerate_launch_matches_one_process(tmp_path):
-    """`accelerate launch --num_processes 2 --cpu -m rewrite distill ...` (DDP, each process half of every batch)
-    lowers the loss and follows one process on the whole batch to DDP's round-off."""
+    """`accelerate launch --multi_gpu --num_processes 2 -m rewrite distill ...` on CPUs (DDP over gloo, each process
+    half of every batch) lowers the loss and follows one process on the whole batch to DDP's round-off."""
     import json
     import os
     import subprocess
@@ -162,7 +164,7 @@ def test_distill_under_accelerate_launch_matches_one_process(tmp_path):
             "--calibration-length", "16", "--steps", "3", "--lr", "3e-4"]
     assert main(args + ["--json", str(tmp_path / "one.json")]) == 0
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "-m", "rewrite"] + args + ["--json", str(tmp_path / "two.json")],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -170,27 +172,61 @@ def test_distill_under_accelerate_launch_matches_one_process(tmp_path):
     assert extras["two"]["distributed"] == {"engine": "MULTI_CPU", "processes": 2} and "distributed" not in extras["one"]
     one, two = (extras[n]["loss (distill)"] for n in ("one", "two"))
     assert len(two) == 3 and two[-1] < two[0]
-    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5 * max(one)
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5 * max(one), (one, two)
     with pytest.raises(RewriteError, match="distill on 3 processes: every batch must hold a multiple of 3 samples"):
         from rewrite.distill import _slice
         _slice({"input_ids": torch.zeros(8, 4)}, 0, 3)
 
 
 def test_distill_refuses_a_launch_that_accelerate_did_not_make_distributed(monkeypatch):
-    """`accelerate launch --use_fsdp` on CPUs starts processes that each train alone: refused, naming the fix."""
+    """Processes that accelerate leaves each training alone (WORLD_SIZE 2, accelerate state of one) are refused."""
     import accelerate
 
     from rewrite.distill import _accelerator
 
-    class OneProcess:  # what accelerate's state is in each process of an FSDP launch without GPUs
+    class OneProcess:  # accelerate's state in each process when it did not set up distributed training
         num_processes, distributed_type = 1, "DistributedType.NO"
+
+        def __init__(self, cpu=False):
+            pass
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(accelerate, "Accelerator", OneProcess)
     with pytest.raises(RewriteError, match=r"distill: launched as 2 processes, but accelerate set up NO training on 1; "
-                                           r"each process would train alone\. accelerate runs FSDP only on GPUs .* "
-                                           r"`accelerate launch --cpu --num_processes N`"):
+                                           r"each process would train alone\. Launch data-parallel training with "
+                                           r"`accelerate launch --multi_gpu --num_processes N` \(on CPUs too\)"):
         _accelerator()
+
+
+def test_accelerate_cpu_launch_of_one_process_is_warned_about(monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` without MPI starts one process: the warning names the launch that
+    gives two. The launcher is read from the parent's command line."""
+    import subprocess
+    import sys
+
+    from rewrite.distill import _accelerator
+
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "accelerate", "launch", "--cpu",
+                               "--num_processes", "2"])
+    try:
+        import time
+
+        for _ in range(200):  # the new process's command line is readable once it runs
+            if open(f"/proc/{parent.pid}/cmdline", "rb").read():
+                break
+            time.sleep(0.01)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+        monkeypatch.setattr("os.getppid", lambda: parent.pid)
+        with pytest.warns(RuntimeWarning, match=r"`accelerate launch --cpu --num_processes 2` started one process .* "
+                                                r"For 2 CPU processes: `accelerate launch --multi_gpu --num_processes 2`"):
+            assert _accelerator() is None
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "False")  # a plain process: no accelerate, no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _accelerator() is None
+    finally:
+        parent.kill()
 
 
 @pytest.fixture
