@@ -186,47 +186,9 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
 
         student.report.extras["loss (attention transfer)"] = attention_transfer(
             student, batches, transfer_steps, transfer_lr or lr, chosen, track)
-    optimizer = torch.optim.Adam(trained, lr=lr)
-    acc = _accelerator()
-    forward, local, backward, mean = model, batches, (lambda v: v.backward()), (lambda v: v)
-    tokens = (lambda n: n)  # the batch's kept tokens, from this process's
-    if acc is not None:  # data parallel: DDP averages the gradients of every process's slice; FSDP also shards
-        forward, optimizer = acc.prepare(model, optimizer)
-        local = [_slice(b, acc.process_index, acc.num_processes) for b in batches]
-        backward, mean = acc.backward, (lambda v: acc.reduce(v, "mean"))
-        tokens = (lambda n: acc.reduce(n.detach().clone(), "sum") / acc.num_processes)
-        engine = str(acc.distributed_type).split(".")[-1]
-        student.report.extras["distributed"] = {"engine": engine, "processes": acc.num_processes}
-        if engine == "FSDP":  # fully_shard swapped the parameters for sharded ones: keep the best of those
-            trained = [p for p in model.parameters() if p.requires_grad]
-    losses, evals, best = [], {}, None
-    if held_out:  # step 0 counts: when training only hurts, the converted parameters are kept
-        evals[0] = _held_out_loss(student, teacher, held_out, loss, model)
-        best = (0, evals[0], [p.detach().clone() for p in trained])
-    steps_iter = range(steps)
-    if track and (acc is None or acc.is_main_process):
-        steps_iter = track(steps_iter, "distilling")
     try:
-        for step in steps_iter:
-            batch = local[step % len(local)]
-            with torch.no_grad():
-                t_out = teacher(**batch, **student.fixed)
-            total, count = _loss_terms(loss, forward(**batch, **student.fixed), t_out, batch)
-            value = total / tokens(count)  # averaged over the processes: the whole batch's mean per token
-            optimizer.zero_grad(set_to_none=True)
-            backward(value)
-            optimizer.step()
-            losses.append(float(mean(value.detach())))
-            if held_out and ((step + 1) % eval_every == 0 or step + 1 == steps):  # the same on every process
-                evals[step + 1] = _held_out_loss(student, teacher, held_out, loss, model)
-                if best is None or evals[step + 1] < best[1]:
-                    best = (step + 1, evals[step + 1], [p.detach().clone() for p in trained])
-                elif patience and sum(1 for s in evals if s > best[0]) >= patience:
-                    break
-        if best is not None and best[0] != max(evals):
-            with torch.no_grad():
-                for p, kept in zip(trained, best[2]):
-                    p.copy_(kept)
+        losses, evals, best, trained = train(model, teacher, batches, trained, steps, lr, loss, held_out, eval_every,
+                                             patience, track, student.report.extras, student.fixed)
     finally:
         for p in student.gm.parameters():
             p.requires_grad_(flags.get(id(p), True))
@@ -263,11 +225,62 @@ def distill(student, teacher: nn.Module, data, steps: int = 100, lr: float = 1e-
     return losses
 
 
-def _held_out_loss(student, teacher, batches: list, loss: str, model=None) -> float:
-    model = student.gm if model is None else model
+def train(model: nn.Module, teacher: nn.Module, batches: list, trained: list, steps: int, lr: float, loss: str,
+          held_out: list, eval_every: int, patience: int, track, extras: dict, fixed: Optional[dict] = None):
+    """Adam on ``trained`` (parameters of ``model``) for ``steps`` steps of L(model(batch), teacher(batch)),
+    cycling over ``batches``; data-parallel under a multi-process launch (extras gains "distributed"). With
+    ``held_out`` batches: measured before training and every ``eval_every`` steps, stopped after ``patience``
+    evaluations without a new best (0: never), the best parameters restored at the end.
+
+    Returns (the loss of every step, {step: held-out loss}, (best step, its loss, its parameters) or None,
+    the trained parameters: FSDP replaces them by sharded ones)."""
+    fixed = fixed or {}
+    optimizer = torch.optim.Adam(trained, lr=lr)
+    acc = _accelerator()
+    forward, local, backward, mean = model, batches, (lambda v: v.backward()), (lambda v: v)
+    tokens = (lambda n: n)  # the batch's kept tokens, from this process's
+    if acc is not None:  # data parallel: DDP averages the gradients of every process's slice; FSDP also shards
+        forward, optimizer = acc.prepare(model, optimizer)
+        local = [_slice(b, acc.process_index, acc.num_processes) for b in batches]
+        backward, mean = acc.backward, (lambda v: acc.reduce(v, "mean"))
+        tokens = (lambda n: acc.reduce(n.detach().clone(), "sum") / acc.num_processes)
+        engine = str(acc.distributed_type).split(".")[-1]
+        extras["distributed"] = {"engine": engine, "processes": acc.num_processes}
+        if engine == "FSDP":  # fully_shard swapped the parameters for sharded ones: keep the best of those
+            trained = [p for p in model.parameters() if p.requires_grad]
+    losses, evals, best = [], {}, None
+    if held_out:  # step 0 counts: when training only hurts, the converted parameters are kept
+        evals[0] = _held_out_loss(model, teacher, held_out, loss, fixed)
+        best = (0, evals[0], [p.detach().clone() for p in trained])
+    steps_iter = range(steps)
+    if track and (acc is None or acc.is_main_process):
+        steps_iter = track(steps_iter, "distilling")
+    for step in steps_iter:
+        batch = local[step % len(local)]
+        with torch.no_grad():
+            t_out = teacher(**batch, **fixed)
+        total, count = _loss_terms(loss, forward(**batch, **fixed), t_out, batch)
+        value = total / tokens(count)  # averaged over the processes: the whole batch's mean per token
+        optimizer.zero_grad(set_to_none=True)
+        backward(value)
+        optimizer.step()
+        losses.append(float(mean(value.detach())))
+        if held_out and ((step + 1) % eval_every == 0 or step + 1 == steps):  # the same on every process
+            evals[step + 1] = _held_out_loss(model, teacher, held_out, loss, fixed)
+            if best is None or evals[step + 1] < best[1]:
+                best = (step + 1, evals[step + 1], [p.detach().clone() for p in trained])
+            elif patience and sum(1 for s in evals if s > best[0]) >= patience:
+                break
+    if best is not None and best[0] != max(evals):
+        with torch.no_grad():
+            for p, kept in zip(trained, best[2]):
+                p.copy_(kept)
+    return losses, evals, best, trained
+
+
+def _held_out_loss(model, teacher, batches: list, loss: str, fixed: dict) -> float:
     with torch.no_grad():
-        return sum(float(_loss(loss, model(**b, **student.fixed), teacher(**b, **student.fixed), b))
-                   for b in batches) / len(batches)
+        return sum(float(_loss(loss, model(**b, **fixed), teacher(**b, **fixed), b)) for b in batches) / len(batches)
 
 
 def _accelerator():
