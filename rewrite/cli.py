@@ -125,6 +125,11 @@ def cmd_analyze(args, console):
 def cmd_distill(args, console):
     import rewrite
 
+    if bool(args.passes) == bool(args.teacher):
+        raise RewriteError("distill: give --passes SPEC (convert MODEL, then distill it from MODEL) or --teacher "
+                           "FOLDER (MODEL is a converted folder, distilled from the folder it was converted from)")
+    if args.teacher:
+        return _distill_folder(args, console)
     model, folder, example = _load(args)
     calib = _calibration(args, folder, model)
     if not calib:
@@ -143,6 +148,33 @@ def cmd_distill(args, console):
             json.dump(conv.report.to_json(), f, indent=1)
     if args.save:
         conv.save(args.save)
+    return 0
+
+
+def _distill_folder(args, console):
+    """rewrite distill CONVERTED --teacher ORIGINAL --calibration FILE --save OUT: neither model captured."""
+    from .distill_folder import distill_folder
+    from .stream_calib import calibration_batches
+
+    if not args.save:
+        raise RewriteError("distill --teacher: name the output folder with --save OUT")
+    if not args.calibration:
+        raise RewriteError("distill needs training text: --calibration FILE (one sample per line)")
+    data = calibration_batches(args.teacher, args.calibration, args.calibration_batch, args.calibration_length)
+    held_out = (calibration_batches(args.teacher, args.held_out, args.calibration_batch, args.calibration_length,
+                                    flag="--held-out") if args.held_out else None)
+    result = distill_folder(args.model, args.teacher, data, args.save, steps=args.steps, lr=args.lr,
+                            dtype=args.dtype, device_map=args.device_map, eval_data=held_out,
+                            eval_every=args.eval_every, patience=args.patience)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    losses = result["losses"]
+    console.print(f"distilled {result['trained_params']:,} parameters ({result['trained_tensors']} tensors) in "
+                  f"{len(losses)} steps: loss {losses[0]:.4g} → {losses[-1]:.4g}; {result['seconds']:.0f} s, peak RSS "
+                  f"{result['peak_rss_bytes'] / 2 ** 30:.2f} GiB; saved: {args.save}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 
@@ -319,10 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report", help="write the HTML report with heatmaps here")
     sp.set_defaults(func=cmd_analyze)
 
-    sp = sub.add_parser("distill", help="convert, then distill the converted model from the original")
+    sp = sub.add_parser("distill", help="convert, then distill the converted model from the original; or distill "
+                                         "a converted folder from its original (--teacher)")
     model_args(sp)
     calib_args(sp)
-    sp.add_argument("--passes", required=True)
+    sp.add_argument("--passes", help="the pipeline to convert MODEL with before distilling")
+    sp.add_argument("--teacher", help="MODEL is a converted Hugging Face folder (a streamed conversion's output): "
+                                      "distill it from this original folder, both loaded with from_pretrained")
+    sp.add_argument("--device-map", help="with --teacher: from_pretrained's device_map (e.g. auto; default: CPU)")
+    sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="with --teacher: the precision both "
+                                                                             "models train in (bf16 halves memory)")
     sp.add_argument("--steps", type=int, default=100)
     sp.add_argument("--lr", type=float, default=1e-4)
     sp.add_argument("--transfer-steps", type=int, default=0, help="per-site attention transfer first (the "

@@ -46,7 +46,9 @@ def distill_folder(student_dir: str, teacher_dir: str, data: list, out_dir: str,
         raise RewriteError("distill needs at least one batch of data")
     if os.path.abspath(out_dir) in (os.path.abspath(student_dir), os.path.abspath(teacher_dir)):
         raise RewriteError(f"distill: --save {out_dir} would overwrite an input folder; give a new folder")
-    stored = Checkpoint(student_dir).config.get("torch_dtype") or Checkpoint(teacher_dir).config.get("torch_dtype")
+    config = Checkpoint(student_dir).config
+    Checkpoint(teacher_dir)  # refuses an unfinished conversion
+    stored = config.get("dtype") or config.get("torch_dtype")
     compute = _dtype(dtype)
     t0 = time.perf_counter()
     teacher = _load(teacher_dir, compute, device_map, remote_code=False)

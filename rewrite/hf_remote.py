@@ -45,10 +45,11 @@ def install_sites(model: nn.Module, rewrite: dict) -> None:
     from .site_spec import op_from_spec, plan_from_spec
 
     groups: dict = {}
+    dtype = model.get_input_embeddings().weight.dtype  # from_pretrained(dtype=...) builds the base in it
     for site in rewrite["sites"]:
         op = op_from_spec(site["op"], groups)
         plan = plan_from_spec(site["plan"])
-        model.set_submodule(plan.name, SiteAdapter(op, plan))
+        model.set_submodule(plan.name, SiteAdapter(op, plan).to(dtype))
     declare_shared(model)
 
 

@@ -157,3 +157,65 @@ def test_refusals(src, tmp_path, monkeypatch):
         convert_folder(src, "gqa{kv_heads=2,method=aligned}", out, calibration_file=_text(src), progress=False)
     assert not os.path.exists(out)
     shutil.rmtree(out + ".partial", ignore_errors=True)
+
+
+def _kl(student_dir, teacher, batch):
+    import torch.nn.functional as F
+
+    student = transformers.AutoModelForCausalLM.from_pretrained(student_dir, trust_remote_code=True).eval()
+    with torch.no_grad():
+        s, t = (m(**batch).logits for m in (student, teacher))
+    per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    return float((per * batch["attention_mask"]).sum() / batch["attention_mask"].sum())
+
+
+def test_a_streamed_folder_distills_from_its_original(src, tmp_path):
+    """`rewrite distill OUT --teacher SRC`: both folders loaded with from_pretrained (the student's custom code
+    too), only the converted attention trains, the written folder loads and is closer to the teacher."""
+    import hashlib
+
+    from rewrite.cli import main
+
+    out, dist = str(tmp_path / "out"), str(tmp_path / "dist")
+    convert_folder(src, "gqa{kv_heads=2,method=aligned},prune-heads{ratio=0.25,importance=taylor-local}", out,
+                   calibration_file=_text(src), progress=False)
+    before = {f: hashlib.sha256(open(os.path.join(src, f), "rb").read()).hexdigest() for f in os.listdir(src)}
+    assert main(["distill", out, "--teacher", src, "--calibration", _text(src), "--calibration-batch", "8",
+                 "--calibration-length", "16", "--steps", "15", "--lr", "1e-3", "--save", dist,
+                 "--json", str(tmp_path / "d.json")]) == 0
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert result["trained_tensors"] == 12  # q, k, v, o of 3 layers: embeddings, norms and MLPs equal the teacher's
+    assert len(result["losses"]) == 15 and result["losses"][-1] < 0.5 * result["losses"][0]
+    assert os.path.isfile(os.path.join(dist, COMPLETE)) and not os.path.exists(dist + ".partial")
+    assert {"modeling_rewrite.py", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(dist))
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    batch = calibration_batches(src, _text(src), 4, 16)[-1]  # the last 4 lines: a batch size not trained on
+    assert _kl(dist, teacher, batch) < 0.5 * _kl(out, teacher, batch)
+    got = transformers.AutoModelForCausalLM.from_pretrained(dist, trust_remote_code=True)
+    assert type(got).__name__ == "RewriteLlamaForCausalLM"
+    assert torch.equal(got.model.layers[1].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
+    half = transformers.AutoModelForCausalLM.from_pretrained(dist, trust_remote_code=True, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # the custom sites too
+    with torch.no_grad():
+        assert half(**batch).logits.dtype == torch.bfloat16
+    assert before == {f: hashlib.sha256(open(os.path.join(src, f), "rb").read()).hexdigest() for f in os.listdir(src)}
+
+
+def test_distilling_a_folder_refuses_what_it_cannot_train(src, tmp_path, capsys):
+    import re
+
+    from rewrite.cli import main
+    from rewrite.distill_folder import distill_folder
+
+    data = calibration_batches(src, _text(src), 8, 16)
+    with pytest.raises(RewriteError, match=r"every parameter of .* equals the one of the same name in .*: nothing "
+                                           r"was converted to distill\. Give the converted folder as the student"):
+        distill_folder(src, src, data, str(tmp_path / "d"), steps=1, progress=False)
+    with pytest.raises(RewriteError, match=r"would overwrite an input folder"):
+        distill_folder(src, src, data, src, steps=1, progress=False)
+    assert main(["distill", src, "--teacher", src, "--passes", "gqa{kv_heads=2}", "--calibration", _text(src)]) == 2
+    assert main(["distill", src, "--teacher", src, "--calibration", _text(src)]) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"distill: give --passes SPEC .* or --teacher FOLDER", printed)
+    assert "distill --teacher: name the output folder with --save OUT" in printed
+    assert not os.path.exists(tmp_path / "d")
