@@ -187,7 +187,7 @@ def test_attention_transfer_then_held_out_early_stopping_keeps_the_best():
     assert sorted(evals) == [0, 3, 6] and stats["steps_run"] == 6  # stopped after 2 evaluations without a new best
     assert stats["best_step"] == 0 == min(evals, key=evals.get)
     inputs = [{k: v for k, v in b.items() if k in conv.input_names} for b in calib[:2]]
-    assert _held_out_loss(conv, model, inputs, "auto") == pytest.approx(stats["best_held_out_loss"], rel=1e-6)
+    assert _held_out_loss(conv.gm, model, inputs, "auto", conv.fixed) == pytest.approx(stats["best_held_out_loss"], rel=1e-6)
     assert conv.report.to_html().count("<img") == 5  # + the transfer and held-out curves, no evaluation plot
     with pytest.raises(RewriteError, match="eval_data needs at least one batch, eval_every >= 1 and patience >= 0"):
         rewrite.distill(conv, model, train[:2], steps=2, eval_data=calib[:1], eval_every=0, progress=False)
