@@ -128,12 +128,12 @@ def cmd_distill(args, console):
     if bool(args.passes) == bool(args.teacher):
         raise RewriteError("distill: give --passes SPEC (convert MODEL, then distill it from MODEL) or --teacher "
                            "FOLDER (MODEL is a converted folder, distilled from the folder it was converted from)")
+    if not args.calibration:
+        raise RewriteError("distill needs training text: --calibration FILE (one sample per line)")
     if args.teacher:
         return _distill_folder(args, console)
     model, folder, example = _load(args)
     calib = _calibration(args, folder, model)
-    if not calib:
-        raise RewriteError("distill needs training text: --calibration FILE (one sample per line)")
     conv = rewrite.convert(model, passes=args.passes, example_inputs=example, calibration=calib)
     held_out = _calibration(args, folder, model, "held_out")
     rewrite.distill(conv, model, calib, steps=args.steps, lr=args.lr, transfer_steps=args.transfer_steps,
@@ -154,15 +154,10 @@ def cmd_distill(args, console):
 def _distill_folder(args, console):
     """rewrite distill CONVERTED --teacher ORIGINAL --calibration FILE --save OUT: neither model captured."""
     from .distill_folder import distill_folder
-    from .stream_calib import calibration_batches
 
     if not args.save:
         raise RewriteError("distill --teacher: name the output folder with --save OUT")
-    if not args.calibration:
-        raise RewriteError("distill needs training text: --calibration FILE (one sample per line)")
-    data = calibration_batches(args.teacher, args.calibration, args.calibration_batch, args.calibration_length)
-    held_out = (calibration_batches(args.teacher, args.held_out, args.calibration_batch, args.calibration_length,
-                                    flag="--held-out") if args.held_out else None)
+    data, held_out = _calibration(args, args.teacher, None), _calibration(args, args.teacher, None, "held_out")
     result = distill_folder(args.model, args.teacher, data, args.save, steps=args.steps, lr=args.lr,
                             dtype=args.dtype, device_map=args.device_map, eval_data=held_out,
                             eval_every=args.eval_every, patience=args.patience)

@@ -19,10 +19,11 @@ parameters are kept (restored at the end) and training stops after ``patience`` 
 (0: never).
 
 Launched by ``accelerate launch --multi_gpu --num_processes N`` (or any launcher that sets ``WORLD_SIZE`` > 1, such
-as torchrun; on the CPU when there is no GPU) the same call trains data-parallel: ``accelerate.Accelerator().prepare`` wraps the student in DistributedDataParallel, every
-process takes its contiguous 1/N of each batch's rows, and the averaged gradients give every process the
-same update, the one a single process makes on the whole batch (to round-off, when the processes' slices hold
-equal numbers of tokens). The returned losses are averaged over the processes.
+as torchrun; on the CPU when there is no GPU) the same call trains data-parallel: ``Accelerator.prepare`` wraps
+the student in DistributedDataParallel and every process takes its contiguous 1/N of each batch's rows. Each
+divides its slice's summed token loss by the mean kept-token count over the processes, so the gradient DDP
+averages is the one a single process gets on the whole batch (to round-off), however the padding falls. The
+returned losses are averaged over the processes.
 """
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from typing import Optional
@@ -22,9 +21,7 @@ from typing import Optional
 import torch
 
 from .errors import RewriteError
-from .shards import COMPLETE, Checkpoint
-
-WRITTEN = (".safetensors", ".bin", ".index.json")  # save_pretrained writes these, and config.json
+from .shards import Checkpoint, publish, side_files
 
 
 def distill_folder(student_dir: str, teacher_dir: str, data: list, out_dir: str, steps: int = 100,
@@ -41,6 +38,7 @@ def distill_folder(student_dir: str, teacher_dir: str, data: list, out_dir: str,
     """
     from .distill import train
     from .stream import _dtype
+    from .stream_calib import peak_rss
 
     if not data:
         raise RewriteError("distill needs at least one batch of data")
@@ -77,7 +75,7 @@ def distill_folder(student_dir: str, teacher_dir: str, data: list, out_dir: str,
               "held_out": evals, "best_step": best[0] if best else None,
               "trained_params": sum(p.numel() for p in trained),
               "trained_tensors": len(trained), "seconds": time.perf_counter() - t0,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extras}
+              "peak_rss_bytes": peak_rss(), **extras}
     if int(os.environ.get("RANK", "0")) == 0:  # one of several data-parallel processes: rank 0 writes
         _write(student, student_dir, out_dir, stored, result)
     return result
@@ -112,15 +110,9 @@ def _write(student, student_dir: str, out_dir: str, stored, result: dict) -> Non
     if stored in ("bfloat16", "float16"):
         student.to(getattr(torch, stored))
     student.save_pretrained(tmp)
-    for name in os.listdir(student_dir):  # tokenizer, generation config, custom code not written by save
-        src, dst = os.path.join(student_dir, name), os.path.join(tmp, name)
-        if os.path.isfile(src) and not os.path.exists(dst) and not name.endswith(WRITTEN) \
-                and name not in ("config.json", COMPLETE):
-            shutil.copy2(src, dst)
+    for name in side_files(student_dir):  # tokenizer, generation config: what save_pretrained did not write
+        if not os.path.exists(os.path.join(tmp, name)):
+            shutil.copy2(os.path.join(student_dir, name), os.path.join(tmp, name))
     with open(os.path.join(tmp, "rewrite-distill.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(tmp, COMPLETE), "w", encoding="utf-8") as f:
-        json.dump({"distilled_from": result["teacher"], "student": result["student"]}, f, indent=2)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    publish(tmp, out_dir, {"distilled_from": result["teacher"], "student": result["student"]})

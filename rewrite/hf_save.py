@@ -28,6 +28,7 @@ from .graph import sites
 from .hf_adapter import GenerationError, SiteAdapter, source_model
 from .hf_checkpoint import HFLayout, flat
 from .latent import is_latent
+from .shards import publish
 
 __all__ = ["save_pretrained", "stock_state", "custom_config", "write_remote_code"]
 
@@ -237,9 +238,7 @@ def save_pretrained(conv, out_dir: str, stock: bool = True) -> dict:
         if kind == "custom":
             _write_custom(conv, model, tmp)
         tokenizer = _copy_tokenizer(model, tmp)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"kind": kind, "reason": reason, "path": out_dir, "auto_class": auto, "tokenizer": tokenizer}

@@ -165,6 +165,25 @@ def write_shard(dst: str, src: str, header: dict, start: int, replaced: dict, dr
     return offset, numel
 
 
+def side_files(folder: str) -> list:
+    """The files of a model folder other than its weights, their index, config.json and the completion mark
+    (tokenizer, generation config, custom code): what a folder written from it copies."""
+    return [f for f in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, f))
+            and not f.endswith(WEIGHT_FILES + (".index.json",)) and f not in ("config.json", COMPLETE)]
+
+
+def publish(tmp: str, out_dir: str, mark: dict = None) -> None:
+    """Make the finished folder ``tmp`` into ``out_dir`` (replacing an older one) in one rename, its journal
+    removed and, when given, the completion mark ``mark`` written first."""
+    shutil.rmtree(os.path.join(tmp, JOURNAL), ignore_errors=True)
+    if mark is not None:
+        with open(os.path.join(tmp, COMPLETE), "w", encoding="utf-8") as f:
+            json.dump(mark, f, indent=2)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
 def write_folder(ckpt: Checkpoint, out_dir: str, layer_of: dict, compute: Callable[[int], dict]) -> list:
     """Write every shard of ``ckpt`` to ``out_dir``; tensors of layer i come from ``compute(i)``.
 
@@ -207,11 +226,9 @@ def write_folder(ckpt: Checkpoint, out_dir: str, layer_of: dict, compute: Callab
             written.append(os.path.join(out_dir, INDEX))
             with open(written[-1], "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
-        for f in sorted(os.listdir(ckpt.folder)):
-            path = os.path.join(ckpt.folder, f)
-            if os.path.isfile(path) and not f.endswith(WEIGHT_FILES) and f not in (INDEX, "config.json", COMPLETE):
-                written.append(os.path.join(out_dir, f))
-                shutil.copy2(path, written[-1])
+        for f in side_files(ckpt.folder):
+            written.append(os.path.join(out_dir, f))
+            shutil.copy2(os.path.join(ckpt.folder, f), written[-1])
     except BaseException:
         for path in written:
             if os.path.isfile(path):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import os
 import shutil
 import time
@@ -47,7 +46,7 @@ from .heads import rebuild
 from .hf_checkpoint import HFLayout, SiteTemplate, Writeback
 from .pass_base import PassContext, SitePass, run_pass
 from .report import Report
-from .shards import COMPLETE, JOURNAL, Checkpoint, write_folder
+from .shards import Checkpoint, publish, write_folder
 from .stream_write import load_op, write_output
 from .site_tally import FLOP_TOKENS, SiteTally, streaming_extras
 
@@ -213,12 +212,7 @@ def convert_folder(model_dir: str, passes_spec, out_dir: str, calibration_file: 
 
 def _finished(tmp: str, out_dir: str, report: Report) -> Report:
     """Mark ``tmp`` complete (its journal gone) and rename it to ``out_dir``."""
-    shutil.rmtree(os.path.join(tmp, JOURNAL), ignore_errors=True)
-    with open(os.path.join(tmp, COMPLETE), "w", encoding="utf-8") as f:
-        json.dump({"pipeline": report.pipeline, "mode": report.extras["streaming"]["mode"]}, f, indent=2)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    publish(tmp, out_dir, {"pipeline": report.pipeline, "mode": report.extras["streaming"]["mode"]})
     report.extras["streaming"]["output"] = out_dir
     return report
 

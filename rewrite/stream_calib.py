@@ -228,7 +228,7 @@ def convert_layers(ckpt, tpl, pipeline: list, tmp: str, batches: list, bar, tall
             "sweeps": len(sweeps), "resumed_at": resumed_at,
             "seconds_per_layer": sum(per_layer) / max(len(per_layer), 1), "layer_seconds": per_layer,
             "layer_rss_bytes": st.get("rss", []),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss(),
             "calibration_seconds": time.perf_counter() - t0}
 
 
@@ -238,7 +238,12 @@ def _rss() -> int:
         with open("/proc/self/statm", encoding="ascii") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far (bytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _store(shapes: list, streams: int, folder: str, bar) -> HiddenStore:
