@@ -24,12 +24,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from rewrite.errors import PassError, SpecError
-from rewrite.graph import sites, with_sites
+from rewrite.graph import with_sites
 from rewrite.heads import rebuild
 from rewrite.importance import site_inputs
 from rewrite.latent import is_latent
-from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, register
+from rewrite.pass_base import PassResult, register
+from rewrite.refit import SiteRefit
 
 __all__ = ["RefitOutput", "head_outputs"]
 
@@ -55,8 +55,6 @@ def head_outputs(op, args: tuple) -> tuple:
 
 
 def _why_not(op, base) -> str:
-    if op is base:
-        return "unchanged by the pipeline"
     if op.score_fn is not None:
         return "a score function (linear attention): not refitted (it raised held-out perplexity on demo-lm)"
     if getattr(op, "weights", None) is not None:
@@ -77,43 +75,18 @@ def _with_wo(op, wo: torch.Tensor):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class RefitOutput(Pass):
+class RefitOutput(SiteRefit):
     """W_o refitted per site by ridge least squares (see the module docstring)."""
 
     name = "refit-output"
-    needs_calibration = True
-    ridge: float = 1e-3
+    fits = "each site to its original output"
+    ridge_of = "the mean diagonal of Σ z zᵀ"
 
-    def __post_init__(self):
-        self.check_options()
-
-    @property
-    def calibration(self):
-        return Calibration(("whole_model",), "site", "refit-output reads the captured (original) site beside the "
-                           "converted one on the same inputs, which a layer-by-layer conversion does not hold; "
-                           "convert in memory")
-
-    def check_options(self) -> None:
-        if not self.ridge > 0:
-            raise SpecError(f"refit-output{{ridge={self.ridge}}}: ridge must be > 0 (a fraction of the mean "
-                            "diagonal of Σ z zᵀ, e.g. 1e-3)")
+    def why_not(self, op, base) -> str:
+        return _why_not(op, base)
 
     def run(self, gm, ctx) -> PassResult:
-        self.check_options()
-        if not ctx.calibration or ctx.captured is None:
-            raise PassError(f"{self.spec()}: needs calibration data (pass calibration=[batches, ...]) and the "
-                            "captured model to fit each site to its original output")
-        ops, bases = sites(gm), sites(ctx.captured.gm)
-        if len(ops) != len(bases):
-            raise PassError(f"{self.spec()}: the graph has {len(ops)} attention sites and the captured model "
-                            f"{len(bases)}; refit-output needs them one for one")
-        diags, todo = [], []
-        for i, (op, base) in enumerate(zip(ops, bases)):
-            why = _why_not(op, base)
-            if why:
-                diags.append(Diagnostic("skip", why, op.info.name))
-            else:
-                todo.append(i)
+        ops, bases, todo, diags = self.paired_sites(gm, ctx)
         zz = {i: 0.0 for i in todo}
         yz = {i: 0.0 for i in todo}
         err = {i: [0.0, 0.0] for i in todo}  # Σ‖y − b − W_o z‖², Σ‖y − b‖²

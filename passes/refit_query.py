@@ -31,12 +31,12 @@ from typing import Optional
 import torch
 
 from rewrite.align import key_pairing
-from rewrite.errors import PassError, SpecError
-from rewrite.graph import sites, with_sites
+from rewrite.graph import with_sites
 from rewrite.heads import rebuild
 from rewrite.importance import attention_probs, site_inputs
 from rewrite.latent import is_latent
-from rewrite.pass_base import Calibration, Diagnostic, Pass, PassResult, register
+from rewrite.pass_base import PassResult, register
+from rewrite.refit import SiteRefit
 
 __all__ = ["RefitQuery", "head_correspondence", "query_map_features"]
 
@@ -72,8 +72,6 @@ def query_map_features(q: torch.Tensor, k: torch.Tensor, pairs: torch.Tensor, ot
 
 
 def _why_not(op, base) -> str:
-    if op is base:
-        return "unchanged by the pipeline"
     if is_latent(op):
         return "a latent (mla) site: its queries read the latent, not per-head keys"
     if op.score_fn is not None:
@@ -112,43 +110,19 @@ def _fold(op, theta: torch.Tensor):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class RefitQuery(Pass):
+class RefitQuery(SiteRefit):
     """W_q refitted per query head by a RoPE-commuting map (see the module docstring)."""
 
     name = "refit-query"
-    needs_calibration = True
-    ridge: float = 1e-3
+    fits = "each site's logits to the original's"
+    ridge_of = "the mean diagonal of the normal matrix"
 
-    def __post_init__(self):
-        self.check_options()
-
-    @property
-    def calibration(self):
-        return Calibration(("whole_model",), "site", "refit-query reads the captured (original) site beside the "
-                           "converted one on the same inputs, which a layer-by-layer conversion does not hold; "
-                           "convert in memory")
-
-    def check_options(self) -> None:
-        if not self.ridge > 0:
-            raise SpecError(f"refit-query{{ridge={self.ridge}}}: ridge must be > 0 (a fraction of the mean "
-                            "diagonal of the normal matrix, e.g. 1e-3)")
+    def why_not(self, op, base) -> str:
+        return _why_not(op, base)
 
     def run(self, gm, ctx) -> PassResult:
-        self.check_options()
-        if not ctx.calibration or ctx.captured is None:
-            raise PassError(f"{self.spec()}: needs calibration data (pass calibration=[batches, ...]) and the "
-                            "captured model to fit each site's logits to the original's")
-        ops, bases = sites(gm), sites(ctx.captured.gm)
-        if len(ops) != len(bases):
-            raise PassError(f"{self.spec()}: the graph has {len(ops)} attention sites and the captured model "
-                            f"{len(bases)}; refit-query needs them one for one")
-        diags, todo = [], {}
-        for i, (op, base) in enumerate(zip(ops, bases)):
-            why = _why_not(op, base)
-            if why:
-                diags.append(Diagnostic("skip", why, op.info.name))
-            else:
-                todo[i] = head_correspondence(op, base)
+        ops, bases, todo, diags = self.paired_sites(gm, ctx)
+        todo = {i: head_correspondence(ops[i], bases[i]) for i in todo}
         normal, rhs, rows = {}, {}, {}
         for i, op, args in site_inputs(gm, ctx, "refit-query (least squares per query head)"):
             if i not in todo:

@@ -4,7 +4,6 @@ Exact where the site already reproduces the original (an exact re-expression tha
 heads), the stats equal the second-order row KL measured directly on the calibration inputs (so the normal
 equations, the fold into W_q and its commuting with RoPE agree, on rotate_half and interleaved layouts), lower
 logit error at another batch and length after a lossy merge, the sites it must skip named, and its refusals."""
-import functools
 
 import pytest
 import torch
@@ -21,20 +20,10 @@ from rewrite.graph import with_sites
 from rewrite.heads import rebuild
 from rewrite.pass_base import PassContext
 from rewrite.passes.refit_query import RefitQuery
+from test_refit_output import _calibration, _llama  # a 2-layer LLaMA of 4 heads, 3 calibration batches
 from test_rope_layouts import _rotations
 from rewrite.importance import attention_probs
 from rewrite.passes.refit_query import head_correspondence
-
-
-def _calibration():
-    return [{"input_ids": M.ids(2, 16, seed=s)} for s in (1, 2, 3)]
-
-
-@functools.lru_cache(maxsize=None)
-def _llama():
-    torch.manual_seed(0)
-    model = M.llama(kv_heads=4)
-    return model, rewrite.convert(model, "", example_inputs={"input_ids": M.ids(2, 8)}, progress=False)
 
 
 def _logits(op, args):
