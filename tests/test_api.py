@@ -76,7 +76,8 @@ SPECS = ["gqa{kv_heads=2}", "gqa{kv_heads=2,method=aligned}", "mqa", "sqa{q_head
          "local-heads{ratio=0.5,window=64,sinks=2,score=distance}", "local-heads{heads={0:0/1;1:2},window=8}",
          "mla", "mla{kv_rank=32,rope_dims=4,method=mha2mla}", "dha{kv_ratio=0.25,budget=uniform}",
          "moh{active_ratio=0.75,router=qnorm,shared=taylor}", "masa{atoms=2,refine_rank=4,refine_alloc=uniform}",
-         "lit{feature_map=hedgehog}", "lit{feature_map=hedgehog,window=64}", "refit-output", "refit-output{ridge=0.01}"]
+         "lit{feature_map=hedgehog}", "lit{feature_map=hedgehog,window=64}", "refit-output", "refit-output{ridge=0.01}",
+         "refit-query", "refit-query{ridge=0.1}", "masa{atoms=2,fit=weights}"]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -12,7 +12,9 @@ from rewrite.calibrate import input_grams
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import count_params, sites
 from rewrite.pass_base import PassContext
-from rewrite.passes.masa import Masa, SharedAtoms, as_matrix, drift_groups, matrix_pca
+from rewrite.passes import masa
+from rewrite.passes.masa import (INPUT_OF, Masa, SharedAtoms, WhitenedFit, as_matrix, drift_groups, matrix_pca,
+                                  projection_grams)
 from test_roundtrip import CASES
 
 TOL = 1e-5
@@ -198,9 +200,11 @@ def test_refinement_adds_rank_times_out_plus_in_per_layer_and_shared_type(llama4
 
 def test_adaptive_ranks_keep_each_types_total_and_lower_the_summed_error(llama4):
     """refine_alloc=adaptive (the default) moves the uniform per-type total between layers: the sum of squared
-    relative whitened errors can only drop, and a layer may get more or less than the uniform rank."""
+    relative whitened errors can only drop, and a layer may get more or less than the uniform rank. On the same
+    atoms (fit=weights: the default whitened fit refits the atoms to each allocation's refinement)."""
     _, conv, ctx = llama4
-    runs = {alloc: M.restage(conv, f"masa{{atoms=1,refine_rank=5,refine_alloc={alloc}}}", ctx.calibration)[1].stats
+    runs = {alloc: M.restage(conv, f"masa{{atoms=1,refine_rank=5,refine_alloc={alloc},fit=weights}}",
+                             ctx.calibration)[1].stats
             for alloc in ("uniform", "adaptive")}
     names = [op.info.name for op in conv.sites]
     for n in ("wq", "wk", "wv", "wo"):
@@ -245,9 +249,10 @@ def test_refinement_lowers_the_activation_error_and_is_exact_at_full_rank(llama4
     assert all(0 <= e["refined"] < e["atoms"] for site in reported.values() for e in site.values()), reported
     # checked independently for Q, K, V on Σxxᵀ of rewrite.calibrate
     grams = input_grams(cap_gm, ctx.call(cap_gm), ctx.calibration)
-    for orig, plain, new, stats in zip(sites(cap_gm), conv.sites, refined.sites, grams):
+    for orig, new, stats in zip(sites(cap_gm), refined.sites, grams):
         for name in ("wq", "wk", "wv"):
-            w, atoms_only, ours = (as_matrix(name, getattr(op, name).detach()) for op in (orig, plain, new))
+            w, ours = (as_matrix(name, getattr(op, name).detach()) for op in (orig, new))
+            atoms_only = as_matrix(name, new.weights.shared[name](new.weights.layers[name]).detach())
             before, after = _whitened_err(w, atoms_only, stats.gram), _whitened_err(w, ours, stats.gram)
             assert after < before
             assert [before, after] == pytest.approx(list(reported[orig.info.name][name].values()), rel=1e-3)
@@ -264,17 +269,19 @@ def test_refinement_lowers_the_activation_error_and_is_exact_at_full_rank(llama4
 
 
 def test_refinement_brings_minilm_sentence_embeddings_closer(record_property):
-    """MiniLM, 3 atoms for 6 layers: rank-8 whitened refinement per layer and type (calibration on 64 sentences)."""
+    """MiniLM, 3 atoms for 6 layers: rank-8 whitened refinement per layer and type (calibration on 64 sentences), on
+    the weight PCA's atoms (fit=weights; the whitened fit, slower here: 0.699 atoms only, 0.808 refined)."""
     from rewrite.models import sentences
 
     enc, text = M.minilm_tokenizer(32), sentences()
     gm, cap = M.canonical_graph(M.minilm(), enc(text[:2]))
     ctx = PassContext(calibration=[enc(text[i:i + 16]) for i in range(0, 64, 16)], captured=cap)
     fidelity = M.embedding_fidelity(gm, ctx, [enc(text[100:164])])  # 64 held-out sentences
-    atoms_only, refined = fidelity("masa{atoms=3}"), fidelity("masa{atoms=3,refine_rank=8}")
-    record_property("cosine", {"masa{atoms=3}": atoms_only, "masa{atoms=3,refine_rank=8}": refined})
+    atoms_only, refined = fidelity("masa{atoms=3,fit=weights}"), fidelity("masa{atoms=3,refine_rank=8,fit=weights}")
+    record_property("cosine", {"masa{atoms=3,fit=weights}": atoms_only,
+                               "masa{atoms=3,refine_rank=8,fit=weights}": refined})
     print(f"MiniLM mean cosine: atoms=3 {atoms_only:.4f}, atoms=3 refine_rank=8 {refined:.4f}")
-    assert atoms_only + 0.1 < refined < 0.999, (atoms_only, refined)  # measured ≈ 0.546 → 0.732
+    assert atoms_only + 0.1 < refined < 0.999, (atoms_only, refined)  # measured 0.546 → 0.797
 
 
 def test_refine_rank_refusals(llama4):
@@ -291,3 +298,103 @@ def test_refine_rank_refusals(llama4):
     with pytest.raises(PassError, match=r"masa\{atoms=1,refine_rank=4\}: \{refine_rank=4\} needs calibration data "
                                         r"to whiten the residual; pass calibration=\[batches, \.\.\.\] or use refine_rank=0"):
         M.restage(conv, "masa{atoms=1,refine_rank=4}")
+
+
+# ---- whitened fit (fit=whitened; the default with calibration data) -------------------------------------------
+def test_whitened_fit_with_atoms_equal_to_layers_is_exact_at_other_shapes(llama4):
+    model, conv, ctx = llama4
+    fitted, result = M.restage(conv, "masa{atoms=4,fit=whitened}", ctx.calibration)
+    assert set(result.stats["fit"]["0-3"]) == {"wq", "wk", "wv", "wo"}
+    assert all(f["whitened"] < 1e-10 for f in result.stats["fit"]["0-3"].values())
+    err, _ = M.rel_err(model, fitted, (M.ids(3, 13, seed=99),))  # another batch and length than calibrated (1, 16)
+    assert err < 1e-5, err
+
+
+def _fixture_fits(llama4):
+    """{name: (WhitenedFit of the llama4 weights on its calibration grams, weight-PCA (coefficients, atoms))}."""
+    _, conv, ctx = llama4
+    cap_gm = conv._captured.gm
+    ops, grams = sites(cap_gm), projection_grams(cap_gm, ctx)
+    out = {}
+    for name in ("wq", "wk", "wv", "wo"):
+        ws = [getattr(op, name).detach() for op in ops]
+        atoms, coeff = matrix_pca(ws, 2)
+        mats = [as_matrix(name, w).double() for w in ws]
+        out[name] = (WhitenedFit(mats, [g[INPUT_OF[name]].gram for g in grams]),
+                     (coeff.double(), torch.stack([as_matrix(name, a).double() for a in atoms])))
+    return out
+
+
+def test_whitened_fit_is_below_the_weight_pca_and_decreases_monotonically(llama4, monkeypatch):
+    """Σ_ℓ ‖(W_ℓ − Σ_s c_ℓs D_s) L_ℓ‖² / ‖W_ℓ L_ℓ‖²: ALS from the weight PCA lowers it every round; the default fit
+    (the better PCA start with its best atoms, variable projection, ALS) never rises either; the block Gauss-Seidel
+    atom step (large S·in) never raises it and, swept long enough, reaches the joint solve's minimum."""
+    for name, (fit, pca) in _fixture_fits(llama4).items():
+        weight_pca = fit.objective(*pca)
+        als = fit.fit(2, max_iters=30, start=pca).history
+        assert len(als) > 10 and als[0] == pytest.approx(weight_pca), (name, als)
+        assert all(b <= a * (1 + 1e-12) for a, b in zip(als, als[1:])), (name, als)
+        history = fit.fit(2).history
+        assert history[0] <= weight_pca * (1 + 1e-12), (name, history[0], weight_pca)
+        assert all(b <= a * (1 + 1e-12) for a, b in zip(history, history[1:])), (name, history)
+        assert history[-1] < 0.9 * weight_pca, (name, history, weight_pca)  # not always below ALS: local minima
+        c = fit.coefficients
+        assert torch.allclose(c.T @ c, torch.eye(2, dtype=c.dtype), atol=1e-10)  # the scale sits in the atoms
+        joint = fit.objective(pca[0], fit.atom_step(pca[0]))
+        monkeypatch.setattr(masa, "JOINT_LIMIT", 0)
+        gauss_seidel = fit.fit(2, max_iters=20).history
+        assert all(b <= a * (1 + 1e-12) for a, b in zip(gauss_seidel, gauss_seidel[1:]))
+        monkeypatch.setattr(masa, "GS_SWEEPS", 1000)
+        assert fit.objective(pca[0], fit.atom_step(pca[0], pca[1])) == pytest.approx(joint, rel=1e-6)
+        monkeypatch.undo()
+    # through the pass: the reported objectives, and with refine_rank the joint rounds (atoms <-> refinement)
+    _, conv, ctx = llama4
+    _, result = M.restage(conv, "masa{atoms=2,refine_rank=4}", ctx.calibration)  # fit=auto: whitened here
+    assert all(f["whitened"] < f["weights"] for f in result.stats["fit"]["0-3"].values()), result.stats["fit"]
+    joint = result.stats["joint_objective"]
+    assert len(joint) > 2 and all(b <= a for a, b in zip(joint, joint[1:])) and joint[-1] < joint[0], joint
+    final = sum(e["refined"] ** 2 for site in result.stats["refined_rel_err"].values() for e in site.values())
+    assert final == pytest.approx(joint[-1])
+    assert "fit" not in conv.report.to_json()["stages"][-1]["stats"]  # no calibration: fit=auto is the weight PCA
+
+
+def test_fit_refusals():
+    ex = {"input_ids": M.ids()}
+    with pytest.raises(PassError, match=r"needs calibration data; pass calibration=\[batches, \.\.\.\]"):
+        rewrite.convert(M.llama(2), "masa{atoms=1,fit=whitened}", example_inputs=ex, progress=False)
+    conv = rewrite.convert(M.llama(2), "masa{atoms=1}", example_inputs=ex, progress=False)
+    with pytest.raises(PassError, match=r"masa\{atoms=1,fit=whitened\}: \{fit=whitened\} needs calibration data "
+                                        r"\(each projection's input Σxxᵀ\) to fit the atoms on the activations; pass "
+                                        r"calibration=\[batches, \.\.\.\] or use fit=weights"):
+        M.restage(conv, "masa{atoms=1,fit=whitened}")
+    with pytest.raises(SpecError, match=r"masa\{fit=pca\}: fit must be 'auto', 'weights' or 'whitened'"):
+        rewrite.parse_pipeline("masa{fit=pca}")
+    # streaming asks for calibration only where it is needed: fit=whitened, not fit=auto
+    assert Masa(atoms=1, fit="whitened").calibration is not None
+    assert Masa(atoms=1).calibration is None and Masa(atoms=1, fit="weights").calibration is None
+
+
+def test_whitened_fit_lowers_the_reference_decoders_held_out_loss():
+    """demo-lm, 2 atoms for 4 layers that are almost orthogonal per type: the weight PCA keeps ~2 layers; the
+    whitened fit spreads the error where the activations do not see it (measured on 200 held-out texts: +1.99 ->
+    +0.76 bits per byte over the original's 2.511)."""
+    from rewrite.api import restage
+    from rewrite.models import calibration_texts, heldout_texts, load_reference_lm, reference_lm_path, tokenizer_for
+
+    torch.manual_seed(0)
+    tok = tokenizer_for(reference_lm_path())
+    lines = calibration_texts()
+    calib = [{k: v for k, v in tok(lines[i:i + 8], padding=True, truncation=True, max_length=128,
+                                   return_tensors="pt").items() if k in ("input_ids", "attention_mask")}
+             for i in range(0, 32, 8)]
+    base = rewrite.convert(load_reference_lm(), [], example_inputs=calib[0], progress=False)
+    texts = heldout_texts(24)
+
+    def bpb(spec):
+        conv = restage(base, spec, calib)
+        stage = conv.report.stages[-1].name
+        return rewrite.evaluate(conv, texts, tokenizer=tok, original=False, stages=[stage],
+                                progress=False)[stage].bits_per_byte
+
+    weights, whitened = bpb("masa{atoms=2,fit=weights}"), bpb("masa{atoms=2,fit=whitened}")
+    assert whitened < weights - 0.5, (weights, whitened)
