@@ -61,8 +61,10 @@ ROWS = [  # (spec, what it is compared at)
     ("lit{window=64}", "linear + 64-token softmax window"),
     ("lit{feature_map=hedgehog,window=64}", "linear + 64-token softmax window, learned φ"),
     ("lit{feature_map=hedgehog,window=16}", "linear + 16-token softmax window, learned φ"),
-    ("masa{atoms=2}", "1/2 attn weights"),
-    ("masa{atoms=2,refine_rank=8}", "1/2 attn weights + rank 8"),
+    ("masa{atoms=2,fit=weights}", "1/2 attn weights, matrix PCA"),
+    ("masa{atoms=2}", "1/2 attn weights, fitted on activations"),
+    ("masa{atoms=2,refine_rank=8,fit=weights}", "1/2 attn weights + rank 8, matrix PCA"),
+    ("masa{atoms=2,refine_rank=8}", "1/2 attn weights + rank 8, fitted on activations"),
     ("clipped-softmax{gamma=-0.01}", "same KV"),
     ("clipped-softmax{gamma=-0.01},refit-output", "same KV"),
     ("mla{kv_rank=96,rope_dims=4,method=mha2mla}", "1/2 KV"),  # 96 latent + 8 heads x 4 RoPE dims = 128 of 256
