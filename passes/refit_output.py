@@ -82,8 +82,7 @@ class RefitOutput(SiteRefit):
     fits = "each site to its original output"
     ridge_of = "the mean diagonal of Σ z zᵀ"
 
-    def why_not(self, op, base) -> str:
-        return _why_not(op, base)
+    why_not = staticmethod(_why_not)
 
     def run(self, gm, ctx) -> PassResult:
         ops, bases, todo, diags = self.paired_sites(gm, ctx)

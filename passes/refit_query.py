@@ -117,8 +117,7 @@ class RefitQuery(SiteRefit):
     fits = "each site's logits to the original's"
     ridge_of = "the mean diagonal of the normal matrix"
 
-    def why_not(self, op, base) -> str:
-        return _why_not(op, base)
+    why_not = staticmethod(_why_not)
 
     def run(self, gm, ctx) -> PassResult:
         ops, bases, todo, diags = self.paired_sites(gm, ctx)
