@@ -22,11 +22,14 @@ by alternating least squares, every step an exact minimisation, so the objective
 (demo-lm, atoms=2: +0.89 bpb after 30 rounds, +0.76 after 100), so where the atom step is the one exact solve,
 L-BFGS on the L·S coefficients alone (variable projection: φ(C) = min_D f, ∇φ = 2 w_ℓ (A c_ℓ − b) at D*(C)) runs
 first, about 30 atom steps (MiniLM, 6 layers, 3 atoms: 9 s against 30 s for 100 ALS rounds, and a lower objective);
-ALS then polishes. Stored as above: C = QR, coefficients Q (orthonormal columns), atoms R·D on the weights'
-scale. On the reference decoder (demo-lm, 4 layers almost orthogonal per type; bits per byte above the original's
-2.511 on 200 held-out texts, 64 calibration texts), weights → whitened: atoms=1 +2.07 → +1.69, atoms=2 +1.99 →
-+0.76, atoms=3 +1.90 → +0.27. stats["fit"][group][type]: the objective of the weight PCA and of the fit, and the
-ALS rounds run.
+ALS then polishes. The ridge ε of G_ℓ is cross-validated per type and group (``cross_validate``: fitted on the even
+calibration sequences, scored on the odd ones and the other way round, over FIT_RIDGES and the weight PCA itself,
+which is kept where it scores best): few calibration tokens against the width overfit a small ridge. Stored as
+above: C = QR, coefficients Q (orthonormal columns), atoms R·D on the weights' scale. On the reference decoder
+(demo-lm, 4 layers almost orthogonal per type; bits per byte above the original's 2.511 on 200 held-out texts, 64
+calibration texts), weights → whitened: atoms=1 +2.07 → +1.69, atoms=2 +1.99 → +0.76 (+0.754 with the
+cross-validated ridge, 1e-3 chosen), atoms=3 +1.90 → +0.27. stats["fit"][group][type]:
+the objective of the weight PCA and of the fit, the ALS rounds run, the held-out scores and the ridge chosen.
 
 Every site of a group reads one ``SharedAtoms`` module per projection type (counted once); its ``AtomWeights``
 provider rebuilds W_ℓ once per forward (``Attention.use_weights``). Biases stay per layer.
@@ -48,7 +51,7 @@ With the whitened fit, atoms and refinement then alternate (at most 25 rounds, u
 < 0.1 %): one ALS round of the atoms on W_ℓ − A_ℓ B_ℓ, then A_ℓ B_ℓ refitted (the ranks above) to the new residual,
 both exact minimisations of J = Σ_types Σ_ℓ ‖(W_ℓ − Ŵ_ℓ − A_ℓ B_ℓ) L_ℓ‖² / ‖W_ℓ L_ℓ‖² (stats "joint_objective").
 atoms=2, refine_rank=8 on the reference decoder: fit=weights +0.173 bpb, the whitened fit refined once +0.193,
-alternated +0.080.
+alternated +0.080 (+0.066 with the cross-validated ridge).
 
 Cases handled:
   1. ``group=all``: one dictionary per projection type over every site.
@@ -95,6 +98,8 @@ JOINT_ALS = 1  # ... each with this many ALS rounds on W_ℓ − A_ℓ B_ℓ ...
 JOINT_TOL = 1e-3  # ... stopping when a round lowers the joint objective by less than this fraction
 JOINT_LIMIT = 4096  # S·in up to which the atom step solves one [S·in, S·in] system (else block Gauss-Seidel)
 GS_SWEEPS = 10  # Gauss-Seidel sweeps over the atoms per atom step beyond JOINT_LIMIT (warm-started)
+FIT_RIDGES = (1e-6, 1e-3, 1e-1, 1.0)  # whitened fit: the ridges cross-validated (fractions of the mean diagonal)
+CV_VP, CV_ALS = 15, 5  # ... with this many L-BFGS iterations and ALS rounds per candidate
 
 
 class SharedAtoms(nn.Module):
@@ -173,9 +178,9 @@ def matrix_pca(weights: list, atoms: int):
     return atoms_.T.reshape(-1, *shape).to(dtype), V.to(dtype)
 
 
-def _ridged(gram: torch.Tensor) -> torch.Tensor:
-    """Σxxᵀ + εI, ε = RIDGE · its mean diagonal (as in ``WhitenedResidual``): positive definite."""
-    ridge = (RIDGE * gram.diagonal().mean()).clamp_min(1e-30)
+def _ridged(gram: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """Σxxᵀ + εI, ε = ``ridge`` · its mean diagonal (RIDGE as in ``WhitenedResidual``): positive definite."""
+    ridge = (ridge * gram.diagonal().mean()).clamp_min(1e-30)
     return gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
@@ -191,9 +196,9 @@ class WhitenedFit:
     error) instead of 1. ``fit`` leaves ``coefficients`` [L, S] with orthonormal columns, ``atoms`` [S, out, in]
     carrying the scale (the matrix PCA's convention) and ``history``, f after the start and after each round."""
 
-    def __init__(self, mats: list, grams: list, relative: Optional[bool] = None):
+    def __init__(self, mats: list, grams: list, relative: Optional[bool] = None, ridge: float = RIDGE):
         relative = RELATIVE if relative is None else relative
-        self.grams = [_ridged(g.to(m)) for m, g in zip(mats, grams)]
+        self.grams = [_ridged(g.to(m), ridge) for m, g in zip(mats, grams)]
         self.scales = [float(torch.sum((m @ g) * m)) for m, g in zip(mats, self.grams)]  # ‖M_ℓ L_ℓ‖²
         self.w = [1.0 / max(s, 1e-300) if relative else 1.0 for s in self.scales]
         self.targets(mats)
@@ -205,7 +210,8 @@ class WhitenedFit:
         self.mgm = [float(torch.sum(mg * m)) for m, mg in zip(mats, self.mg)]  # tr(M_ℓ G_ℓ M_ℓᵀ)
         return self
 
-    def fit(self, atoms: int, max_iters: Optional[int] = None, tol: float = ALS_TOL, start=None) -> "WhitenedFit":
+    def fit(self, atoms: int, max_iters: Optional[int] = None, tol: float = ALS_TOL, start=None,
+            vp_iters: int = VP_ITERS) -> "WhitenedFit":
         """Variable projection then ALS from the better PCA start, or ALS alone from ``start`` = (coefficients,
         atoms); ``history``: f at the start, after the projection, after each ALS round."""
         max_iters = ALS_ITERS if max_iters is None else max_iters
@@ -221,7 +227,7 @@ class WhitenedFit:
         self.coefficients, self.atoms, f, moments = best
         self.history = [f]
         if start is None and max_iters and atoms * self.mats[0].shape[1] <= JOINT_LIMIT:  # exact atom steps
-            moments = self._project(VP_ITERS, tol)
+            moments = self._project(vp_iters, tol)
             f = self.history[-1]
         for _ in range(max_iters):
             c = self.coefficient_step(moments)
@@ -344,6 +350,27 @@ def _spd_solver(a: torch.Tensor):
     return lambda b: torch.linalg.lstsq(a, b).solution
 
 
+def cross_validate(mats: list, folds: list, atoms: int, pca: tuple) -> dict:
+    """Held-out relative whitened error of the whitened fit at each ridge of FIT_RIDGES, and of the weight PCA
+    ``pca`` = (coefficients, atoms) as "weights": fitted on the even calibration sequences and scored on the odd
+    ones (Σ_ℓ ‖E_ℓ L_ℓ‖² / ‖W_ℓ L_ℓ‖² with the other fold's Σxxᵀ), then the other way round, summed. Few
+    calibration tokens against the width overfit the fit at a small ridge (random-weight models, 72 tokens of
+    width 64: 2× the PCA's output error at 1e-6, level at 0.1), many do not (demo-lm, 2,400 tokens of width 256:
+    1e-6 best). One calibration sequence (no odd fold): {} (``Masa._fit`` then takes FIT_RIDGES' largest)."""
+    if any(float(odd.diagonal().sum()) == 0 for _, odd in folds):
+        return {}
+    scores = {ridge: 0.0 for ridge in FIT_RIDGES}
+    scores["weights"] = 0.0
+    for train, test in ((0, 1), (1, 0)):
+        judge = WhitenedFit(mats, [f[test] for f in folds])
+        scores["weights"] += judge.objective(*pca)
+        for ridge in FIT_RIDGES:
+            fit = WhitenedFit(mats, [f[train] for f in folds], ridge=ridge).fit(atoms, max_iters=CV_ALS,
+                                                                               vp_iters=CV_VP)
+            scores[ridge] += judge.objective(fit.coefficients, fit.atoms)
+    return scores
+
+
 def _relative_error(w: torch.Tensor, shared: SharedAtoms, layer: int) -> float:
     with torch.no_grad():
         return float((shared(layer) - w).norm() / w.norm().clamp_min(1e-30))
@@ -388,17 +415,33 @@ def adaptive_ranks(residuals: list, budget: int) -> list:
     return ranks
 
 
-def projection_grams(gm, ctx) -> list:
+def projection_grams(gm, ctx, folds: bool = False):
     """Per site, fp64 InputStats of each projection's input: x, kv and o (per-head outputs [Hq·dv], by the op's own
-    pieces), a calibration batch at a time; padding (keys no query sees) left out, self-attention queries too."""
+    pieces), a calibration batch at a time; padding (keys no query sees) left out, self-attention queries too.
+    ``folds``: also, per site and input, the stats of the even and of the odd calibration sequences (counted over
+    every batch), returned second, for choosing the whitened fit's ridge on data it was not fitted to."""
     ops = sites(gm)
-    grams = [{} for _ in ops]
+    grams, halves, rows = [{} for _ in ops], [{} for _ in ops], [0] * len(ops)
     for batch in ctx.track(ctx.calibration, "MASA refinement statistics"):
-        for op, records, stats in zip(ops, record_site_inputs(gm, ctx.call(gm), [batch]), grams):
+        for i, (op, records) in enumerate(zip(ops, record_site_inputs(gm, ctx.call(gm), [batch]))):
             for rec in records:
                 for name, (t, keep, layout) in _projection_inputs(op, rec).items():
-                    stats.setdefault(name, InputStats.empty(t.shape[-1])).add(t, keep, layout)
-    return grams
+                    grams[i].setdefault(name, InputStats.empty(t.shape[-1])).add(t, keep, layout)
+                    if folds:
+                        pair = halves[i].setdefault(name, (InputStats.empty(t.shape[-1]),
+                                                           InputStats.empty(t.shape[-1])))
+                        for stats, fold_keep in zip(pair, _fold_keeps(t, keep, layout, rows[i])):
+                            stats.add(t, fold_keep, layout)
+                rows[i] += rec.args[0].shape[1 if op.info.layout == "SBD" else 0]
+    return (grams, halves) if folds else grams
+
+
+def _fold_keeps(t: torch.Tensor, keep, layout: str, first_row: int) -> tuple:
+    """``keep`` [B, S] (all True when None) split into the even and the odd sequences, numbered from ``first_row``."""
+    b, s = (t.shape[1], t.shape[0]) if layout == "SBD" else (t.shape[0], t.shape[1])
+    base = torch.ones(b, s, dtype=torch.bool, device=t.device) if keep is None else keep.to(t.device)
+    odd = ((first_row + torch.arange(b, device=t.device)) % 2 == 1)[:, None]
+    return base & ~odd, base & odd
 
 
 def _projection_inputs(op, rec) -> dict:
@@ -484,7 +527,7 @@ class Masa(Pass):
         shared_of = [dict() for _ in ops]  # site -> {weight name: (SharedAtoms, row)}
         stats, diags, saved = {}, [], 0
         whitened = self.whitened(ctx)
-        grams = self._grams(gm, ops, ctx) if whitened or self.refine_rank else None
+        grams, folds = self._grams(gm, ops, ctx) if whitened or self.refine_rank else (None, None)
         fits = []
         for members in groups:
             if len(members) < 2:
@@ -499,11 +542,14 @@ class Masa(Pass):
                                             _label(members)))
                     continue
                 atoms, coeff = matrix_pca(ws, self.atoms or len(members))
+                fit = None
                 if whitened:
-                    fit, (atoms, coeff) = self._fit(name, ws, [grams[i][INPUT_OF[name]].gram for i in members],
-                                                    (atoms, coeff), _label(members), members, ops, stats)
+                    fit, (atoms, coeff) = self._fit(
+                        name, ws, [grams[i][INPUT_OF[name]].gram for i in members],
+                        [tuple(f.gram for f in folds[i][INPUT_OF[name]]) for i in members], (atoms, coeff),
+                        _label(members), stats)
                 shared = SharedAtoms(atoms, coeff)
-                if whitened:
+                if fit is not None:
                     fits.append((name, members, fit, shared))
                 saved += sum(w.numel() for w in ws) - atoms.numel() - coeff.numel()
                 for row, i in enumerate(members):
@@ -526,24 +572,30 @@ class Masa(Pass):
         stats["params_saved"] = saved - stats.get("refine_params", 0)  # net of the refinement factors
         return PassResult(with_sites(gm, replace), bool(replace), stats, diags)
 
-    def _grams(self, gm, ops, ctx) -> list:
-        """``projection_grams``, refused when a site never ran on the calibration data."""
-        grams = projection_grams(gm, ctx)
+    def _grams(self, gm, ops, ctx) -> tuple:
+        """``projection_grams`` with its even/odd folds, refused when a site never ran on the calibration data."""
+        grams, folds = projection_grams(gm, ctx, folds=True)
         for op, g in zip(ops, grams):
             if not g:
                 raise PassError(f"{self.spec()}: site {op.info.name} never ran on the calibration data; pass "
                                 "batches that reach every attention layer")
-        return grams
+        return grams, folds
 
-    def _fit(self, name, ws, grams, pca, label, members, ops, stats):
-        """(atoms, coefficients) of ``WhitenedFit`` in the weights' shapes and dtype, with as many atoms as the
-        matrix PCA ``pca`` kept; adds the whitened objective of the PCA and of the fit (stats["fit"][group][name])."""
+    def _fit(self, name, ws, grams, folds, pca, label, stats):
+        """(fit, (atoms, coefficients)) in the weights' shapes and dtype, as many atoms as the matrix PCA ``pca``:
+        the ``WhitenedFit`` at the ridge that ``cross_validate`` chose, or ``pca`` itself (fit None) where the
+        weight PCA had the lower held-out error. stats["fit"][group][name]: the whitened objective of the PCA and
+        of the fit, the ALS rounds, the held-out error of every candidate and the one chosen."""
         shape, dtype, n_atoms = ws[0].shape, ws[0].dtype, pca[0].shape[0]
         mats = [as_matrix(name, w.detach()).double() for w in ws]
-        fit = WhitenedFit(mats, grams).fit(n_atoms)
-        before = fit.objective(pca[1].double(), torch.stack([as_matrix(name, a).double() for a in pca[0]]))
-        stats.setdefault("fit", {}).setdefault(label, {})[name] = {
-            "weights": before, "whitened": fit.history[-1], "iterations": len(fit.history) - 1}
+        pca_d = (pca[1].double(), torch.stack([as_matrix(name, a).double() for a in pca[0]]))
+        held_out = cross_validate(mats, folds, n_atoms, pca_d)
+        ridge = min(held_out, key=held_out.get) if held_out else FIT_RIDGES[-1]
+        record = stats.setdefault("fit", {}).setdefault(label, {})[name] = {"held_out": held_out, "ridge": ridge}
+        if ridge == "weights":
+            return None, pca
+        fit = WhitenedFit(mats, grams, ridge=ridge).fit(n_atoms)
+        record.update(weights=fit.objective(*pca_d), whitened=fit.history[-1], iterations=len(fit.history) - 1)
         return fit, (fit.atoms.reshape(n_atoms, *shape).to(dtype), fit.coefficients.to(dtype))
 
     def _joint(self, ops, grams, shared_of, fits, refine, stats) -> list:
