@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from .errors import PassError, SpecError
 from .graph import sites
 from .pass_base import Calibration, Diagnostic, Pass
 
-__all__ = ["SiteRefit"]
+__all__ = ["SiteRefit", "odd_sequences"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,7 @@ class SiteRefit(Pass):
                            "convert in memory")
 
     def check_options(self) -> None:
-        if not self.ridge > 0:
+        if self.ridge is not None and not self.ridge > 0:
             raise SpecError(f"{self.name}{{ridge={self.ridge}}}: ridge must be > 0 (a fraction of {self.ridge_of}, "
                             "e.g. 1e-3)")
 
@@ -61,3 +63,13 @@ class SiteRefit(Pass):
             else:
                 todo.append(i)
         return ops, bases, todo, diags
+
+
+def odd_sequences(shape, layout: str, first: int) -> tuple:
+    """(which rows of a site's flattened [B·S, ·] tokens, of a batch of ``shape`` [B, S, ...] ([S, B, ...] for
+    "SBD"), belong to odd-numbered sequences, counting from ``first``; the count after this batch): the folds
+    of a cross-validation over calibration sequences."""
+    b, s = (shape[1], shape[0]) if layout == "SBD" else (shape[0], shape[1])
+    odd = (first + torch.arange(b)) % 2 == 1
+    rows = odd.repeat(s) if layout == "SBD" else odd.repeat_interleave(s)  # SBD rows run s-major
+    return rows, first + b

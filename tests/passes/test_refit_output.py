@@ -57,8 +57,9 @@ def test_the_fit_is_the_least_squares_solution_and_lowers_the_error_elsewhere():
             y = orig(*rec.args).reshape(-1, 64).double()
         _, z = head_outputs(before, rec.args)
         zz, yz = zz + z.double().T @ z.double(), yz + y.T @ z.double()
-    lam = 1e-6 * float(torch.diagonal(zz).mean())
-    want = torch.linalg.solve(zz + lam * torch.eye(zz.shape[0], dtype=zz.dtype), yz.T).T
+    lam = 1e-6 * float(torch.diagonal(zz).mean())  # the ridge pulls toward the W_o there was
+    prior = before.wo.detach().double().reshape(yz.shape)
+    want = torch.linalg.solve(zz + lam * torch.eye(zz.shape[0], dtype=zz.dtype), (yz + lam * prior).T).T
     assert torch.allclose(op.wo.detach().double().reshape(want.shape), want, atol=1e-4 * float(want.abs().max()))
     site = conv.report.stages[-1].stats[op.info.name]
     assert site["rel_err_after"] < 0.8 * site["rel_err_before"], site
@@ -87,3 +88,32 @@ def test_refusals():
         restage(base, "gqa{kv_heads=2},refit-output")
     why = can_stream(rewrite.parse_pipeline("gqa{kv_heads=2},refit-output"))
     assert "'refit-output' cannot stream: refit-output reads the captured (original) site" in why, why
+
+
+def test_the_ridge_is_cross_validated_so_little_calibration_does_not_hurt():
+    """72 calibration tokens for a width of 64 (random-weight LLaMA, mean-pooled to one KV head): the fixed small
+    ridge fits the few tokens and raises the error on other inputs above the merge alone; the ridge chosen on the
+    held-out calibration sequences (or no refit) does not. One calibration sequence: RIDGES' largest."""
+    from rewrite.passes.refit_output import RIDGES
+
+    torch.manual_seed(0)
+    model, gen = M.llama(), torch.Generator().manual_seed(1)
+    calib = [{"input_ids": torch.randint(0, 60, (2, 12), generator=gen)} for _ in range(3)]
+    test = torch.randint(0, 60, (4, 24), generator=gen)
+
+    def error(spec, calibration=calib):
+        conv = rewrite.convert(model, spec, example_inputs=calib[0], calibration=calibration, progress=False)
+        with torch.no_grad():
+            want, got = model(input_ids=test).logits, conv(input_ids=test).logits
+        return float((got - want).norm() / want.norm()), conv.report.stages[-1].stats
+
+    merged, _ = error("gqa{kv_heads=1,method=mean}")
+    fixed, _ = error("gqa{kv_heads=1,method=mean},refit-output{ridge=1e-3}")
+    chosen, stats = error("gqa{kv_heads=1,method=mean},refit-output")
+    print(f"output error: merge {merged:.3f}, refit at 1e-3 {fixed:.3f}, cross-validated {chosen:.3f}")
+    assert fixed > 1.03 * merged and chosen < merged, (merged, fixed, chosen)
+    for site in stats.values():
+        assert set(site["held_out_rel_err"]) == {*RIDGES, "keep"}
+        assert site["held_out_rel_err"][site["ridge"]] == min(site["held_out_rel_err"].values())
+    _, stats = error("gqa{kv_heads=1,method=mean},refit-output", [{"input_ids": calib[0]["input_ids"][:1]}])
+    assert {site["ridge"] for site in stats.values()} == {RIDGES[-1]}
