@@ -75,7 +75,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rewrite.calibrate import InputStats, real_keys, record_site_inputs
+from rewrite.calibrate import InputStats, odd_sequences, real_keys, record_site_inputs
 from rewrite.errors import PassError, SpecError
 from rewrite.graph import sites, with_sites
 from rewrite.heads import rebuild
@@ -440,7 +440,7 @@ def _fold_keeps(t: torch.Tensor, keep, layout: str, first_row: int) -> tuple:
     """``keep`` [B, S] (all True when None) split into the even and the odd sequences, numbered from ``first_row``."""
     b, s = (t.shape[1], t.shape[0]) if layout == "SBD" else (t.shape[0], t.shape[1])
     base = torch.ones(b, s, dtype=torch.bool, device=t.device) if keep is None else keep.to(t.device)
-    odd = ((first_row + torch.arange(b, device=t.device)) % 2 == 1)[:, None]
+    odd = odd_sequences(b, first_row)[0].to(t.device)[:, None]
     return base & ~odd, base & odd
 
 

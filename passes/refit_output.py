@@ -32,10 +32,11 @@ from torch import nn
 
 from rewrite.graph import with_sites
 from rewrite.heads import rebuild
+from rewrite.calibrate import odd_sequences
 from rewrite.importance import site_inputs
 from rewrite.latent import is_latent
 from rewrite.pass_base import PassResult, register
-from rewrite.refit import SiteRefit, odd_sequences
+from rewrite.refit import SiteRefit
 
 __all__ = ["RefitOutput", "head_outputs"]
 
@@ -104,7 +105,9 @@ class RefitOutput(SiteRefit):
             with torch.no_grad():
                 y = bases[i](*args)
             _, z = head_outputs(op, args)
-            odd, seen[i] = odd_sequences(y.shape, op.info.layout, seen[i])
+            sbd = op.info.layout == "SBD"
+            odd, seen[i] = odd_sequences(y.shape[1 if sbd else 0], seen[i])
+            odd = odd.repeat(y.shape[0]) if sbd else odd.repeat_interleave(y.shape[1])  # per token row
             y = y.reshape(-1, y.shape[-1]).double()
             if op.bo is not None:
                 y = y - op.bo.detach().double()

@@ -88,6 +88,13 @@ def _tokens(x: torch.Tensor, keep: Optional[torch.Tensor] = None, layout: str = 
     return (x.transpose(0, 1) if layout == "SBD" else x)[keep]
 
 
+
+def odd_sequences(batch: int, first: int) -> tuple:
+    """(which of a batch's ``batch`` sequences are odd-numbered, counting from ``first`` [B] bool; the count after
+    it): the two folds of a cross-validation over calibration sequences."""
+    return (first + torch.arange(batch)) % 2 == 1, first + batch
+
+
 @dataclasses.dataclass
 class InputStats:
     """Running sums over the key/value input tokens of one site (fp64)."""

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from .errors import PassError, SpecError
 from .graph import sites
 from .pass_base import Calibration, Diagnostic, Pass
 
-__all__ = ["SiteRefit", "odd_sequences"]
+__all__ = ["SiteRefit"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +62,3 @@ class SiteRefit(Pass):
                 todo.append(i)
         return ops, bases, todo, diags
 
-
-def odd_sequences(shape, layout: str, first: int) -> tuple:
-    """(which rows of a site's flattened [B·S, ·] tokens, of a batch of ``shape`` [B, S, ...] ([S, B, ...] for
-    "SBD"), belong to odd-numbered sequences, counting from ``first``; the count after this batch): the folds
-    of a cross-validation over calibration sequences."""
-    b, s = (shape[1], shape[0]) if layout == "SBD" else (shape[0], shape[1])
-    odd = (first + torch.arange(b)) % 2 == 1
-    rows = odd.repeat(s) if layout == "SBD" else odd.repeat_interleave(s)  # SBD rows run s-major
-    return rows, first + b
