@@ -16,6 +16,7 @@ def _stats(conv, batches):
 
 @pytest.mark.parametrize("factory", [lambda: models.llama(kv_heads=2), models.bert])
 def test_padding_tokens_are_left_out(factory):
+    torch.manual_seed(0)  # the weights do not depend on which tests ran before in this worker
     ids = models.ids(2, 8)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0  # the second sentence has 5 tokens
@@ -26,8 +27,9 @@ def test_padding_tokens_are_left_out(factory):
                           {"input_ids": ids[1:, :5], "attention_mask": mask[1:, :5]}])
     for p, a in zip(padded, alone):
         assert p.count == a.count == 13
-        torch.testing.assert_close(p.gram, a.gram, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(p.total, a.total, rtol=1e-5, atol=1e-6)
+        scale = max(1.0, float(p.gram.abs().max()))  # fp32 activations of other batch shapes: round-off
+        torch.testing.assert_close(p.gram, a.gram, rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(p.total, a.total, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_real_keys_reads_bool_and_additive_masks():

@@ -15,10 +15,9 @@ from rewrite.errors import BackendError
 
 # every pass lowers in one of these pipelines (DESIGN.md names); two passes per export where they compose
 SPECS = {
-    "gqa+gated-attention": "gqa{kv_heads=2},gated-attention{init=normal,std=0.1}",
+    "gqa+refit-query+gated-attention": "gqa{kv_heads=2},refit-query,gated-attention{init=normal,std=0.1}",
     "mqa+clipped-softmax": "mqa,clipped-softmax{zeta=1.1,gamma=-0.03}",
     "sqa+refit-output": "sqa{q_heads=2,kv_heads=2},refit-output",
-    "gqa+refit-query": "gqa{kv_heads=2},refit-query",
     "dha+moh": "dha{kv_ratio=0.5},moh",
     "prune-heads": "prune-heads{ratio=0.25}",
     "masa+lit": "lit,masa{atoms=1,refine_rank=4}",  # masa last: lit rebuilds owned weights
