@@ -418,21 +418,19 @@ def adaptive_ranks(residuals: list, budget: int) -> list:
 def projection_grams(gm, ctx, folds: bool = False):
     """Per site, fp64 InputStats of each projection's input: x, kv and o (per-head outputs [Hq·dv], by the op's own
     pieces), a calibration batch at a time; padding (keys no query sees) left out, self-attention queries too.
-    ``folds``: also, per site and input, the stats of the even and of the odd calibration sequences (counted over
-    every batch), returned second, for choosing the whitened fit's ridge on data it was not fitted to."""
+    Summed from the stats of the even and of the odd calibration sequences (counted over every batch), which
+    ``folds`` returns second, for choosing the whitened fit's ridge on data it was not fitted to."""
     ops = sites(gm)
-    grams, halves, rows = [{} for _ in ops], [{} for _ in ops], [0] * len(ops)
+    halves, rows = [{} for _ in ops], [0] * len(ops)
     for batch in ctx.track(ctx.calibration, "MASA refinement statistics"):
         for i, (op, records) in enumerate(zip(ops, record_site_inputs(gm, ctx.call(gm), [batch]))):
             for rec in records:
                 for name, (t, keep, layout) in _projection_inputs(op, rec).items():
-                    grams[i].setdefault(name, InputStats.empty(t.shape[-1])).add(t, keep, layout)
-                    if folds:
-                        pair = halves[i].setdefault(name, (InputStats.empty(t.shape[-1]),
-                                                           InputStats.empty(t.shape[-1])))
-                        for stats, fold_keep in zip(pair, _fold_keeps(t, keep, layout, rows[i])):
-                            stats.add(t, fold_keep, layout)
+                    pair = halves[i].setdefault(name, (InputStats.empty(t.shape[-1]), InputStats.empty(t.shape[-1])))
+                    for stats, fold_keep in zip(pair, _fold_keeps(t, keep, layout, rows[i])):
+                        stats.add(t, fold_keep, layout)
                 rows[i] += rec.args[0].shape[1 if op.info.layout == "SBD" else 0]
+    grams = [{name: even + odd for name, (even, odd) in site.items()} for site in halves]
     return (grams, halves) if folds else grams
 
 

@@ -11,8 +11,8 @@ heads' outputs never excite keep it, and λ → ∞ is no refit. ``ridge`` unset
 2-fold cross-validation over the calibration sequences (fitted on the even ones, scored on the odd ones and the
 other way round) among RIDGES and no refit at all, since a few calibration tokens against the width H·dv overfit
 a small ridge (random-weight LLaMA, 12 tokens, width 64: the fixed 1e-3 raised the output error 0.56 → 0.77);
-one calibration sequence (no held-out fold): RIDGES' largest. The inputs x_t are the ones the converted model gives the site, so each fit
-corrects the site's own error on the inputs it will see (the sequential, GPTQ-style choice). Exact (W_o' = W_o)
+one calibration sequence (no held-out fold): RIDGES' largest. The inputs x_t are the ones the converted model
+gives the site, so each fit corrects the site's own error on the inputs it will see (the sequential, GPTQ-style choice). Exact (W_o' = W_o)
 when the site already reproduces the original, up to the ridge. Lossy passes that keep softmax attention gain
 most (gqa, dha, sqa, prune-heads, mla); measured on demo-lm in the README.
 
@@ -30,9 +30,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from rewrite.calibrate import odd_sequences
 from rewrite.graph import with_sites
 from rewrite.heads import rebuild
-from rewrite.calibrate import odd_sequences
 from rewrite.importance import site_inputs
 from rewrite.latent import is_latent
 from rewrite.pass_base import PassResult, register
@@ -119,9 +119,10 @@ class RefitOutput(SiteRefit):
         for i in todo:
             op, (even, odd) = ops[i], folds[i]
             g, c, total = (even[k] + odd[k] for k in range(3))
-            held_out = {} if self.ridge is not None else self._cross_validate(even, odd, old[i])
-            ridge = self.ridge if self.ridge is not None else (
-                min(held_out, key=held_out.get) if held_out else RIDGES[-1])
+            held_out, ridge = {}, self.ridge
+            if ridge is None:
+                held_out = self._cross_validate(even, odd, old[i])
+                ridge = min(held_out, key=held_out.get) if held_out else RIDGES[-1]
             w = old[i] if ridge == "keep" else _ridge_fit(g, c, old[i], ridge)
             stats[op.info.name] = {"rel_err_before": _sq_err(old[i], g, c, total) / max(total, 1e-30),
                                    "rel_err_after": _sq_err(w, g, c, total) / max(total, 1e-30), "ridge": ridge}
@@ -131,11 +132,10 @@ class RefitOutput(SiteRefit):
                 replace[i] = _with_wo(op, w.to(op.wo.dtype).reshape(op.wo.shape))
         return PassResult(with_sites(gm, replace), bool(replace), stats, diags)
 
-
     def _cross_validate(self, even: list, odd: list, old: torch.Tensor) -> dict:
         """{ridge or "keep": relative error Σ‖y − W z‖² / Σ‖y‖² on one fold of the W fitted on the other, both
         ways summed}; {} when a fold is empty (one calibration sequence)."""
-        if not (isinstance(odd[0], torch.Tensor) and odd[2] > 0 and even[2] > 0):
+        if not (odd[2] > 0 and even[2] > 0):
             return {}
         total = even[2] + odd[2]
         scores = {r: 0.0 for r in (*RIDGES, "keep")}

@@ -88,7 +88,6 @@ def _tokens(x: torch.Tensor, keep: Optional[torch.Tensor] = None, layout: str = 
     return (x.transpose(0, 1) if layout == "SBD" else x)[keep]
 
 
-
 def odd_sequences(batch: int, first: int) -> tuple:
     """(which of a batch's ``batch`` sequences are odd-numbered, counting from ``first`` [B] bool; the count after
     it): the two folds of a cross-validation over calibration sequences."""
@@ -113,6 +112,10 @@ class InputStats:
         self.gram += t.T @ t
         self.total += t.sum(0)
         self.count += t.shape[0]
+
+    def __add__(self, other: "InputStats") -> "InputStats":
+        """The sums over both token sets."""
+        return InputStats(self.gram + other.gram, self.total + other.total, self.count + other.count)
 
 
 def input_grams(gm, call: Callable, batches, track=None) -> list:

@@ -61,4 +61,3 @@ class SiteRefit(Pass):
             else:
                 todo.append(i)
         return ops, bases, todo, diags
-
